@@ -1,0 +1,85 @@
+"""Query normalisation before product-key retrieval, and RMSNorm.
+
+The paper (after PKM, Lample et al. 2019) puts BatchNorm on the query to spread queries over the keys
+and raise expert usage. In a causal LM, train-time batch statistics are means over every token of the
+batch, so the output at position t depends on tokens > t of its own sequence: a (small) leak of the
+future into training. Choices, all computed in fp32:
+
+- ``"batchnorm"``: the paper's choice. Train: batch statistics over all tokens; eval: running stats.
+- ``"running"``: causal-safe. Train and eval normalise with running statistics accumulated from
+  *previous* batches only; the current batch's statistics update the running estimate after use, and
+  carry no gradient. No token ever sees statistics of its own sequence, so it is causal at train time.
+  Trade-off: early in training the estimate lags the moving query distribution (momentum sets how
+  much), and no gradient flows through the statistics, as in BatchNorm's eval mode.
+- ``"none"``: identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+QUERY_NORMS = ("batchnorm", "running", "none")
+
+
+class RunningNorm(nn.Module):
+    """Normalise features with running mean/var from earlier batches (causal at train time)."""
+
+    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+
+    def forward(self, x: Tensor) -> Tensor:  # (T, F) -> (T, F)
+        y = (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps) * self.weight + self.bias
+        if self.training and x.shape[0] > 1:
+            with torch.no_grad():
+                var, mean = torch.var_mean(x.detach(), dim=0)
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var, self.momentum)
+        return y
+
+
+class BatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over (T, F) that tolerates a single token in training by using running stats."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.shape[0] <= 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+def make_query_norm(kind: str, num_features: int) -> nn.Module:
+    """Build a query norm by name; see the module docstring for the choices."""
+    if kind == "batchnorm":
+        return BatchNorm(num_features)
+    if kind == "running":
+        return RunningNorm(num_features)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"query_norm must be one of {QUERY_NORMS}, got {kind!r}")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)

@@ -1,0 +1,302 @@
+"""PEER: Parameter Efficient Expert Retrieval (He 2024, "Mixture of A Million Experts", arXiv 2407.04153).
+
+A PEER layer replaces a feed-forward block with N = n^2 one-neuron experts e_i(x) = act(u_i . x) v_i.
+Each of h heads projects x to a query, retrieves its exact top-k experts from ONE shared pool through
+product keys (``peerlm.retrieval``), gates them with a softmax over its k scores, and the head outputs
+are summed: f(x) = sum_h sum_{i in I_h} g_{h,i}(x) e_i(x). It is an MLP with h*k hidden neurons
+assembled per token.
+
+Three ways to compute the experts, behind ``impl=``:
+- ``"reference"``: the paper's Algorithm 1: gather u and v rows, einsum, act, gate, einsum. Keeps two
+  (tokens, h, k, d) tensors for backward; the yardstick for the other paths.
+- ``"fused"``: ``peerlm.fused.PEERExperts``, a custom autograd function built on embedding-bag
+  kernels: it never forms a (tokens, h, k, d) tensor, keeps O(tokens * h * k) for backward and re-reads
+  rows there; dense or row-sparse table gradients. Retrieval runs its
+  O(sqrt(N)) scoring without autograd and re-scores the k winners differentiably (same gradient).
+- ``"auto"``: the fastest correct path available (``"fused"`` on CPU and CUDA).
+
+Choices the paper leaves open (documented defaults):
+- activation GELU; d_key 128; query BatchNorm (``query_norm="running"`` is the causal-safe variant,
+  see ``peerlm.norms``); one set of product keys shared by all heads (``shared_keys=False`` for
+  per-head keys).
+- init: u_i ~ N(0, 1/d) so that u_i . x has unit variance for unit-variance x; v_i ~ N(0, 1/d), which
+  with softmax gates (summing to 1 per head) gives output RMS about sqrt(h * E[act(z)^2] / (k * d))
+  times the input RMS at init (0.01 for d=512, h=8, k=16, GELU): small next to the residual stream, as
+  for the down-scaled output projections of GPT-2. Sub-keys ~ N(0, 2/d_key), so that unit-variance
+  normalised queries give unit-variance scores. Query projection: nn.Linear's default.
+
+Shape legend: T tokens (leading dims flattened), D model dim, H heads, K top-k, Dk d_key,
+N experts, n = sqrt(N).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peerlm.fused import ACTIVATIONS, peer_experts
+from peerlm.norms import QUERY_NORMS, make_query_norm
+from peerlm.retrieval import ProductKeys
+
+__all__ = ["PEER", "peer_cost"]
+
+IMPLS = ("auto", "reference", "fused")
+GATES = ("softmax", "sigmoid")
+_OPTIONS = (
+    "heads", "topk", "dim_key", "activation", "gate", "query_norm", "impl", "sparse_grad",
+    "shared_keys", "track_usage", "device", "dtype",
+)
+
+
+def _check_config(dim: int, num_experts: int, heads: int, topk: int, dim_key: int, activation: str,
+                  gate: str, query_norm: str, impl: str) -> None:
+    """Raise ValueError naming the problem and the fix, before anything is allocated."""
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    n = math.isqrt(num_experts) if isinstance(num_experts, int) and num_experts > 0 else 0
+    if n == 0 or n * n != num_experts:
+        lo, hi = max(n, 1) ** 2, (n + 1) ** 2
+        raise ValueError(
+            f"num_experts must be a perfect square n*n for product keys, got {num_experts!r}; "
+            f"use e.g. {lo} or {hi}"
+        )
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be an integer >= 1, got {heads!r}")
+    if not isinstance(topk, int) or not 1 <= topk <= n:
+        raise ValueError(
+            f"topk must be in [1, sqrt(num_experts)={n}], got {topk!r}; lower topk or raise num_experts"
+        )
+    if not isinstance(dim_key, int) or dim_key < 2 or dim_key % 2:
+        raise ValueError(f"dim_key must be an even integer >= 2 (two query halves), got {dim_key!r}")
+    for name, value, allowed in (
+        ("activation", activation, tuple(ACTIVATIONS)), ("gate", gate, GATES),
+        ("query_norm", query_norm, QUERY_NORMS), ("impl", impl, IMPLS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def peer_cost(dim: int, num_experts: int, heads: int = 8, topk: int = 16, dim_key: int = 128,
+              shared_keys: bool = True, query_norm: str = "batchnorm") -> dict:
+    """Parameters and forward FLOPs per token of a PEER layer, without allocating it.
+
+    FLOPs count a multiply-add as 2. Retrieval is counted: query projection, sub-key scores of both
+    halves over all n sub-keys, and the k x k candidate grid (one add each; the top-k compares are of
+    the same order and not counted). ``active_params`` counts what one token touches: the query
+    projection, every sub-key (all are scored), the norm's affine and h*k (u, v) pairs.
+    """
+    n = math.isqrt(num_experts)
+    norm = 2 * heads * dim_key if query_norm != "none" else 0
+    query = dim * heads * dim_key
+    keys = (1 if shared_keys else heads) * n * dim_key
+    experts = 2 * num_experts * dim
+    flops = {
+        "query": 2 * dim * heads * dim_key,
+        "subkey_scores": 2 * heads * n * dim_key,
+        "candidate_grid": heads * topk * topk,
+        "experts": 4 * heads * topk * dim,
+    }
+    flops["total"] = sum(flops.values())
+    return {
+        "params": experts + query + keys + norm,
+        "active_params": 2 * heads * topk * dim + query + keys + norm,
+        "flops": flops,
+    }
+
+
+class PEER(nn.Module):
+    """A PEER layer, (..., dim) -> (..., dim). See the module docstring for the math and options.
+
+    Args:
+        dim: model width d.
+        num_experts: N, a perfect square.
+        heads: h query heads sharing the expert pool.
+        topk: k experts per head, at most sqrt(N).
+        dim_key: query / key width (even: two halves).
+        activation: "gelu", "relu" or "silu".
+        gate: "softmax" over each head's k scores (paper) or "sigmoid" of each score.
+        query_norm: "batchnorm" (paper), "running" (causal-safe) or "none".
+        impl: "auto", "reference" or "fused".
+        sparse_grad: expert tables get row-sparse COO gradients holding only retrieved rows.
+        shared_keys: one set of product keys for all heads (paper); False gives each head its own.
+        track_usage: accumulate each expert's gate mass (see ``usage``).
+    """
+
+    def __init__(self, dim: int, num_experts: int, heads: int = 8, topk: int = 16, dim_key: int = 128,
+                 activation: str = "gelu", gate: str = "softmax", query_norm: str = "batchnorm",
+                 impl: str = "auto", sparse_grad: bool = False, shared_keys: bool = True,
+                 track_usage: bool = False, device=None, dtype=None,
+                 **unknown):
+        super().__init__()
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, _OPTIONS, n=1) for k in unknown}
+            msg = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise ValueError(f"unknown PEER option(s) {msg}; valid options: {', '.join(_OPTIONS)}")
+        _check_config(dim, num_experts, heads, topk, dim_key, activation, gate, query_norm, impl)
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.num_experts, self.heads, self.topk, self.dim_key = dim, num_experts, heads, topk, dim_key
+        self.n = math.isqrt(num_experts)
+        self.activation, self.gate, self.query_norm, self.impl = activation, gate, query_norm, impl
+        self.sparse_grad, self.shared_keys = sparse_grad, shared_keys
+
+        self.query = nn.Linear(dim, heads * dim_key, bias=False, **factory)
+        self.norm = make_query_norm(query_norm, heads * dim_key)
+        self.keys = ProductKeys(num_experts, dim_key, heads, shared=shared_keys)
+        self.w_down = nn.Parameter(torch.empty(num_experts, dim, **factory))  # rows u_i
+        self.w_up = nn.Parameter(torch.empty(num_experts, dim, **factory))  # rows v_i
+        if device is not None:
+            self.norm.to(device)
+            self.keys.to(device)
+        self.usage_mass: Tensor | None
+        self.register_buffer("usage_mass", None, persistent=False)
+        self.track_usage = track_usage
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------- set-up
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter (also after ``to_empty`` from the meta device)."""
+        if self.w_down.is_meta:
+            return
+        std = self.dim**-0.5
+        nn.init.normal_(self.w_down, std=std)
+        nn.init.normal_(self.w_up, std=std)
+        self.query.reset_parameters()
+        self.keys.reset_parameters()
+        if hasattr(self.norm, "reset_parameters"):  # BatchNorm also resets its running stats
+            self.norm.reset_parameters()
+        self.reset_usage()
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, topk={self.topk}, "
+                f"dim_key={self.dim_key}, activation={self.activation}, gate={self.gate}, "
+                f"query_norm={self.query_norm}, impl={self.impl}, sparse_grad={self.sparse_grad}")
+
+    # ---------------------------------------------------------------------------------- forward
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"PEER expects a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"PEER expects a floating-point input, got {x.dtype}; cast with x.float()")
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"PEER expects input of shape (..., {self.dim}), got {tuple(x.shape)}")
+
+    def _route(self, x_TD: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:
+        T = x_TD.shape[0]
+        w = self.query.weight
+        route_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        with torch.autocast(x_TD.device.type, enabled=False):  # routing in fp32 (fp64 for gradcheck)
+            q = self.query(x_TD.to(w.dtype)).to(route_dtype)
+            q_THDk = self.norm(q).view(T, self.heads, self.dim_key)
+            return self.keys(q_THDk, self.topk, differentiable=differentiable)
+
+    def retrieve(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Pre-gate scores and expert ids the forward pass uses, each (..., heads, topk).
+
+        Runs the query norm as forward does (in training mode BatchNorm updates its running stats).
+        """
+        self._check_input(x)
+        x_TD = x.reshape(-1, self.dim)
+        scores, ids = self._route(x_TD, differentiable=True)
+        lead = x.shape[:-1] + (self.heads, self.topk)
+        return scores.view(lead), ids.view(lead)
+
+    def _gates(self, scores_THK: Tensor) -> Tensor:
+        if self.gate == "softmax":
+            return F.softmax(scores_THK, dim=-1)  # scores are fp32 (or fp64) already
+        return torch.sigmoid(scores_THK)
+
+    def resolved_impl(self) -> str:
+        return "fused" if self.impl == "auto" else self.impl
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if x.numel() == 0:
+            return x.new_zeros(x.shape)
+        x_TD = x.reshape(-1, self.dim)
+        impl = self.resolved_impl()
+        scores_THK, ids_THK = self._route(x_TD, differentiable=impl == "reference")
+        g_THK = self._gates(scores_THK)
+        if self.track_usage:
+            self._accumulate_usage(ids_THK, g_THK)
+        if impl == "reference":
+            y_TD = self._experts_reference(x_TD, ids_THK, g_THK)
+        else:
+            T = x_TD.shape[0]
+            y_TD = peer_experts(x_TD, ids_THK.view(T, -1), g_THK.view(T, -1), self.w_down, self.w_up,
+                                self.activation, self.sparse_grad)
+        return y_TD.view(x.shape)
+
+    def _experts_reference(self, x_TD: Tensor, ids_THK: Tensor, g_THK: Tensor) -> Tensor:
+        """Algorithm 1 of the paper: materialises (T, H, K, D) twice."""
+        u_THKD = F.embedding(ids_THK, self.w_down, sparse=self.sparse_grad).to(x_TD.dtype)
+        v_THKD = F.embedding(ids_THK, self.w_up, sparse=self.sparse_grad).to(x_TD.dtype)
+        z_THK = torch.einsum("thkd,td->thk", u_THKD, x_TD)
+        h_THK = ACTIVATIONS[self.activation](z_THK) * g_THK.to(x_TD.dtype)
+        return torch.einsum("thk,thkd->td", h_THK, v_THKD)
+
+    # ------------------------------------------------------------------------------ expert usage
+
+    @property
+    def track_usage(self) -> bool:
+        return self._track_usage
+
+    @track_usage.setter
+    def track_usage(self, on: bool) -> None:
+        self._track_usage = bool(on)
+        if on and self.usage_mass is None and not self.w_down.is_meta:
+            self.usage_mass = torch.zeros(self.num_experts, dtype=torch.float64, device=self.w_down.device)
+
+    def _accumulate_usage(self, ids_THK: Tensor, g_THK: Tensor) -> None:
+        if self.usage_mass is None or self.usage_mass.device != ids_THK.device:
+            self.usage_mass = torch.zeros(self.num_experts, dtype=torch.float64, device=ids_THK.device)
+        with torch.no_grad():
+            self.usage_mass.index_add_(0, ids_THK.reshape(-1), g_THK.detach().reshape(-1).double())
+
+    def reset_usage(self) -> None:
+        """Zero the accumulated gate mass."""
+        if self.usage_mass is not None:
+            self.usage_mass.zero_()
+
+    def usage(self) -> dict[str, float]:
+        """The paper's expert-usage metrics over the tokens seen since the last reset.
+
+        usage: fraction of experts with non-zero accumulated gate mass.
+        unevenness: KL(z || uniform) = log N + sum_i z_i log z_i, z = mass / mass.sum() (0 log 0 = 0).
+        """
+        if self.usage_mass is None or float(self.usage_mass.sum()) == 0.0:
+            raise RuntimeError("no expert usage recorded: build the layer with track_usage=True and run it")
+        return usage_metrics(self.usage_mass)
+
+    # ------------------------------------------------------------------------------- accounting
+
+    def cost(self) -> dict:
+        return peer_cost(self.dim, self.num_experts, self.heads, self.topk, self.dim_key,
+                         self.shared_keys, self.query_norm)
+
+    def num_params(self) -> int:
+        """Total parameters (expert tables, query projection, sub-keys, norm affine)."""
+        return self.cost()["params"]
+
+    def active_params_per_token(self) -> int:
+        return self.cost()["active_params"]
+
+    def flops_per_token(self) -> dict[str, int]:
+        """Forward FLOPs per token, by part, with ``"total"``; see ``peer_cost``."""
+        return self.cost()["flops"]
+
+
+def usage_metrics(mass_N: Tensor) -> dict[str, float]:
+    """Usage and unevenness (KL from uniform) of an accumulated gate-mass vector."""
+    mass = mass_N.double()
+    z = mass / mass.sum()
+    plogp = torch.where(z > 0, z * torch.log(z.clamp_min(1e-300)), torch.zeros_like(z))
+    return {
+        "usage": float((mass > 0).double().mean()),
+        "unevenness": float(math.log(mass.numel()) + plogp.sum()),
+    }
