@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -83,6 +84,17 @@ def worker(args: argparse.Namespace) -> dict:
     return out
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def available(impl: str) -> bool:
     if impl != "peer-pytorch":
         return True
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     print(f"# PEER layer forward+backward, fp32, {args.device}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+    print(f"# machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, python {platform.python_version()}")
     print(f"# dim {args.dim}, heads {args.heads}, topk {args.topk}, dim_key {args.dim_key}; "
           f"median of {args.repeats} steps after a warm-up; peak RSS of the case's own process")
