@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 from peerlm.config import DenseConfig, MoEConfig, PEERConfig, PKMConfig
 from peerlm.norms import make_query_norm
-from peerlm.peer import PEER, usage_metrics
+from peerlm.peer import PEER
 from peerlm.retrieval import ProductKeys
+from peerlm.usage import UsageTracking
 
 __all__ = ["DenseMLP", "MoE", "PKM", "build_ffn"]
 
@@ -173,7 +174,7 @@ class MoE(nn.Module):
         return y_SD
 
 
-class PKM(nn.Module):
+class PKM(UsageTracking, nn.Module):
     """Product-key memory, (..., D) -> (..., D); see the module docstring.
 
     Init: query projection N(0, 1/D); sub-keys N(0, 2/Dk) (``ProductKeys``); values N(0, 1/D) as in
@@ -191,9 +192,8 @@ class PKM(nn.Module):
         self.norm = make_query_norm(query_norm, heads * dim_key)
         self.keys = ProductKeys(num_keys, dim_key, heads, shared=shared_keys)
         self.values = nn.Parameter(torch.empty(num_keys, dim))
-        self.usage_mass: Tensor | None
-        self.register_buffer("usage_mass", None, persistent=False)
-        self.track_usage = track_usage
+        self.usage_slots = num_keys
+        self._init_usage(track_usage)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -235,32 +235,6 @@ class PKM(nn.Module):
         ids_SM, g_SM = ids_SHK.view(S, -1), g_SHK.view(S, -1)  # M = H*K slots, summed over heads
         y_SD = F.embedding_bag(ids_SM, self.values, per_sample_weights=g_SM.to(self.values.dtype), mode="sum")
         return y_SD.to(x.dtype).view(x.shape)
-
-    # usage statistics, as PEER's
-    @property
-    def track_usage(self) -> bool:
-        return self._track_usage
-
-    @track_usage.setter
-    def track_usage(self, on: bool) -> None:
-        self._track_usage = bool(on)
-
-    def _accumulate_usage(self, ids: Tensor, g: Tensor) -> None:
-        if self.usage_mass is None or self.usage_mass.device != ids.device:
-            self.usage_mass = torch.zeros(self.num_keys, dtype=torch.float64, device=ids.device)
-        with torch.no_grad():
-            self.usage_mass.index_add_(0, ids.reshape(-1), g.detach().reshape(-1).double())
-
-    def reset_usage(self) -> None:
-        """Zero the accumulated gate mass."""
-        if self.usage_mass is not None:
-            self.usage_mass.zero_()
-
-    def usage(self) -> dict[str, float]:
-        """Fraction of memories with non-zero gate mass, and KL(mass || uniform); see PEER.usage."""
-        if self.usage_mass is None or float(self.usage_mass.sum()) == 0.0:
-            raise RuntimeError("no memory usage recorded: set track_usage=True and run the layer")
-        return usage_metrics(self.usage_mass)
 
 
 def build_ffn(cfg: DenseConfig | PEERConfig | MoEConfig | PKMConfig, dim: int, mlp: DenseConfig | None = None,

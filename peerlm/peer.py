@@ -41,8 +41,9 @@ from torch import Tensor, nn
 from peerlm.fused import ACTIVATIONS, peer_experts
 from peerlm.norms import QUERY_NORMS, make_query_norm
 from peerlm.retrieval import ProductKeys
+from peerlm.usage import UsageTracking, usage_metrics
 
-__all__ = ["PEER", "peer_cost"]
+__all__ = ["PEER", "peer_cost", "usage_metrics"]
 
 IMPLS = ("auto", "reference", "fused")
 GATES = ("softmax", "sigmoid")
@@ -108,7 +109,7 @@ def peer_cost(dim: int, num_experts: int, heads: int = 8, topk: int = 16, dim_ke
     }
 
 
-class PEER(nn.Module):
+class PEER(UsageTracking, nn.Module):
     """A PEER layer, (..., dim) -> (..., dim). See the module docstring for the math and options.
 
     Args:
@@ -151,9 +152,8 @@ class PEER(nn.Module):
         if device is not None:
             self.norm.to(device)
             self.keys.to(device)
-        self.usage_mass: Tensor | None
-        self.register_buffer("usage_mass", None, persistent=False)
-        self.track_usage = track_usage
+        self.usage_slots = num_experts
+        self._init_usage(track_usage)
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------- set-up
@@ -240,39 +240,6 @@ class PEER(nn.Module):
         h_THK = ACTIVATIONS[self.activation](z_THK) * g_THK.to(x_TD.dtype)
         return torch.einsum("thk,thkd->td", h_THK, v_THKD)
 
-    # ------------------------------------------------------------------------------ expert usage
-
-    @property
-    def track_usage(self) -> bool:
-        return self._track_usage
-
-    @track_usage.setter
-    def track_usage(self, on: bool) -> None:
-        self._track_usage = bool(on)
-        if on and self.usage_mass is None and not self.w_down.is_meta:
-            self.usage_mass = torch.zeros(self.num_experts, dtype=torch.float64, device=self.w_down.device)
-
-    def _accumulate_usage(self, ids_THK: Tensor, g_THK: Tensor) -> None:
-        if self.usage_mass is None or self.usage_mass.device != ids_THK.device:
-            self.usage_mass = torch.zeros(self.num_experts, dtype=torch.float64, device=ids_THK.device)
-        with torch.no_grad():
-            self.usage_mass.index_add_(0, ids_THK.reshape(-1), g_THK.detach().reshape(-1).double())
-
-    def reset_usage(self) -> None:
-        """Zero the accumulated gate mass."""
-        if self.usage_mass is not None:
-            self.usage_mass.zero_()
-
-    def usage(self) -> dict[str, float]:
-        """The paper's expert-usage metrics over the tokens seen since the last reset.
-
-        usage: fraction of experts with non-zero accumulated gate mass.
-        unevenness: KL(z || uniform) = log N + sum_i z_i log z_i, z = mass / mass.sum() (0 log 0 = 0).
-        """
-        if self.usage_mass is None or float(self.usage_mass.sum()) == 0.0:
-            raise RuntimeError("no expert usage recorded: build the layer with track_usage=True and run it")
-        return usage_metrics(self.usage_mass)
-
     # ------------------------------------------------------------------------------- accounting
 
     def cost(self) -> dict:
@@ -289,14 +256,3 @@ class PEER(nn.Module):
     def flops_per_token(self) -> dict[str, int]:
         """Forward FLOPs per token, by part, with ``"total"``; see ``peer_cost``."""
         return self.cost()["flops"]
-
-
-def usage_metrics(mass_N: Tensor) -> dict[str, float]:
-    """Usage and unevenness (KL from uniform) of an accumulated gate-mass vector."""
-    mass = mass_N.double()
-    z = mass / mass.sum()
-    plogp = torch.where(z > 0, z * torch.log(z.clamp_min(1e-300)), torch.zeros_like(z))
-    return {
-        "usage": float((mass > 0).double().mean()),
-        "unevenness": float(math.log(mass.numel()) + plogp.sum()),
-    }

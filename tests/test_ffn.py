@@ -218,7 +218,7 @@ def test_pkm_forward_equals_gather_reference_and_gradients_flow():
 def test_pkm_usage_tracking():
     torch.manual_seed(6)
     pkm = PKM(D, num_keys=64, heads=2, topk=4, dim_key=8, track_usage=True).eval()
-    with pytest.raises(RuntimeError, match="no memory usage recorded"):
+    with pytest.raises(RuntimeError, match="no usage recorded"):
         pkm.usage()
     x = _x(S=50)
     pkm(x)

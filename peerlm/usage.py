@@ -1,0 +1,62 @@
+"""Expert (or memory slot) usage, the paper's two metrics, shared by PEER and PKM.
+
+usage: the fraction of slots with non-zero accumulated gate mass; unevenness: KL(z || uniform) =
+log N + sum_i z_i log z_i, with z the accumulated gate mass per slot normalised to sum 1 (0 log 0 = 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def usage_metrics(mass_N: Tensor) -> dict[str, float]:
+    """Usage and unevenness (KL from uniform) of an accumulated gate-mass vector."""
+    mass = mass_N.double()
+    z = mass / mass.sum()
+    plogp = torch.where(z > 0, z * torch.log(z.clamp_min(1e-300)), torch.zeros_like(z))
+    return {
+        "usage": float((mass > 0).double().mean()),
+        "unevenness": float(math.log(mass.numel()) + plogp.sum()),
+    }
+
+
+class UsageTracking:
+    """Mixin for an nn.Module with ``usage_slots`` slots: a float64 gate-mass buffer (not saved in
+    checkpoints), filled while ``track_usage`` is on. Call ``_init_usage(on)`` in ``__init__``."""
+
+    usage_slots: int
+    usage_mass: Tensor | None
+
+    def _init_usage(self, on: bool) -> None:
+        self.register_buffer("usage_mass", None, persistent=False)
+        self.track_usage = on
+
+    @property
+    def track_usage(self) -> bool:
+        return self._track_usage
+
+    @track_usage.setter
+    def track_usage(self, on: bool) -> None:
+        self._track_usage = bool(on)
+
+    def _accumulate_usage(self, ids: Tensor, gates: Tensor) -> None:
+        """Add each gate to the mass of the slot it selected; ids and gates of one shape."""
+        if self.usage_mass is None or self.usage_mass.device != ids.device:
+            self.usage_mass = torch.zeros(self.usage_slots, dtype=torch.float64, device=ids.device)
+        with torch.no_grad():
+            self.usage_mass.index_add_(0, ids.reshape(-1), gates.detach().reshape(-1).double())
+
+    def reset_usage(self) -> None:
+        """Zero the accumulated gate mass."""
+        if self.usage_mass is not None:
+            self.usage_mass.zero_()
+
+    def usage(self) -> dict[str, float]:
+        """Usage and unevenness over the tokens seen since the last reset (see the module docstring)."""
+        if self.usage_mass is None or float(self.usage_mass.sum()) == 0.0:
+            raise RuntimeError(f"no usage recorded: set track_usage=True on the {type(self).__name__} layer "
+                               "and run it")
+        return usage_metrics(self.usage_mass)
