@@ -4,6 +4,8 @@ Each (implementation, N, tokens) case runs in its own process, so peak resident 
 belongs to that case alone. Implementations:
 - ``reference``: peerlm's Algorithm 1 path (gather + einsum), dense table gradients;
 - ``fused``, ``fused-sparse``: peerlm's fused path with dense or row-sparse table gradients;
+- ``experts-only``: the fused sparse-gradient expert computation alone, on ids and gates retrieved
+  once before timing (so retrieval, whose sub-key scoring grows with sqrt(N), is left out);
 - ``peer-pytorch``: ``peer-pytorch==0.2.2`` (softmax gates, ``non_competing_scores=False``), when
   installed (``pip install peer-pytorch==0.2.2``). Its ``dim_key`` is the width of each query half,
   so it gets ``dim_key // 2`` to do the same arithmetic as ours.
@@ -30,7 +32,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-IMPLS = ("reference", "fused", "fused-sparse", "peer-pytorch")
+IMPLS = ("reference", "fused", "fused-sparse", "peer-pytorch", "experts-only")
 
 
 def build(impl: str, dim: int, experts: int, heads: int, topk: int, dim_key: int, device: str):
@@ -58,6 +60,16 @@ def worker(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     layer = build(args.impl, args.dim, args.experts, args.heads, args.topk, args.dim_key, args.device)
     x = torch.randn(1, args.tokens, args.dim, device=args.device, requires_grad=True)
+    if args.impl == "experts-only":
+        from peerlm.fused import peer_experts
+
+        with torch.no_grad():
+            scores, ids = layer.retrieve(x[0])
+            gates = scores.softmax(-1).flatten(1)
+        ids, x2d = ids.flatten(1), x[0].detach().requires_grad_()
+        step = lambda: peer_experts(x2d, ids, gates, layer.w_down, layer.w_up, layer.activation, True)
+    else:
+        step = lambda: layer(x)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     if args.device.startswith("cuda"):
@@ -66,7 +78,7 @@ def worker(args: argparse.Namespace) -> dict:
     for i in range(args.repeats + 1):
         sync()
         t0 = time.perf_counter()
-        y = layer(x)
+        y = step()
         y.square().mean().backward()
         sync()
         if i:  # the first step is a warm-up
@@ -119,7 +131,7 @@ def run_case(args: argparse.Namespace, impl: str, experts: int, tokens: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=list(IMPLS[:4]), choices=IMPLS)
     p.add_argument("--experts", type=int, nargs="+", default=[128**2, 256**2, 512**2, 1024**2])
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--dim", type=int, default=512)
@@ -181,7 +193,7 @@ def summarize(results: list[dict]) -> None:
             print(f"# {impl} vs peer-pytorch at N={experts}, {tokens} tokens: "
                   f"{base['median_s'] / r['median_s']:.1f}x faster, "
                   f"{r['peak_rss_gib'] / base['peak_rss_gib']:.2f}x the peak memory")
-    for impl in ("fused", "fused-sparse"):
+    for impl in ("fused", "fused-sparse", "experts-only"):
         runs = sorted((e, t, r) for (i, e, t), r in ok.items() if i == impl)
         for tokens in sorted({t for _, t, _ in runs}):
             by_n = {e: r["median_s"] for e, t, r in runs if t == tokens}

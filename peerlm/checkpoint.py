@@ -1,0 +1,382 @@
+"""Step-numbered checkpoints that a kill at any moment cannot corrupt.
+
+Layout under a checkpoint root (``<run>/checkpoints``):
+
+    step_00000200/
+        model.safetensors     weights and persistent buffers (BatchNorm running statistics)
+        config.json           the resolved run config (human-readable; never a pickled object)
+        state.safetensors     optimizer tensors and torch RNG states
+        state.json            everything else: optimizer structure and hyper-parameters, step, data
+                              position, metrics so far, numpy and python RNG states
+        manifest.json         size and sha256 of each file above; written last
+    latest                    one line, the name of the newest complete checkpoint
+
+Writing: every file goes into a fresh hidden directory beside the final one, is fsynced, the manifest
+last; the directory is renamed into place (one atomic rename) and fsynced; only then is ``latest``
+replaced atomically (temp file, fsync, ``os.replace``). A kill at any point leaves the previous
+checkpoint and pointer intact; a half-written directory is hidden and removed by the next save.
+Then all but the newest ``keep`` checkpoints are deleted.
+
+Loading checks the manifest (sizes and hashes), the model config against the one expected and every
+tensor's name and shape, and raises ``CheckpointError`` with a one-line message naming the problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointError", "save_checkpoint", "latest_checkpoint", "find_checkpoint", "list_checkpoints",
+    "read_config", "load_weights", "load_checkpoint", "capture_rng", "restore_rng",
+]
+
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_FILES = ("model.safetensors", "config.json", "state.safetensors", "state.json")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, or for a different model."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (temp file in the same directory, fsync, rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files should be like any other
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _encode(obj: Any, tensors: dict[str, Tensor], path: str) -> Any:
+    """JSON-able form of a state structure; tensors go to ``tensors`` under their path."""
+    if isinstance(obj, Tensor):
+        tensors[path] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, _encode(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {path} in a checkpoint")
+
+
+def _decode(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def capture_rng() -> dict[str, Any]:
+    """The torch (CPU and CUDA), numpy and python RNG states, as checkpointable values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng``."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def _model_tensors(model: nn.Module) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:  # safetensors refuses aliased tensors
+            t = t.clone()
+        seen.add(ptr)
+        out[name] = t
+    return out
+
+
+# ------------------------------------------------------------------------------------------- saving
+
+
+def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoint directories under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / "manifest.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(root: str | os.PathLike[str], step: int, model: nn.Module, config: dict[str, Any],
+                    optimizer: Any = None, state: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    """Write ``step_<step>`` under ``root`` atomically, point ``latest`` at it, keep the newest ``keep``.
+
+    ``config`` is the resolved run config (a JSON-able dict); ``state`` any JSON-able training state
+    (tensors allowed); the optimizer's state dict and the RNG states are added to it.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step_*.tmp"):  # left by a write that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    name = f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    try:
+        full_state = {"step": step, "train": state or {}, "rng": capture_rng()}
+        if optimizer is not None:
+            full_state["optimizer"] = optimizer.state_dict()
+        tensors: dict[str, Tensor] = {}
+        encoded = _encode(full_state, tensors, "state")
+        save_file(_model_tensors(model), str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "state.safetensors"))
+        _write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        _write_text(tmp / "state.json", json.dumps(encoded) + "\n")
+        for f in ("model.safetensors", "state.safetensors"):
+            _fsync_file(tmp / f)
+        for f in _FILES:
+            os.chmod(tmp / f, 0o666 & ~_umask())
+        manifest = {"step": step, "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                                            for f in _FILES}}
+        _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o777 & ~_umask())
+        _fsync_dir(tmp)
+        final = root / name
+        if final.exists():  # saving the same step again: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", suffix=".tmp", dir=root))
+            os.replace(final, old / name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest", name + "\n")
+    for old in list_checkpoints(root)[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint ``latest`` points to (else the newest complete one); None if there is none."""
+    root = Path(root)
+    pointer = root / "latest"
+    if pointer.is_file():
+        name = pointer.read_text("utf-8").strip()
+        if not _STEP_DIR.match(name):
+            raise CheckpointError(f"{pointer} is corrupt (holds {name[:40]!r}); delete it to use the newest "
+                                  "complete checkpoint")
+        path = root / name
+        if (path / "manifest.json").is_file():
+            return path
+        # only a kill while re-saving that same step leaves this; fall back to the newest complete one
+        found = list_checkpoints(root)
+        if not found:
+            raise CheckpointError(f"{pointer} names {name}, which does not exist under {root}")
+        return found[-1]
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def find_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint directory from a run dir, a checkpoint root or a checkpoint directory itself."""
+    p = Path(path)
+    if (p / "manifest.json").is_file() or _STEP_DIR.match(p.name):
+        return p
+    for root in (p / "checkpoints", p):
+        if root.is_dir():
+            found = latest_checkpoint(root)
+            if found is not None:
+                return found
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such run or checkpoint directory")
+    raise CheckpointError(f"{p}: no checkpoint found (train first, or check the path)")
+
+
+def _verify(ckpt: Path) -> None:
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text("utf-8"))
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt} is incomplete (no manifest.json); it was not fully written") from None
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{ckpt}/manifest.json is corrupt") from None
+    for name in _FILES:
+        f = ckpt / name
+        if name not in files or not f.is_file():
+            raise CheckpointError(f"{ckpt} is incomplete: {name} is missing")
+        size = f.stat().st_size
+        if size != files[name]["bytes"]:
+            raise CheckpointError(f"{f} is truncated or corrupt ({size} bytes, expected "
+                                  f"{files[name]['bytes']})")
+        if _sha256(f) != files[name]["sha256"]:
+            raise CheckpointError(f"{f} is corrupt (sha256 does not match its manifest)")
+
+
+def read_config(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run config stored with a checkpoint."""
+    f = Path(ckpt) / "config.json"
+    try:
+        return json.loads(f.read_text("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{f} is missing") from None
+    except ValueError as e:
+        raise CheckpointError(f"{f} is corrupt ({e})") from None
+
+
+def _diff(saved: Any, expected: Any, path: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        out = []
+        for k in sorted(set(saved) | set(expected), key=str):
+            out += _diff(saved.get(k), expected.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if saved == expected else [f"{path} {saved!r} vs {expected!r}"]
+
+
+def _load_tensors(f: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(f))
+    except Exception as e:  # safetensors raises its own error types for a damaged header or body
+        detail = str(e).splitlines()[0][:120] if str(e) else ""
+        raise CheckpointError(f"{f} is corrupt ({type(e).__name__}: {detail})") from None
+
+
+def load_weights(ckpt: str | os.PathLike[str], model: nn.Module, expected_model: dict[str, Any] | None = None,
+                 verify: bool = True) -> None:
+    """Load a checkpoint's weights into ``model``; ``expected_model`` (a ModelConfig dict) must match
+    the saved one."""
+    ckpt = Path(ckpt)
+    if verify:
+        _verify(ckpt)
+    if expected_model is not None:
+        saved = read_config(ckpt).get("model")
+        diffs = _diff(saved, expected_model)
+        if diffs:
+            shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+            raise CheckpointError(f"{ckpt} was saved for a different model (saved vs this run: {shown})")
+    tensors = _load_tensors(ckpt / "model.safetensors")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or extra or shapes:
+        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+                ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + shapes[:3]
+        raise CheckpointError(f"{ckpt} does not fit this model: {'; '.join(parts)}")
+    model.load_state_dict(tensors, strict=True)
+
+
+def load_checkpoint(ckpt: str | os.PathLike[str], model: nn.Module, optimizer: Any = None,
+                    expected_model: dict[str, Any] | None = None, rng: bool = True) -> dict[str, Any]:
+    """Restore weights, optimizer state and (with ``rng``) RNG states; return the stored state dict
+    (``step``, ``train``: what ``save_checkpoint`` was given)."""
+    ckpt = Path(ckpt)
+    _verify(ckpt)
+    load_weights(ckpt, model, expected_model, verify=False)
+    tensors = _load_tensors(ckpt / "state.safetensors")
+    try:
+        state = _decode(json.loads((ckpt / "state.json").read_text("utf-8")), tensors)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt}/state.json is corrupt ({e})") from None
+    if optimizer is not None:
+        if "optimizer" not in state:
+            raise CheckpointError(f"{ckpt} holds no optimizer state")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{ckpt}: optimizer state does not fit this run ({e})") from None
+    if rng:
+        restore_rng(state["rng"])
+    return state

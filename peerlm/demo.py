@@ -1,0 +1,186 @@
+"""`peerlm demo`: a dense transformer and a PEER transformer at the same training FLOP budget, on CPU.
+
+Steps, each reused when a previous run already did it (rerunning is cheap; a killed run resumes):
+1. fetch ``gutenberg`` (training text) and the four held-out sets ``wiki``, ``news``, ``fiction``,
+   ``web`` through ``peerlm.data`` (cached), and prepare them with a 4096-token BPE;
+2. train ``dense-small`` and ``peer-small`` (the same 4-block trunk; PEER with N = 128^2, h = 8,
+   k = 16 in the middle block in place of its MLP) for one budget of training FLOPs
+   (``peerlm.flops``, 3 x forward, retrieval counted), with the same recipe; the PEER run uses the
+   row-sparse optimizer for its expert tables;
+3. evaluate both on the val split and the first ``EVAL_TOKENS`` tokens of each held-out set, and print
+   perplexity and bits per byte side by side, with PEER's expert usage.
+
+The default budget is fixed (comparable across machines) and takes about 4-5 minutes per model on
+2 CPU cores; ``minutes`` instead times a few steps of each model and sizes the budget so the whole
+demo takes about that long here. The two presets cost almost the same FLOPs per token, so they see
+almost the same number of tokens; PEER steps are slower in wall time on CPU (gathers, not matmuls).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peerlm.checkpoint import atomic_write_text, latest_checkpoint
+from peerlm.config import apply_overrides, get_preset, to_dict
+from peerlm.data import EVAL_CORPORA, Corpus, DataError, prepare
+from peerlm.evaluate import evaluate_run
+from peerlm.flops import model_cost
+from peerlm.model import build_model
+from peerlm.optim import build_optimizer
+from peerlm.train import RunConfig, TrainConfig, data_info, plan_steps, train
+
+__all__ = ["run_demo", "DEFAULT_FLOPS", "PRESETS"]
+
+PRESETS = ("dense-small", "peer-small")
+VOCAB = 4096
+DEFAULT_FLOPS = 2.5e13  # ~0.9M training tokens each at ~28 MFLOPs per token
+EVAL_TOKENS = 32768
+OVERHEAD_S = 75.0  # preparing (cached after the first run) and evaluating, outside the budget
+
+
+def recipe(flops: float, sparse: bool) -> TrainConfig:
+    """The shared training recipe; only the expert-table optimizer differs (PEER has tables)."""
+    return TrainConfig(lr=2e-3, warmup=30, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, batch_size=8,
+                       max_steps=None, flops=flops, eval_every=100, eval_batches=4, ckpt_every=50, keep=1,
+                       log_every=10, seed=0, device="cpu", sparse_optimizer=sparse)
+
+
+def _model(preset: str):
+    return apply_overrides(get_preset(preset), [f"vocab_size={VOCAB}"])
+
+
+def prepare_data(out: Path, progress: bool) -> Path:
+    data = out / "data"
+    if (data / "meta.json").is_file():
+        print(f"demo: reusing prepared data in {data}")
+        return data
+    print(f"demo: fetching and preparing gutenberg + {', '.join(EVAL_CORPORA)} into {data}")
+    try:
+        prepare([Corpus("gutenberg")], data, vocab_size=VOCAB, eval_sets=list(EVAL_CORPORA),
+                progress=progress)
+    except DataError as e:
+        raise DataError(f"{e} (the demo needs the corpora once; afterwards they are cached)") from None
+    return data
+
+
+def calibrate(minutes: float, data: Path) -> float:
+    """A FLOP budget that fits both runs in ``minutes`` here, from timing 4 steps of each model."""
+    from peerlm.data import TokenDataset
+
+    ds = TokenDataset(data)
+    seconds_per_flop = 0.0
+    for preset in PRESETS:
+        cfg, t = _model(preset), recipe(1.0, preset.startswith("peer"))
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        for _, m in model.memory_layers():
+            if hasattr(m, "sparse_grad"):
+                m.sparse_grad = t.sparse_optimizer
+        opt = build_optimizer(model, t.lr, t.weight_decay, t.betas, sparse_experts=t.sparse_optimizer)
+        times = []
+        for step in range(4):
+            x, y = ds.get_batch("train", t.batch_size, cfg.context_length, step, seed=123)
+            t0 = time.time()
+            _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.time() - t0)
+        step_flops = model_cost(cfg)["flops_train"] * t.batch_size * cfg.context_length
+        seconds_per_flop += sorted(times[1:])[1] / step_flops
+    budget = max(minutes * 60 - OVERHEAD_S, 30.0) / seconds_per_flop
+    return float(f"{budget:.2g}")
+
+
+def _finished(run_dir: Path) -> bool:
+    ckpt = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+    if ckpt is None:
+        return False
+    run = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text("utf-8")))
+    return int(ckpt.name.split("_")[1]) >= plan_steps(run)[0]
+
+
+def _train_one(preset: str, flops: float, data: Path, out: Path, progress: bool) -> dict[str, Any]:
+    run_dir = out / "runs" / f"{preset}_{flops:.2g}"
+    run = RunConfig(_model(preset), recipe(flops, preset.startswith("peer")), data_info(data))
+    summary_file = run_dir / "summary.json"
+    if _finished(run_dir) and summary_file.is_file():
+        print(f"demo: reusing finished run {run_dir}")
+        return json.loads(summary_file.read_text("utf-8"))
+    steps, _ = plan_steps(run)
+    print(f"\ndemo: training {preset} for {steps} steps ({flops:.3g} FLOPs) -> {run_dir}")
+    t0 = time.time()
+    summary = train(run, run_dir, resume=(run_dir / "checkpoints").is_dir(), progress=progress)
+    summary = {k: v for k, v in summary.items() if k != "validations"}
+    summary["train_seconds"] = time.time() - t0
+    summary["run_dir"] = str(run_dir)
+    atomic_write_text(summary_file, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _evaluate(summary: dict[str, Any]) -> dict[str, Any]:
+    run_dir = Path(summary["run_dir"])
+    cached = run_dir / "eval.json"
+    if cached.is_file():
+        return json.loads(cached.read_text("utf-8"))
+    print(f"demo: evaluating {run_dir.name} on val + {', '.join(EVAL_CORPORA)} ({EVAL_TOKENS:,} tokens each)")
+    results = evaluate_run(run_dir, max_tokens=EVAL_TOKENS)
+    atomic_write_text(cached, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_comparison(flops: float, summaries: dict[str, dict], results: dict[str, dict]) -> str:
+    """The side-by-side table: per held-out set, perplexity and bits/byte of each model."""
+    a, b = PRESETS
+    lines = [f"Dense vs PEER at the same training budget: {flops:.3g} FLOPs (gutenberg, BPE {VOCAB})", ""]
+    head = f"{'':<12}{a:>22}{b:>22}"
+    lines += [head, f"{'':<12}{'ppl':>11}{'bits/byte':>11}{'ppl':>11}{'bits/byte':>11}{'d bits/byte':>13}"]
+    lines.append("-" * len(lines[-1]))
+    for name in results[a]:
+        ra, rb = results[a][name], results[b].get(name)
+        if rb is None:
+            continue
+        label = "val" if name == "val" else name
+        lines.append(f"{label:<12}{ra['perplexity']:>11.2f}{ra['bits_per_byte']:>11.4f}{rb['perplexity']:>11.2f}"
+                     f"{rb['bits_per_byte']:>11.4f}{rb['bits_per_byte'] - ra['bits_per_byte']:>+13.4f}")
+    lines.append("")
+    for preset in PRESETS:
+        cfg, s = _model(preset), summaries[preset]
+        c = model_cost(cfg)
+        lines.append(f"{preset:<12} params {c['params'] / 1e6:5.2f}M  active "
+                     f"{c['active_params'] / 1e6:5.2f}M  train FLOPs/token {c['flops_train'] / 1e6:5.1f}M  "
+                     f"{s['tokens']:,} tokens in "
+                     f"{s['step']} steps, {s['train_seconds'] / 60:.1f} min")
+    usage = results[b].get("val", {}).get("usage", {})
+    experts = _model(b).ffn.num_experts
+    for layer, u in usage.items():
+        lines.append(f"{b} {layer}: expert usage {u['usage']:.1%}, unevenness {u['unevenness']:.2f} on val "
+                     f"(KL from uniform; log N = {math.log(experts):.2f})")
+    return "\n".join(lines)
+
+
+def run_demo(out: Path, minutes: float | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or finish, or reuse) the demo under ``out`` and print the comparison; returns the results."""
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(out, progress)
+    flops = DEFAULT_FLOPS if minutes is None else calibrate(minutes, data)
+    if minutes is not None:
+        print(f"demo: budget {flops:.3g} FLOPs per model to fit about {minutes:g} minutes")
+    summaries = {p: _train_one(p, flops, data, out, progress) for p in PRESETS}
+    results = {p: _evaluate(summaries[p]) for p in PRESETS}
+    table = format_comparison(flops, summaries, results)
+    atomic_write_text(out / "comparison.txt", table + "\n")
+    print("\n" + table)
+    print(f"\ndemo: done in {(time.time() - start) / 60:.1f} min; table in {out / 'comparison.txt'}; try "
+          f"`peerlm generate {summaries[PRESETS[1]]['run_dir']} --prompt 'It is a truth' --temperature 0.8`",
+          file=sys.stdout)
+    return {"flops": flops, "summaries": summaries, "results": results,
+            "models": {p: to_dict(_model(p)) for p in PRESETS}}

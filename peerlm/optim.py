@@ -1,0 +1,266 @@
+"""Optimisation: parameter groups, the warmup + cosine schedule, and a row-sparse AdamW for expert tables.
+
+Parameter groups (``param_groups``):
+- ``decay``: matrices of attention, MLPs, routers, query projections; weight decay ``weight_decay``.
+- ``no_decay``: norms, biases, the token embedding (and the tied head) and product sub-keys. Sub-keys
+  are a lookup table compared by dot products; decaying them would only shrink the retrieval scores,
+  i.e. flatten the softmax gates.
+- ``experts``: PEER ``w_down``/``w_up`` and PKM ``values`` (``model.expert_parameters()``), with their
+  own learning rate and ``expert_weight_decay`` (0 by default: a row is read by few tokens per batch,
+  so a per-step decay would pull rarely retrieved experts to zero regardless of their use).
+
+``RowSparseAdamW`` consumes the sparse COO gradients PEER produces with ``sparse_grad=True`` and
+touches only the U rows present: their m, v, parameter rows and a per-row step count, which gives each
+row the bias correction of its own number of updates. Cost per step is O(U * d), not O(N * d).
+Choices:
+- An untouched row is left exactly as it is: no momentum drift, no decay (LazyAdam semantics). A row
+  updated at every step follows torch.optim.AdamW bit for bit (tested).
+- Weight decay is applied only to the touched rows, at the step's full ``lr * weight_decay``. A row
+  retrieved at a fraction f of steps decays about f times as fast as under dense AdamW; with the default
+  expert decay of 0 this does not arise.
+- Dense gradients are accepted too (every row counts as touched), so PKM values or a model built
+  without ``sparse_grad`` can share the optimizer.
+
+``GroupedOptimizer`` puts torch's AdamW (dense groups) and the row-sparse one (expert group) behind one
+``step``/``zero_grad``/``state_dict``/``param_groups``, so the training loop and checkpoints see one object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "param_groups", "lr_factor", "set_lr", "RowSparseAdamW", "GroupedOptimizer", "build_optimizer",
+    "clip_grad_norm",
+]
+
+_NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.BatchNorm1d, nn.GroupNorm)
+
+
+def _is_no_decay(module: nn.Module, name: str, p: nn.Parameter) -> bool:
+    kind = type(module).__name__
+    return (p.ndim < 2 or name.endswith("bias") or isinstance(module, _NO_DECAY_MODULES)
+            or kind in ("RMSNorm", "RunningNorm", "BatchNorm", "ProductKeys"))
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, expert_lr: float | None = None,
+                 expert_weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """The three groups of the module docstring (empty groups are dropped); each carries ``name`` and
+    ``base_lr`` (the peak the schedule scales)."""
+    experts = list(model.expert_parameters()) if hasattr(model, "expert_parameters") else []
+    expert_ids = {id(p) for p in experts}
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set(expert_ids)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            (no_decay if _is_no_decay(module, name, p) else decay).append(p)
+    expert_lr = lr if expert_lr is None else expert_lr
+    groups = [
+        {"name": "decay", "params": decay, "lr": lr, "base_lr": lr, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0},
+        {"name": "experts", "params": [p for p in experts if p.requires_grad], "lr": expert_lr,
+         "base_lr": expert_lr, "weight_decay": expert_weight_decay},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(step: int, total_steps: int, warmup: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate at 0-based ``step``: linear warmup over ``warmup`` steps
+    (step 0 gets 1/warmup, never 0, so the first update counts), then a cosine from 1 down to
+    ``min_lr_ratio`` at ``total_steps - 1``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(total_steps - 1 - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer | GroupedOptimizer, factor: float) -> None:
+    """Set every group's lr to its ``base_lr`` times ``factor``."""
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+
+
+class RowSparseAdamW(torch.optim.Optimizer):
+    """AdamW over row-sparse gradients of (N, D) tables; see the module docstring for the semantics."""
+
+    def __init__(self, params: Iterable[nn.Parameter] | Iterable[dict], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        if not lr >= 0 or not eps >= 0 or not weight_decay >= 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"RowSparseAdamW updates rows of 2-D tables, got shape {tuple(p.shape)}")
+
+    def _init_state(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)  # per row
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 (the torch.optim signature)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            beta1, beta2 = g["betas"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(p)
+                grad = p.grad
+                if grad.is_sparse:
+                    grad = grad.coalesce()
+                    rows_U, grad_UD = grad.indices()[0], grad.values()
+                    if rows_U.numel() == 0:
+                        continue
+                else:
+                    rows_U, grad_UD = None, grad
+                self._update(p, state, rows_U, grad_UD, g["lr"], beta1, beta2, g["eps"], g["weight_decay"])
+        return loss
+
+    def _scratch(self, p: Tensor, name: str, rows: int, dtype: torch.dtype) -> Tensor:
+        """A reusable (rows, ...) buffer for ``p``'s step: fresh (U, d) temporaries at every step cost
+        more in page faults than the arithmetic on them. Not part of the optimizer state."""
+        bufs = self._workspace.setdefault(id(p), {})
+        buf = bufs.get(name)
+        if buf is None or buf.shape[0] < rows or buf.dtype != dtype:
+            shape = (rows + rows // 4,) + (() if dtype == torch.int64 else tuple(p.shape[1:]))
+            buf = bufs[name] = torch.empty(shape, dtype=dtype, device=p.device)
+        return buf[:rows]
+
+    def _update(self, p: Tensor, state: dict[str, Tensor], rows_U: Tensor | None, grad_UD: Tensor, lr: float,
+                beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+        """One AdamW step on the given rows (all rows when ``rows_U`` is None).
+
+        The arithmetic mirrors torch's single-tensor AdamW op for op (same rounding), with the
+        scalar bias corrections replaced by per-row ones computed in float64, then cast as torch does.
+        """
+        dense = rows_U is None
+        U = p.shape[0] if dense else rows_U.numel()
+        if not hasattr(self, "_workspace"):
+            self._workspace: dict[int, dict[str, Tensor]] = {}
+
+        def gather(name: str, src: Tensor) -> Tensor:
+            out = None if dense else self._scratch(p, name, U, src.dtype)
+            return src if dense else torch.index_select(src, 0, rows_U, out=out)
+
+        step_U = gather("step", state["step"]).add_(1) if not dense else state["step"] + 1
+        m_UD, v_UD = gather("m", state["exp_avg"]), gather("v", state["exp_avg_sq"])
+        grad_UD = grad_UD.to(p.dtype)
+        m_UD.lerp_(grad_UD, 1 - beta1)
+        v_UD.mul_(beta2).addcmul_(grad_UD, grad_UD, value=1 - beta2)
+        t_U1 = step_U.to(torch.float64).unsqueeze(1)
+        bias_correction1 = 1 - beta1**t_U1
+        bias_correction2_sqrt = ((1 - beta2**t_U1) ** 0.5).to(p.dtype)
+        neg_step_size = (-(lr / bias_correction1)).to(p.dtype)  # (U, 1)
+        denom_UD = v_UD.sqrt() if dense else torch.sqrt(v_UD, out=self._scratch(p, "denom", U, p.dtype))
+        denom_UD.div_(bias_correction2_sqrt).add_(eps)
+        update_UD = (m_UD * neg_step_size if dense
+                     else torch.mul(m_UD, neg_step_size, out=self._scratch(p, "update", U, p.dtype)))
+        update_UD.div_(denom_UD)  # (-step_size * m) / denom, rounded as torch's addcdiv rounds it
+        if dense:
+            if weight_decay != 0:
+                p.data.mul_(1 - lr * weight_decay)
+            p.data.add_(update_UD)
+            state["step"].copy_(step_U)
+            return
+        if weight_decay != 0:
+            p_UD = gather("p", p.data).mul_(1 - lr * weight_decay).add_(update_UD)
+            p.data.index_copy_(0, rows_U, p_UD)
+        else:  # rows are distinct: one add per element, the same rounding, no gather of p
+            p.data.index_add_(0, rows_U, update_UD)
+        state["step"].index_copy_(0, rows_U, step_U)
+        state["exp_avg"].index_copy_(0, rows_U, m_UD)
+        state["exp_avg_sq"].index_copy_(0, rows_U, v_UD)
+
+
+class GroupedOptimizer:
+    """Several optimizers driven as one: joint ``param_groups``, ``step``, ``zero_grad`` and state dicts."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kinds": [type(o).__name__ for o in self.optimizers],
+                "optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        kinds = [type(o).__name__ for o in self.optimizers]
+        if state.get("kinds") != kinds:
+            raise ValueError(f"optimizer state is for {state.get('kinds')}, this run uses {kinds}")
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                    eps: float = 1e-8, expert_lr: float | None = None, expert_weight_decay: float = 0.0,
+                    sparse_experts: bool = False) -> GroupedOptimizer:
+    """torch AdamW on every group; with ``sparse_experts`` the expert group goes to ``RowSparseAdamW``.
+
+    ``foreach=False`` keeps the dense update identical on every device count and comparable with the
+    row-sparse one; at the sizes trained here the optimizer is a small part of a step.
+    """
+    groups = param_groups(model, lr, weight_decay, expert_lr, expert_weight_decay)
+    sparse = [g for g in groups if sparse_experts and g["name"] == "experts"]
+    dense = [g for g in groups if g not in sparse]
+    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(dense, lr=lr, betas=betas, eps=eps, foreach=False)]
+    if sparse:
+        opts.append(RowSparseAdamW(sparse, lr=lr, betas=betas, eps=eps))
+    return GroupedOptimizer(opts)
+
+
+@torch.no_grad()
+def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
+    """Clip the global L2 norm of dense and sparse gradients together; returns the norm before clipping.
+
+    Sparse gradients are coalesced first (gradient accumulation leaves duplicate rows, whose values
+    must be summed before squaring). ``max_norm <= 0`` only measures. Scaling follows
+    ``torch.nn.utils.clip_grad_norm_``: by max_norm / (norm + 1e-6) when that is below 1.
+    """
+    grads: list[Tensor] = []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse and not p.grad.is_coalesced():
+            p.grad = p.grad.coalesce()
+        grads.append(p.grad)
+    if not grads:
+        return 0.0
+    norms = [torch.linalg.vector_norm(g.values() if g.is_sparse else g, dtype=torch.float32) for g in grads]
+    norm = float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
+    if max_norm > 0 and math.isfinite(norm):
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for g in grads:  # sparse: scale the values in place (``mul_`` would uncoalesce the tensor)
+                (g.values() if g.is_sparse else g).mul_(coef)
+    return norm

@@ -1,0 +1,445 @@
+"""The training loop: AdamW with expert groups, warmup + cosine, clipping, accumulation, exact resume.
+
+A run directory holds
+
+    config.json        the resolved RunConfig: model, train, and the data it was trained on
+    tokenizer.json     copied from the data directory, so eval and generate need nothing else
+    metrics.jsonl      one JSON record per logged step and per validation, appended line by line
+    checkpoints/       step-numbered checkpoints (``peerlm.checkpoint``)
+    tb/                TensorBoard events, with ``train.tensorboard`` (needs the tensorboard package)
+
+Reproducibility: batches are a pure function of (seed, step) (``TokenDataset.get_batch``), the LR is
+a function of the step, and a checkpoint carries weights, buffers (BatchNorm statistics), optimizer
+state and RNG states. Resuming from step k therefore gives bit-identical losses and parameters to an
+uninterrupted run on the same machine (tested); on CPU ``torch.use_deterministic_algorithms`` is on
+during training. The run length is the first reached of ``max_steps``, ``max_tokens`` and a FLOP
+budget (``flops``, at ``peerlm.flops``' training FLOPs per token, 3 x forward); the cosine horizon is
+that step count.
+
+``sparse_optimizer`` switches PEER layers to row-sparse table gradients (``sparse_grad=True``) and
+their tables to ``RowSparseAdamW``, whose cost per step follows the rows the batch retrieved, not the
+number of experts.
+Validation runs in eval mode over the first ``eval_batches`` x ``batch_size`` windows of the val
+split and records loss, perplexity, and usage / unevenness of every PEER and PKM layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from peerlm.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from peerlm.config import ModelConfig, from_dict, to_dict
+from peerlm.data import TokenDataset
+from peerlm.evaluate import evaluate_tokens, memory_usage, tracking_usage
+from peerlm.flops import model_cost
+from peerlm.model import Transformer, build_model
+from peerlm.optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
+
+__all__ = ["TrainConfig", "RunConfig", "TrainError", "resolve_device", "plan_steps", "train"]
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+class TrainError(Exception):
+    """A problem with a run a user can fix (its directory, budget or resume state)."""
+
+
+def _check_field_types(obj: Any) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        ok = False
+        for a in allowed:
+            if a is type(None):
+                ok |= value is None
+            elif a is float:
+                ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif a is int:
+                ok |= isinstance(value, int) and not isinstance(value, bool)
+            elif typing.get_origin(a) is tuple:
+                ok |= isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value)
+            else:
+                ok |= isinstance(value, a)
+        if not ok:
+            raise ValueError(f"TrainConfig.{f.name}: expected {tp}, got {type(value).__name__} {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run-length settings; see the module docstring. ``expert_lr=None`` uses ``lr``."""
+
+    lr: float = 1e-3
+    expert_lr: float | None = None
+    weight_decay: float = 0.1
+    expert_weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int | None = 1000
+    max_tokens: int | None = None
+    flops: float | None = None
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    keep: int = 2
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    sparse_optimizer: bool = False
+    log_every: int = 1
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        _check_field_types(self)
+        self.betas = tuple(float(b) for b in self.betas)
+
+        def bad(name: str, rule: str) -> None:
+            raise ValueError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                bad(name, "> 0")
+        if self.expert_lr is not None and not self.expert_lr > 0:
+            bad("expert_lr", "> 0 or None (same as lr)")
+        for name in ("weight_decay", "expert_weight_decay", "grad_clip", "warmup", "ckpt_every"):
+            if getattr(self, name) < 0:
+                bad(name, ">= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            bad("betas", "two numbers in [0, 1)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", "in [0, 1]")
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "keep", "log_every"):
+            if getattr(self, name) < 1:
+                bad(name, ">= 1")
+        for name in ("max_steps", "max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, ">= 1 or None")
+        if self.flops is not None and not self.flops > 0:
+            bad("flops", "> 0 or None")
+        if self.max_steps is None and self.max_tokens is None and self.flops is None:
+            raise ValueError("TrainConfig needs a run length: set max_steps, max_tokens or flops")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"one of {DTYPES}")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+            bad("device", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+@dataclass
+class RunConfig:
+    """What ``config.json`` of a run holds. ``data`` describes the prepared directory: its path,
+    vocabulary and per-split token and UTF-8 byte counts (for bits per byte)."""
+
+    model: ModelConfig
+    train: TrainConfig
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": to_dict(self.model), "train": to_dict(self.train), "data": self.data}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        if not isinstance(d, dict) or "model" not in d or "train" not in d:
+            raise ValueError("a run config needs 'model' and 'train' sections")
+        return cls(from_dict(ModelConfig, d["model"]), from_dict(TrainConfig, d["train"]), d.get("data", {}))
+
+
+def data_info(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``data`` section of a RunConfig for a prepared directory."""
+    ds = TokenDataset(data_dir)
+    return {"dir": str(Path(data_dir).resolve()), "vocab_size": ds.vocab_size, "eot_id": ds.eot_id,
+            "splits": {n: {"tokens": ds.num_tokens(n), "bytes": ds.num_bytes(n),
+                           "eval": bool(ds.meta["splits"][n].get("eval", False))} for n in ds.splits}}
+
+
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None, str]:
+    """(device, autocast dtype or None, the reason), decided in this one place."""
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        why = "CUDA is available" if dev.type == "cuda" else "no CUDA device"
+    else:
+        dev = torch.device(device)
+        why = "as configured"
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise TrainError(f"device {device!r} requested but CUDA is not available; use device=cpu")
+    if dtype == "bfloat16" and dev.type != "cuda":
+        raise TrainError("dtype=bfloat16 autocast is for CUDA only; use dtype=float32 or auto on CPU")
+    amp = torch.bfloat16 if dev.type == "cuda" and dtype in ("auto", "bfloat16") else None
+    prec = "bf16 autocast (fp32 weights, fp32 routing)" if amp else "fp32"
+    return dev, amp, f"{dev} ({why}), {prec}"
+
+
+def plan_steps(run: RunConfig) -> tuple[int, str]:
+    """Number of optimizer steps and which limit sets it (the first of the limits reached)."""
+    t, T = run.train, run.model.context_length
+    tokens_per_step = t.batch_size * t.grad_accum * T
+    limits: dict[str, int] = {}
+    if t.max_steps is not None:
+        limits["max_steps"] = t.max_steps
+    if t.max_tokens is not None:
+        limits["max_tokens"] = t.max_tokens // tokens_per_step
+    if t.flops is not None:
+        limits["flops"] = int(t.flops // (model_cost(run.model, T)["flops_train"] * tokens_per_step))
+    name = min(limits, key=limits.get)
+    if limits[name] < 1:
+        raise TrainError(f"the {name} budget buys less than one step of {tokens_per_step:,} tokens; "
+                         "raise it or lower batch_size / grad_accum / context_length")
+    return limits[name], name
+
+
+class MetricsLog:
+    """metrics.jsonl, appended one whole line per write (O_APPEND) and flushed by the OS write."""
+
+    def __init__(self, path: Path, truncate_to: int | None = None):
+        self.path = path
+        if truncate_to is not None and path.exists() and path.stat().st_size > truncate_to:
+            with open(path, "r+b") as f:  # drop records written after the checkpoint we resume from
+                f.truncate(truncate_to)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(self, record: dict[str, Any]) -> None:
+        os.write(self.fd, (json.dumps(record) + "\n").encode("utf-8"))
+
+    def offset(self) -> int:
+        os.fsync(self.fd)
+        return os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+def _tensorboard(out: Path, purge_step: int | None, log: Callable[[str], None]) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log("note: tensorboard is not installed (pip install 'peerlm[tensorboard]'); logging to "
+            "metrics.jsonl only")
+        return None
+    return SummaryWriter(str(out / "tb"), purge_step=purge_step)
+
+
+@torch.no_grad()
+def validate(model: Transformer, ds: TokenDataset, run: RunConfig, device: torch.device,
+             amp: torch.dtype | None) -> dict[str, Any]:
+    """Loss and perplexity on the first eval_batches x batch_size windows of val, with expert usage."""
+    t = run.train
+    n = min(ds.num_tokens("val"), t.eval_batches * t.batch_size * run.model.context_length + 1)
+    with tracking_usage(model):
+        res = evaluate_tokens(model, np.asarray(ds.tokens("val")[:n]), batch_size=t.batch_size,
+                              device=device, amp=amp, eot_id=ds.eot_id)
+        usage = memory_usage(model)
+    out = {"val_loss": res["loss"], "val_ppl": res["perplexity"], "val_tokens": res["tokens"]}
+    if usage:
+        out["usage"] = usage
+    return out
+
+
+def _prepare_run_dir(run: RunConfig, out: Path, resume: bool, log: Callable[[str], None]) -> Path | None:
+    """Create or check the run directory; return the checkpoint to resume from (None: fresh start)."""
+    ckpt = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").exists() else None
+    if ckpt is not None and not resume:
+        raise TrainError(f"{out} already holds a run (checkpoint {ckpt.name}); pass --resume to continue "
+                         "it or choose another --out")
+    if resume and ckpt is None:
+        log(f"note: no checkpoint in {out}; starting from scratch")
+    if resume and ckpt is not None and (out / "config.json").is_file():
+        old = json.loads((out / "config.json").read_text("utf-8")).get("train", {})
+        changed = sorted(k for k, v in to_dict(run.train).items() if k in old and old[k] != v)
+        if changed:
+            log(f"note: resuming with changed train settings: {', '.join(changed)} (losses will differ "
+                "from an uninterrupted run where they matter)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(run.to_dict(), indent=2) + "\n")
+    src = Path(run.data.get("dir", "")) / "tokenizer.json"
+    if src.is_file() and not (out / "tokenizer.json").is_file():
+        tmp = out / ".tokenizer.json.tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, out / "tokenizer.json")
+    return ckpt
+
+
+def _train_step(model: Transformer, opt: Any, params: list[torch.Tensor], ds: TokenDataset, run: RunConfig,
+                step: int, total: int, device: torch.device,
+                autocast: Callable) -> tuple[float, float, float]:
+    """One optimizer step (0-based ``step``), with accumulation and clipping.
+
+    Returns (mean loss over micro-batches, gradient norm before clipping, LR factor)."""
+    t, T = run.train, run.model.context_length
+    model.train()
+    factor = lr_factor(step, total, t.warmup, t.min_lr_ratio)
+    set_lr(opt, factor)
+    loss_sum = 0.0
+    for micro in range(t.grad_accum):  # the batch is a function of (seed, step, micro): resumable
+        x, y = ds.get_batch("train", t.batch_size, T, step * t.grad_accum + micro, t.seed, device)
+        with autocast():
+            _, loss = model(x, y)
+        (loss / t.grad_accum).backward()
+        loss_sum += loss.item()
+    norm = clip_grad_norm(params, t.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum / t.grad_accum, norm, factor
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False, stop_at: int | None = None,
+          progress: bool = True, log: Callable[[str], None] | None = None,
+          notes: Sequence[str] = ()) -> dict[str, Any]:
+    """Train ``run`` into ``out_dir``; returns a summary (steps, tokens, FLOPs, last validation, time).
+
+    ``resume`` continues from the newest checkpoint. ``stop_at`` ends (with a checkpoint) after that
+    many total steps without changing the schedule, as an interruption would. ``notes`` are logged
+    once the run directory is accepted.
+    """
+    log = log or (lambda s: tqdm.write(s, file=sys.stdout))
+    out, t, cfg = Path(out_dir), run.train, run.model
+    if not run.data.get("dir"):
+        raise TrainError("the run config names no data directory")
+    ds = TokenDataset(run.data["dir"])
+    if ds.vocab_size > cfg.vocab_size:
+        raise TrainError(f"the data has {ds.vocab_size} token ids but model.vocab_size is {cfg.vocab_size}; "
+                         f"set model.vocab_size={ds.vocab_size}")
+    device, amp, why = resolve_device(t.device, t.dtype)
+    total, limit = plan_steps(run)
+    ckpt = _prepare_run_dir(run, out, resume, log)
+    for note in notes:
+        log(note)
+    T = cfg.context_length
+    flops_per_token = model_cost(cfg, T)["flops_train"]
+    tokens_per_step = t.batch_size * t.grad_accum * T
+
+    _seed_everything(t.seed)
+    model = build_model(cfg, device)
+    if t.sparse_optimizer:  # row-sparse table gradients wherever a memory layer offers them
+        for _, m in model.memory_layers():
+            if hasattr(m, "sparse_grad"):
+                m.sparse_grad = True
+    opt = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, t.expert_lr, t.expert_weight_decay,
+                          sparse_experts=t.sparse_optimizer)
+    step, history, offset = 0, [], None
+    if ckpt is not None:
+        configured = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
+        state = load_checkpoint(ckpt, model, opt, expected_model=to_dict(cfg))
+        for g, (base_lr, wd) in zip(opt.param_groups, configured):  # this run's settings, not the saved ones
+            g["base_lr"], g["weight_decay"] = base_lr, wd
+        step, offset = state["step"], state["train"]["metrics_offset"]
+        history = state["train"].get("validations", [])
+        log(f"resumed from {ckpt} at step {step}")
+    metrics = MetricsLog(out / "metrics.jsonl", truncate_to=offset)
+    tb = _tensorboard(out, step + 1 if ckpt is not None else None, log) if t.tensorboard else None
+    end = total if stop_at is None else min(total, stop_at)
+    log(f"device {why}; {model.num_params():,} params; {total} steps ({limit}) of {tokens_per_step:,} tokens "
+        f"= {total * tokens_per_step:,} tokens, {total * tokens_per_step * flops_per_token:.3g} FLOPs")
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def checkpoint(at: int) -> None:
+        state = {"validations": history, "metrics_offset": metrics.offset(), "data_step": at,
+                 "tokens": at * tokens_per_step}
+        save_checkpoint(out / "checkpoints", at, model, run.to_dict(), opt, state, keep=t.keep)
+
+    def run_validation(at: int) -> None:
+        if ds.num_tokens("val") < 2:
+            return
+        rec = {"step": at, **validate(model, ds, run, device, amp)}
+        history.append(rec)
+        metrics.write(rec)
+        usage = "".join(f" | {name} usage {u['usage']:.1%} unev {u['unevenness']:.2f}"
+                        for name, u in rec.get("usage", {}).items())
+        log(f"step {at:>6} | val loss {rec['val_loss']:.4f} | val ppl {rec['val_ppl']:.2f}{usage}")
+        if tb is not None:
+            tb.add_scalar("val/loss", rec["val_loss"], at)
+            for name, u in rec.get("usage", {}).items():
+                tb.add_scalar(f"usage/{name}", u["usage"], at)
+                tb.add_scalar(f"unevenness/{name}", u["unevenness"], at)
+
+    start_time, start_step, times = time.time(), step, []
+    bar = tqdm(total=end, initial=step, desc="train", unit="step", leave=False, dynamic_ncols=True,
+               disable=not progress or not sys.stderr.isatty())  # a log file gets the step lines only
+    try:
+        with _deterministic(device):
+            while step < end:
+                t0 = time.time()
+                loss_val, norm, factor = _train_step(model, opt, params, ds, run, step, total, device,
+                                                     autocast)
+                step += 1
+                if not math.isfinite(loss_val):
+                    raise TrainError(f"loss is {loss_val} at step {step}; lower train.lr or raise warmup")
+                dt = time.time() - t0
+                times.append(dt)
+                bar.update(1)
+                if step % t.log_every == 0 or step == end:
+                    recent = times[-20:]
+                    eta = (end - step) * sum(recent) / len(recent)
+                    lr = t.lr * factor
+                    rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm, "dt": dt,
+                           "tok_s": tokens_per_step / dt, "tokens": step * tokens_per_step,
+                           "flops": step * tokens_per_step * flops_per_token}
+                    metrics.write(rec)
+                    log(f"step {step:>6}/{total} | loss {loss_val:.4f} | lr {lr:.2e} | dt {dt * 1000:.0f}ms "
+                        f"| tok/s {rec['tok_s']:,.0f} | eta {_fmt_time(eta)}")
+                    if tb is not None:
+                        for k in ("loss", "lr", "grad_norm", "tok_s"):
+                            tb.add_scalar(f"train/{k}", rec[k], step)
+                if step % t.eval_every == 0 or step == total:
+                    run_validation(step)
+                if (t.ckpt_every and step % t.ckpt_every == 0) or step == end:
+                    checkpoint(step)
+    finally:
+        bar.close()
+        metrics.close()
+        if tb is not None:
+            tb.close()
+    elapsed = time.time() - start_time
+    last = history[-1] if history else {}
+    return {"step": step, "total_steps": total, "limit": limit, "tokens": step * tokens_per_step,
+            "flops": step * tokens_per_step * flops_per_token, "seconds": elapsed,
+            "steps_this_call": step - start_step, "val_loss": last.get("val_loss"),
+            "val_ppl": last.get("val_ppl"), "validations": history, "done": step >= total}

@@ -1,0 +1,181 @@
+"""Row-sparse AdamW against torch.optim.AdamW, parameter groups, the schedule, clipping of sparse grads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from peerlm.config import get_preset
+from peerlm.model import build_model
+from peerlm.optim import RowSparseAdamW, build_optimizer, clip_grad_norm, lr_factor, param_groups
+
+
+def _sparse(rows: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    shape = (n, values.shape[1])
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, shape, check_invariants=True).coalesce()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_rows_touched_every_step_equal_torch_adamw_and_others_stay(weight_decay):
+    N, D, steps = 40, 7, 12
+    torch.manual_seed(0)
+    init = torch.randn(N, D)
+    always = torch.tensor([1, 5, 6, 30, 39])
+    a = nn.Parameter(init.clone())  # row-sparse
+    b = nn.Parameter(init[always].clone())  # dense reference on the always-touched rows only
+    opt_a = RowSparseAdamW([a], lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+    opt_b = torch.optim.AdamW([b], lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay,
+                              foreach=False)
+    touched = set(always.tolist())
+    for step in range(steps):
+        lr = 3e-2 * (0.5 + 0.5 * math.cos(step))  # a changing lr, as under a schedule
+        opt_a.param_groups[0]["lr"] = opt_b.param_groups[0]["lr"] = lr
+        g_always = torch.randn(len(always), D)
+        extra = torch.tensor([10 + step % 3])  # some rows only now and then
+        touched |= set(extra.tolist())
+        rows = torch.cat([always, extra])
+        a.grad = _sparse(rows, torch.cat([g_always, torch.randn(1, D)]), N)
+        b.grad = g_always.clone()
+        opt_a.step()
+        opt_b.step()
+        assert torch.equal(a.data[always], b.data), f"step {step}"
+    never = sorted(set(range(N)) - touched)
+    assert torch.equal(a.data[never], init[never])
+    assert torch.equal(opt_a.state[a]["exp_avg"][never], torch.zeros(len(never), D))
+    assert opt_a.state[a]["step"][always].eq(steps).all()
+    assert opt_a.state[a]["step"][10].item() == 4  # touched at steps 0, 3, 6, 9
+
+
+def test_per_row_bias_correction_matches_a_fresh_adamw():
+    """A row first touched at step 5 must get the bias correction of its first update, not the 6th."""
+    N, D = 8, 4
+    p = nn.Parameter(torch.zeros(N, D))
+    opt = RowSparseAdamW([p], lr=0.1, betas=(0.9, 0.99))
+    for _ in range(5):
+        p.grad = _sparse(torch.tensor([0]), torch.ones(1, D), N)
+        opt.step()
+    g = torch.randn(1, D)
+    p.grad = _sparse(torch.tensor([3]), g, N)
+    opt.step()
+    ref = nn.Parameter(torch.zeros(1, D))
+    ref_opt = torch.optim.AdamW([ref], lr=0.1, betas=(0.9, 0.99), weight_decay=0.0, foreach=False)
+    ref.grad = g.clone()
+    ref_opt.step()
+    assert torch.equal(p.data[3:4], ref.data)
+
+
+def test_dense_gradient_equals_torch_adamw():
+    torch.manual_seed(1)
+    init = torch.randn(6, 5)
+    a, b = nn.Parameter(init.clone()), nn.Parameter(init.clone())
+    opt_a = RowSparseAdamW([a], lr=1e-2, weight_decay=0.05)
+    opt_b = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.05, foreach=False)
+    for _ in range(5):
+        g = torch.randn(6, 5)
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    assert torch.equal(a.data, b.data)
+
+
+def test_uncoalesced_gradient_sums_duplicates():
+    N, D = 5, 3
+    p, q = nn.Parameter(torch.ones(N, D)), nn.Parameter(torch.ones(N, D))
+    rows = torch.tensor([[2, 2, 4]])
+    vals = torch.tensor([[1.0, 2, 3], [4, 5, 6], [7, 8, 9]])
+    p.grad = torch.sparse_coo_tensor(rows, vals, (N, D), check_invariants=True)  # not coalesced: row 2 twice
+    q.grad = torch.sparse_coo_tensor(rows, vals, (N, D), check_invariants=True).coalesce()
+    RowSparseAdamW([p], lr=0.1).step()
+    RowSparseAdamW([q], lr=0.1).step()
+    assert torch.equal(p.data, q.data)
+
+
+def test_row_sparse_adamw_rejects_bad_options():
+    with pytest.raises(ValueError, match="betas"):
+        RowSparseAdamW([nn.Parameter(torch.zeros(2, 2))], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="2-D"):
+        RowSparseAdamW([nn.Parameter(torch.zeros(3))])
+
+
+def test_param_groups_split_experts_norms_and_matrices():
+    model = build_model(get_preset("tiny-peer"))
+    groups = {g["name"]: g for g in param_groups(model, 1e-3, 0.1, expert_lr=5e-3)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
+    assert got["experts"] == ["blocks.0.ffn.w_down", "blocks.0.ffn.w_up"]
+    assert groups["experts"]["lr"] == 5e-3 and groups["experts"]["weight_decay"] == 0.0
+    assert "tok_emb.weight" in got["no_decay"] and "blocks.0.ffn.keys.keys" in got["no_decay"]
+    assert "blocks.0.attn_norm.weight" in got["no_decay"] and "blocks.0.ffn.norm.bias" in got["no_decay"]
+    assert "blocks.0.attn.qkv.weight" in got["decay"] and "blocks.0.ffn.query.weight" in got["decay"]
+    every = sorted(n for g in got.values() for n in g)
+    assert every == sorted(names.values())  # each parameter exactly once
+
+
+def test_pkm_values_are_expert_parameters():
+    model = build_model(get_preset("tiny-pkm"))
+    groups = {g["name"]: g for g in param_groups(model, 1e-3, 0.1)}
+    assert [p.shape for p in groups["experts"]["params"]] == [model.blocks[0].ffn.values.shape]
+
+
+def test_lr_factor_warmup_then_cosine_to_min():
+    total, warm = 100, 10
+    f = [lr_factor(s, total, warm, 0.1) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor(500, total, warm, 0.1) == pytest.approx(0.1)
+    assert lr_factor(0, 1, 0, 0.0) == pytest.approx(1.0)
+
+
+def test_clip_grad_norm_counts_dense_and_sparse_together():
+    torch.manual_seed(2)
+    a, b = nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.zeros(10, 3))
+    ga = torch.randn(4, 3)
+    rows, vals = torch.tensor([[1, 7, 1]]), torch.randn(3, 3)  # row 1 twice
+    a.grad = ga.clone()
+    b.grad = torch.sparse_coo_tensor(rows, vals, (10, 3), check_invariants=True)
+    dense_b = b.grad.to_dense()
+    expected = torch.cat([ga.flatten(), dense_b.flatten()]).norm().item()
+    norm = clip_grad_norm([a, b], max_norm=0.5)
+    assert norm == pytest.approx(expected, rel=1e-6)
+    assert b.grad.is_coalesced()  # scaled in place: the optimizer need not coalesce again
+    after = torch.cat([a.grad.flatten(), b.grad.to_dense().flatten()]).norm().item()
+    assert after == pytest.approx(0.5, rel=1e-5)
+    # the same scaling torch applies to dense gradients
+    c = nn.Parameter(torch.zeros(4, 3))
+    c.grad = ga.clone()
+    d = nn.Parameter(torch.zeros(10, 3))
+    d.grad = dense_b.clone()
+    torch.nn.utils.clip_grad_norm_([c, d], 0.5)
+    assert torch.allclose(a.grad, c.grad) and torch.allclose(b.grad.to_dense(), d.grad)
+
+
+def test_sparse_and_dense_optimizers_train_a_peer_model_alike():
+    """One step on a PEER model: sparse expert gradients + row-sparse AdamW == dense grads + AdamW
+    on the rows retrieved (every row retrieved in one step of a tiny model is touched once)."""
+    cfg = get_preset("tiny-peer")
+    torch.manual_seed(0)
+    dense_model = build_model(cfg)
+    sparse_model = build_model(cfg)
+    sparse_model.load_state_dict(dense_model.state_dict())
+    sparse_model.blocks[0].ffn.sparse_grad = True
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    opts = []
+    for model, sparse in ((dense_model, False), (sparse_model, True)):
+        opt = build_optimizer(model, 1e-2, 0.1, (0.9, 0.95), sparse_experts=sparse)
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opts.append(opt)
+    w_dense, w_sparse = dense_model.blocks[0].ffn.w_up, sparse_model.blocks[0].ffn.w_up
+    assert not w_dense.grad.is_sparse and w_sparse.grad.is_sparse
+    rows = w_sparse.grad.coalesce().indices()[0]
+    assert 0 < rows.numel() < cfg.ffn.num_experts
+    # retrieved rows got the same update; under dense AdamW the others got exactly-zero grads -> unchanged
+    assert torch.allclose(w_dense.data[rows], w_sparse.data[rows], atol=1e-6)
+    assert torch.allclose(w_dense.data, w_sparse.data, atol=1e-6)
+    sd = opts[1].state_dict()
+    assert sd["kinds"] == ["AdamW", "RowSparseAdamW"]

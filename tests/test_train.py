@@ -1,0 +1,206 @@
+"""The training loop: loss drops, exact resume (in process and after a real SIGKILL), budgets, config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peerlm.config import apply_overrides, get_preset
+from peerlm.data import prepare
+from peerlm.flops import model_cost
+from peerlm.train import RunConfig, TrainConfig, TrainError, data_info, plan_steps, resolve_device, train
+
+WORDS = ("the cat sat on a mat and then it ran to the dog who was big or small but never late for "
+         "tea while birds sang songs of old kings").split()
+
+
+def write_text(path: Path, paragraphs: int = 80, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    paras = []
+    for _ in range(paragraphs):
+        start = rng.randrange(len(WORDS))  # runs of the word list: learnable structure
+        paras.append(" ".join(WORDS[(start + i + rng.randrange(2)) % len(WORDS)] for i in range(60)) + ".")
+    path.write_text("\n\n".join(paras))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    prepare([write_text(root / "text.txt")], root / "d", vocab_size=300, val_fraction=0.1, progress=False)
+    return root / "d"
+
+
+def make_run(data_dir: Path, preset: str = "tiny-peer", **train) -> RunConfig:
+    info = data_info(data_dir)
+    model = apply_overrides(get_preset(preset), [f"vocab_size={info['vocab_size']}"])
+    defaults = {"lr": 3e-3, "warmup": 2, "batch_size": 4, "max_steps": 10, "eval_every": 5, "eval_batches": 2,
+                "ckpt_every": 5, "seed": 0, "device": "cpu"}
+    return RunConfig(model, TrainConfig(**{**defaults, **train}), info)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            assert rec["step"] not in out, f"step {rec['step']} logged twice"
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run_dir / "checkpoints" / latest / "model.safetensors"))
+
+
+def test_tiny_run_loss_drops_and_writes_the_run_dir(data_dir, tmp_path):
+    run = make_run(data_dir, max_steps=30, eval_every=10, ckpt_every=10, keep=2)
+    summary = train(run, tmp_path / "r", progress=False, log=lambda s: None)
+    assert summary["step"] == 30 and summary["done"]
+    ls = losses(tmp_path / "r")
+    assert sum(list(ls.values())[-5:]) / 5 < sum(list(ls.values())[:5]) / 5 - 0.5
+    vals = summary["validations"]
+    assert [v["step"] for v in vals] == [10, 20, 30] and vals[-1]["val_loss"] < vals[0]["val_loss"]
+    assert 0 < vals[-1]["usage"]["blocks.0.ffn"]["usage"] <= 1  # usage logged for the PEER layer
+    for name in ("config.json", "tokenizer.json", "metrics.jsonl"):
+        assert (tmp_path / "r" / name).is_file()
+    saved = RunConfig.from_dict(json.loads((tmp_path / "r" / "config.json").read_text()))
+    assert saved == run
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("step_*")) == [
+        "step_00000020", "step_00000030"]
+
+
+@pytest.mark.parametrize("preset,extra", [
+    ("tiny-peer", {}),
+    ("tiny-peer", {"sparse_optimizer": True, "grad_accum": 2}),
+    ("tiny-pkm", {"grad_clip": 0.05}),
+])
+def test_resume_equals_uninterrupted_run(data_dir, tmp_path, preset, extra):
+    N = 6
+    run = make_run(data_dir, preset, max_steps=2 * N, eval_every=4, ckpt_every=3, **extra)
+    quiet = {"progress": False, "log": lambda s: None}
+    train(run, tmp_path / "a", **quiet)
+    first = train(run, tmp_path / "b", stop_at=N, **quiet)
+    assert first["step"] == N and not first["done"]
+    second = train(run, tmp_path / "b", resume=True, **quiet)
+    assert second["step"] == 2 * N and second["steps_this_call"] == N
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert list(la) == list(range(1, 2 * N + 1)) and la == lb  # exact float equality, every step
+    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(data_dir, tmp_path):
+    run = make_run(data_dir, max_steps=8, ckpt_every=4, eval_every=100)
+    quiet = {"progress": False, "log": lambda s: None}
+    train(run, tmp_path / "r", stop_at=6, **quiet)  # checkpoints at 4 and 6
+    ckpts = tmp_path / "r" / "checkpoints"
+    # as if killed after step 6's log lines but before its checkpoint
+    (ckpts / "latest").write_text("step_00000004\n")
+    train(run, tmp_path / "r", resume=True, **quiet)
+    assert list(losses(tmp_path / "r")) == list(range(1, 9))
+
+
+def test_existing_run_needs_resume(data_dir, tmp_path):
+    run = make_run(data_dir, max_steps=2)
+    train(run, tmp_path / "r", progress=False, log=lambda s: None)
+    with pytest.raises(TrainError, match="--resume"):
+        train(run, tmp_path / "r", progress=False, log=lambda s: None)
+
+
+def test_run_length_first_limit_reached(data_dir):
+    run = make_run(data_dir, max_steps=1000)
+    T = run.model.context_length
+    assert plan_steps(run) == (1000, "max_steps")
+    run.train = dataclasses.replace(run.train, max_tokens=7 * 4 * T + 5)
+    assert plan_steps(run) == (7, "max_tokens")
+    per_step = model_cost(run.model, T)["flops_train"] * 4 * T
+    run.train = dataclasses.replace(run.train, flops=3.5 * per_step)
+    assert plan_steps(run) == (3, "flops")
+    run.train = dataclasses.replace(run.train, flops=0.5 * per_step)
+    with pytest.raises(TrainError, match="less than one step"):
+        plan_steps(run)
+
+
+def test_train_config_validates():
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="betas"):
+        TrainConfig(betas=(0.9, 1.5))
+    with pytest.raises(ValueError, match="run length"):
+        TrainConfig(max_steps=None)
+    with pytest.raises(ValueError, match="dtype"):
+        TrainConfig(dtype="fp8")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size="8")
+    with pytest.raises(ValueError, match="cannot parse"):
+        apply_overrides(TrainConfig(), ["lr=fast"])
+    assert apply_overrides(TrainConfig(), ["betas=0.8,0.9", "expert_lr=none"]).betas == (0.8, 0.9)
+
+
+def test_device_decided_in_one_place():
+    dev, amp, why = resolve_device("cpu", "auto")
+    assert dev.type == "cpu" and amp is None and "fp32" in why
+    with pytest.raises(TrainError, match="CUDA only"):
+        resolve_device("cpu", "bfloat16")
+
+
+def _cli_train(data_dir: Path, out: Path, steps: int, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "peerlm.cli", "train", "--preset", "tiny-peer", "--data", str(data_dir),
+           "--out", str(out), "--max-steps", str(steps), "--quiet", "--set", "train.ckpt_every=10",
+           "--set", "train.eval_every=1000", "--set", "train.warmup=2", "--set", "train.batch_size=2",
+           "--set", "train.device=cpu"]
+    return cmd + (["--resume"] if resume else [])
+
+
+def test_sigkill_during_training_then_resume(data_dir, tmp_path):
+    """A real kill -9 of `peerlm train` (possibly mid-checkpoint), then `--resume`: the losses and final
+    weights equal those of an uninterrupted run of the same config."""
+    steps = 200
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(_cli_train(data_dir, tmp_path / "k", steps), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = tmp_path / "k" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= "step_00000030":
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"ended before the kill: {proc.stderr.read().decode()[-500:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(latest.read_text().strip().split("_")[1])
+    assert 30 <= killed_at < steps
+    done = subprocess.run(_cli_train(data_dir, tmp_path / "k", steps, resume=True), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-800:]
+    assert "resumed from" in done.stdout and f"step {steps}/{steps}" in done.stdout
+    run = RunConfig.from_dict(json.loads((tmp_path / "k" / "config.json").read_text()))
+    train(run, tmp_path / "ref", progress=False, log=lambda s: None)
+    assert losses(tmp_path / "k") == losses(tmp_path / "ref")
+    wa, wb = final_weights(tmp_path / "k"), final_weights(tmp_path / "ref")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_tensorboard_is_optional(data_dir, tmp_path):
+    logged = []
+    run = make_run(data_dir, max_steps=2, tensorboard=True)
+    train(run, tmp_path / "r", progress=False, log=logged.append)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert any("tensorboard is not installed" in line for line in logged)
+    else:
+        assert any((tmp_path / "r" / "tb").iterdir())
