@@ -188,6 +188,7 @@ class PKMConfig:
     dim_key: int = 512
     query_norm: str = "batchnorm"
     shared_keys: bool = False
+    sparse_grad: bool = False
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -183,9 +183,11 @@ class PKM(UsageTracking, nn.Module):
     """
 
     def __init__(self, dim: int, num_keys: int, heads: int = 8, topk: int = 32, dim_key: int = 512,
-                 query_norm: str = "batchnorm", shared_keys: bool = False, track_usage: bool = False):
+                 query_norm: str = "batchnorm", shared_keys: bool = False, track_usage: bool = False,
+                 sparse_grad: bool = False):
         super().__init__()
-        PKMConfig(num_keys, heads, topk, dim_key, query_norm, shared_keys)  # validates
+        PKMConfig(num_keys, heads, topk, dim_key, query_norm, shared_keys, sparse_grad)  # validates
+        self.sparse_grad = sparse_grad  # row-sparse COO gradient for `values` (read at every forward)
         self.dim, self.num_keys, self.heads, self.topk, self.dim_key = dim, num_keys, heads, topk, dim_key
         self.query_norm, self.shared_keys = query_norm, shared_keys
         self.query = nn.Linear(dim, heads * dim_key, bias=False)
@@ -233,7 +235,8 @@ class PKM(UsageTracking, nn.Module):
         if self.track_usage:
             self._accumulate_usage(ids_SHK, g_SHK)
         ids_SM, g_SM = ids_SHK.view(S, -1), g_SHK.view(S, -1)  # M = H*K slots, summed over heads
-        y_SD = F.embedding_bag(ids_SM, self.values, per_sample_weights=g_SM.to(self.values.dtype), mode="sum")
+        y_SD = F.embedding_bag(ids_SM, self.values, per_sample_weights=g_SM.to(self.values.dtype), mode="sum",
+                               sparse=self.sparse_grad)
         return y_SD.to(x.dtype).view(x.shape)
 
 
@@ -252,5 +255,6 @@ def build_ffn(cfg: DenseConfig | PEERConfig | MoEConfig | PKMConfig, dim: int, m
         return MoE(dim, mlp.hidden_size(dim), cfg.num_experts, cfg.topk, cfg.routing, cfg.capacity_factor,
                    mlp.activation, cfg.aux_loss_coef, cfg.z_loss_coef, out_scale)
     if isinstance(cfg, PKMConfig):
-        return PKM(dim, cfg.num_keys, cfg.heads, cfg.topk, cfg.dim_key, cfg.query_norm, cfg.shared_keys)
+        return PKM(dim, cfg.num_keys, cfg.heads, cfg.topk, cfg.dim_key, cfg.query_norm, cfg.shared_keys,
+                   sparse_grad=cfg.sparse_grad)
     raise ValueError(f"no feed-forward for config of type {type(cfg).__name__}")

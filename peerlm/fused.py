@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -77,6 +78,7 @@ class SampledDot(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout_RS):
         rows_RD, table_ND, ids_RS = ctx.saved_tensors
         R, S = ids_RS.shape
@@ -116,6 +118,7 @@ class PEERExperts(torch.autograd.Function):
         return y_TD.to(x_TD.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy_TD):
         x_TD, ids_TK, g_TK, z_TK, w_down, w_up = ctx.saved_tensors
         T, K = ids_TK.shape

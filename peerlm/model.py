@@ -149,6 +149,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", torch.empty(cfg.context_length, half), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.context_length, half), persistent=False)
         self.last_losses: dict[str, Tensor] = {}
+        if not self.rope_cos.is_meta:
+            self._init_rope()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -160,6 +162,11 @@ class Transformer(nn.Module):
         self.norm.reset_parameters()
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=D**-0.5)
+        self._init_rope()
+
+    @torch.no_grad()
+    def _init_rope(self) -> None:
+        """Rotary tables (non-persistent buffers: recomputed, never loaded from a checkpoint)."""
         Dh = self.cfg.head_dim
         inv_freq = self.cfg.rope_theta ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)  # (Dh/2,)
         pos = torch.arange(self.cfg.context_length, dtype=torch.float64)
@@ -216,7 +223,8 @@ class Transformer(nn.Module):
         if targets is None:
             self.last_losses = {}
             return logits_BTV, None
-        ce = F.cross_entropy(logits_BTV.view(-1, logits_BTV.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        ce = F.cross_entropy(logits_BTV.view(-1, logits_BTV.shape[-1]), targets.reshape(-1).long(),
+                             ignore_index=-1)
         aux = torch.zeros((), device=ce.device)
         if self.training:
             for block in self.blocks:

@@ -40,23 +40,27 @@ class RunningNorm(nn.Module):
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
 
-    def forward(self, x: Tensor) -> Tensor:  # (T, F) -> (T, F)
+    def forward(self, x_in: Tensor) -> Tensor:  # (T, F) -> (T, F), computed in the norm's own dtype
+        x = x_in.to(self.weight.dtype)
         y = (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps) * self.weight + self.bias
         if self.training and x.shape[0] > 1:
             with torch.no_grad():
                 var, mean = torch.var_mean(x.detach(), dim=0)
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var, self.momentum)
-        return y
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+        return y.to(x_in.dtype)
 
 
 class BatchNorm(nn.BatchNorm1d):
     """BatchNorm1d over (T, F) that tolerates a single token in training by using running stats."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x_in: Tensor) -> Tensor:  # computed in the norm's own dtype
+        x = x_in.to(self.weight.dtype)
         if self.training and x.shape[0] <= 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        return super().forward(x)
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        else:
+            y = super().forward(x)
+        return y.to(x_in.dtype)
 
 
 def make_query_norm(kind: str, num_features: int) -> nn.Module:

@@ -127,6 +127,9 @@ class RowSparseAdamW(torch.optim.Optimizer):
                 state = self._init_state(p)
                 grad = p.grad
                 if grad.is_sparse:
+                    if grad.sparse_dim() != 1:
+                        raise ValueError(f"RowSparseAdamW needs row-sparse gradients (sparse_dim 1), got "
+                                         f"sparse_dim {grad.sparse_dim()}; convert with grad.to_sparse(1)")
                     grad = grad.coalesce()
                     rows_U, grad_UD = grad.indices()[0], grad.values()
                     if rows_U.numel() == 0:
@@ -135,6 +138,14 @@ class RowSparseAdamW(torch.optim.Optimizer):
                     rows_U, grad_UD = None, grad
                 self._update(p, state, rows_U, grad_UD, g["lr"], beta1, beta2, g["eps"], g["weight_decay"])
         return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch keeps any state named "step" where it was loaded (it expects a scalar); ours is per row
+        # and must sit with its parameter, e.g. a CPU-loaded checkpoint resumed on CUDA
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(p.device)
 
     def _scratch(self, p: Tensor, name: str, rows: int, dtype: torch.dtype) -> Tensor:
         """A reusable (rows, ...) buffer for ``p``'s step: fresh (U, d) temporaries at every step cost
@@ -231,6 +242,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     row-sparse one; at the sizes trained here the optimizer is a small part of a step.
     """
     groups = param_groups(model, lr, weight_decay, expert_lr, expert_weight_decay)
+    # torch's AdamW rejects sparse gradients: a layer built with sparse_grad=True needs the row-sparse one
+    layers = model.memory_layers() if hasattr(model, "memory_layers") else []
+    sparse_experts = sparse_experts or any(getattr(m, "sparse_grad", False) for _, m in layers)
     sparse = [g for g in groups if sparse_experts and g["name"] == "experts"]
     dense = [g for g in groups if g not in sparse]
     opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(dense, lr=lr, betas=betas, eps=eps, foreach=False)]

@@ -21,7 +21,7 @@ Choices the paper leaves open (documented defaults):
   per-head keys).
 - init: u_i ~ N(0, 1/d) so that u_i . x has unit variance for unit-variance x; v_i ~ N(0, 1/d), which
   with softmax gates (summing to 1 per head) gives output RMS about sqrt(h * E[act(z)^2] / (k * d))
-  times the input RMS at init (0.01 for d=512, h=8, k=16, GELU): small next to the residual stream, as
+  times the input RMS at init (0.02 for d=512, h=8, k=16, GELU): small next to the residual stream, as
   for the down-scaled output projections of GPT-2. Sub-keys ~ N(0, 2/d_key), so that unit-variance
   normalised queries give unit-variance scores. Query projection: nn.Linear's default.
 
@@ -87,8 +87,10 @@ def peer_cost(dim: int, num_experts: int, heads: int = 8, topk: int = 16, dim_ke
 
     FLOPs count a multiply-add as 2. Retrieval is counted: query projection, sub-key scores of both
     halves over all n sub-keys, and the k x k candidate grid (one add each; the top-k compares are of
-    the same order and not counted). ``active_params`` counts what one token touches: the query
-    projection, every sub-key (all are scored), the norm's affine and h*k (u, v) pairs.
+    the same order and not counted). The fused path's differentiable re-scoring of the k winners
+    (2 h k d_key, under 2% of the sub-key scoring) is an implementation cost, not counted.
+    ``active_params`` counts what one token touches: the query projection, every sub-key (all are
+    scored), the norm's affine and h*k (u, v) pairs.
     """
     n = math.isqrt(num_experts)
     norm = 2 * heads * dim_key if query_norm != "none" else 0
@@ -149,9 +151,10 @@ class PEER(UsageTracking, nn.Module):
         self.keys = ProductKeys(num_experts, dim_key, heads, shared=shared_keys)
         self.w_down = nn.Parameter(torch.empty(num_experts, dim, **factory))  # rows u_i
         self.w_up = nn.Parameter(torch.empty(num_experts, dim, **factory))  # rows v_i
-        if device is not None:
-            self.norm.to(device)
-            self.keys.to(device)
+        given = {k: v for k, v in factory.items() if v is not None}
+        if given:
+            self.norm.to(**given)
+            self.keys.to(**given)
         self.usage_slots = num_experts
         self._init_usage(track_usage)
         self.reset_parameters()

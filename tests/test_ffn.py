@@ -215,6 +215,19 @@ def test_pkm_forward_equals_gather_reference_and_gradients_flow():
     torch.testing.assert_close(pkm(x), ref)
 
 
+def test_pkm_sparse_grad_equals_dense():
+    torch.manual_seed(6)
+    dense = PKM(D, num_keys=64, heads=2, topk=4, dim_key=8, query_norm="none")
+    sparse = PKM(D, num_keys=64, heads=2, topk=4, dim_key=8, query_norm="none", sparse_grad=True)
+    sparse.load_state_dict(dense.state_dict())
+    x = _x(S=12)
+    dense(x).square().sum().backward()
+    sparse(x).square().sum().backward()
+    assert sparse.values.grad.is_sparse and not dense.values.grad.is_sparse
+    torch.testing.assert_close(sparse.values.grad.to_dense(), dense.values.grad)
+    torch.testing.assert_close(sparse.query.weight.grad, dense.query.weight.grad)
+
+
 def test_pkm_usage_tracking():
     torch.manual_seed(6)
     pkm = PKM(D, num_keys=64, heads=2, topk=4, dim_key=8, track_usage=True).eval()

@@ -261,3 +261,11 @@ def test_per_kind_options_reach_the_layers():
     pkm_cfg = PKMConfig(num_keys=49, heads=1, topk=7, dim_key=4, shared_keys=True)
     pkm = _model(_cfg("tiny", ffn=pkm_cfg)).blocks[0].ffn
     assert pkm.values.shape == (49, 32) and pkm.keys.keys.shape == (1, 2, 7, 2)
+
+
+def test_model_built_directly_has_rotary_tables():
+    model = Transformer(get_preset("tiny"))  # no build_model: rotary buffers must still be filled
+    assert torch.isfinite(model.rope_cos).all() and model.rope_cos[0].eq(1).all()
+    idx = torch.randint(0, 10, (1, 4), dtype=torch.int32)
+    logits, loss = model(idx, idx)  # int32 ids and targets are accepted
+    assert torch.isfinite(logits).all() and torch.isfinite(loss)

@@ -179,3 +179,22 @@ def test_sparse_and_dense_optimizers_train_a_peer_model_alike():
     assert torch.allclose(w_dense.data, w_sparse.data, atol=1e-6)
     sd = opts[1].state_dict()
     assert sd["kinds"] == ["AdamW", "RowSparseAdamW"]
+
+
+def test_row_sparse_adamw_rejects_gradients_sparse_in_two_dims():
+    p = nn.Parameter(torch.zeros(4, 3))
+    p.grad = torch.eye(4, 3).to_sparse()  # sparse_dim 2: entries, not rows
+    with pytest.raises(ValueError, match="sparse_dim 1"):
+        RowSparseAdamW([p]).step()
+
+
+def test_sparse_grad_layers_get_the_row_sparse_optimizer_without_asking():
+    cfg = get_preset("tiny-peer")
+    cfg.ffn.sparse_grad = True
+    model = build_model(cfg)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))  # sparse_experts not set
+    idx = torch.randint(0, cfg.vocab_size, (2, 8))
+    model(idx, idx)[1].backward()
+    assert any(p.grad.is_sparse for p in model.expert_parameters())
+    opt.step()  # torch's AdamW alone would raise on the sparse gradients
+    assert any(isinstance(o, RowSparseAdamW) for o in opt.optimizers)

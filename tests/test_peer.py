@@ -294,3 +294,16 @@ def test_bad_config_fails_before_allocating():
     # these tables would need 32 GiB: an odd dim_key must fail before they are allocated
     with pytest.raises(ValueError, match="dim_key"):
         PEER(dim=4096, num_experts=1024**2, dim_key=127)
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "running"])
+def test_layer_cast_to_other_dtypes_runs(norm):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, SMALL["dim"])
+    bf16 = PEER(**SMALL, query_norm=norm).to(torch.bfloat16)
+    for layer in (bf16, PEER(**SMALL, query_norm=norm, dtype=torch.float64)):
+        dtype = layer.w_down.dtype
+        y = layer(x.to(dtype))
+        assert y.dtype == dtype and torch.isfinite(y.float()).all()
+        y.float().sum().backward()
+        assert layer.norm.weight.grad is not None
