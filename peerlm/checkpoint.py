@@ -23,8 +23,6 @@ tensor's name and shape, and raises ``CheckpointError`` with a one-line message 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import random
@@ -38,6 +36,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from peerlm.fileio import atomic_write_text, fsync_dir, sha256_file, umask
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "latest_checkpoint", "find_checkpoint", "list_checkpoints",
@@ -55,32 +55,9 @@ class CheckpointError(Exception):
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -88,23 +65,6 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (temp file in the same directory, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files should be like any other
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _encode(obj: Any, tensors: dict[str, Tensor], path: str) -> Any:
@@ -220,12 +180,12 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, model: nn.Module, c
         for f in ("model.safetensors", "state.safetensors"):
             _fsync_file(tmp / f)
         for f in _FILES:
-            os.chmod(tmp / f, 0o666 & ~_umask())
-        manifest = {"step": step, "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+            os.chmod(tmp / f, 0o666 & ~umask())
+        manifest = {"step": step, "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
                                             for f in _FILES}}
         _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())
-        _fsync_dir(tmp)
+        os.chmod(tmp, 0o777 & ~umask())
+        fsync_dir(tmp)
         final = root / name
         if final.exists():  # saving the same step again: move the old one aside first
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", suffix=".tmp", dir=root))
@@ -234,7 +194,7 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, model: nn.Module, c
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -300,7 +260,7 @@ def _verify(ckpt: Path) -> None:
         if size != files[name]["bytes"]:
             raise CheckpointError(f"{f} is truncated or corrupt ({size} bytes, expected "
                                   f"{files[name]['bytes']})")
-        if _sha256(f) != files[name]["sha256"]:
+        if sha256_file(f) != files[name]["sha256"]:
             raise CheckpointError(f"{f} is corrupt (sha256 does not match its manifest)")
 
 

@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from peerlm.checkpoint import atomic_write_text, latest_checkpoint
+from peerlm.checkpoint import latest_checkpoint
 from peerlm.config import apply_overrides, get_preset, to_dict
 from peerlm.data import EVAL_CORPORA, Corpus, DataError, prepare
 from peerlm.evaluate import evaluate_run
+from peerlm.fileio import atomic_write_text
 from peerlm.flops import model_cost
 from peerlm.model import build_model
 from peerlm.optim import build_optimizer
