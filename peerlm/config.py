@@ -56,7 +56,7 @@ def _check_choice(obj: Any, name: str, allowed: Iterable[str]) -> None:
         _fail(obj, name, f"must be one of {allowed}, got {value!r}")
 
 
-def _check_types(obj: Any) -> None:
+def check_types(obj: Any) -> None:
     """Type-check every field against its annotation (ints are accepted, and stored, as floats)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -82,6 +82,16 @@ def _check_square(obj: Any, name: str) -> int:
     return n
 
 
+def _check_product_keys(obj: Any, count: str) -> None:
+    """Retrieval fields shared by PEER and PKM: a square pool, heads >= 1, topk <= sqrt, even dim_key."""
+    n = _check_square(obj, count)
+    _check_positive(obj, "heads")
+    if not 1 <= obj.topk <= n:
+        _fail(obj, "topk", f"must be in [1, sqrt({count})={n}], got {obj.topk}", f"lower topk or raise {count}")
+    if obj.dim_key < 2 or obj.dim_key % 2:
+        _fail(obj, "dim_key", f"must be even and >= 2 (two query halves), got {obj.dim_key}")
+
+
 # ------------------------------------------------------------------------------------- feed-forwards
 
 
@@ -95,7 +105,7 @@ class DenseConfig:
     activation: str = "gelu"
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         if self.hidden is not None and self.hidden < 1:
             _fail(self, "hidden", f"must be >= 1 or None (default size), got {self.hidden}")
         _check_choice(self, "activation", MLP_ACTIVATIONS)
@@ -125,14 +135,8 @@ class PEERConfig:
     sparse_grad: bool = False
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        n = _check_square(self, "num_experts")
-        _check_positive(self, "heads")
-        if not 1 <= self.topk <= n:
-            _fail(self, "topk", f"must be in [1, sqrt(num_experts)={n}], got {self.topk}",
-                  "lower topk or raise num_experts")
-        if self.dim_key < 2 or self.dim_key % 2:
-            _fail(self, "dim_key", f"must be even and >= 2 (two query halves), got {self.dim_key}")
+        check_types(self)
+        _check_product_keys(self, "num_experts")
         _check_choice(self, "activation", PEER_ACTIVATIONS)
         _check_choice(self, "gate", GATES)
         _check_choice(self, "query_norm", QUERY_NORMS)
@@ -161,7 +165,7 @@ class MoEConfig:
     z_loss_coef: float = 1e-3
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         _check_positive(self, "num_experts")
         if not 1 <= self.topk <= self.num_experts:
             _fail(self, "topk", f"must be in [1, num_experts={self.num_experts}], got {self.topk}")
@@ -191,14 +195,8 @@ class PKMConfig:
     sparse_grad: bool = False
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        n = _check_square(self, "num_keys")
-        _check_positive(self, "heads")
-        if not 1 <= self.topk <= n:
-            _fail(self, "topk", f"must be in [1, sqrt(num_keys)={n}], got {self.topk}",
-                  "lower topk or raise num_keys")
-        if self.dim_key < 2 or self.dim_key % 2:
-            _fail(self, "dim_key", f"must be even and >= 2 (two query halves), got {self.dim_key}")
+        check_types(self)
+        _check_product_keys(self, "num_keys")
         _check_choice(self, "query_norm", QUERY_NORMS)
 
 
@@ -226,7 +224,7 @@ class ModelConfig:
     attn_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         _check_positive(self, "vocab_size", "context_length", "dim", "n_layers", "n_heads")
         if self.dim % self.n_heads:
             _fail(self, "dim", f"({self.dim}) must be divisible by n_heads ({self.n_heads})",

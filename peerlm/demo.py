@@ -33,9 +33,7 @@ from peerlm.data import EVAL_CORPORA, Corpus, DataError, prepare
 from peerlm.evaluate import evaluate_run
 from peerlm.fileio import atomic_write_text
 from peerlm.flops import model_cost
-from peerlm.model import build_model
-from peerlm.optim import build_optimizer
-from peerlm.train import RunConfig, TrainConfig, data_info, plan_steps, train
+from peerlm.train import RunConfig, TrainConfig, build_for_training, data_info, plan_steps, train
 
 __all__ = ["run_demo", "DEFAULT_FLOPS", "PRESETS"]
 
@@ -80,11 +78,7 @@ def calibrate(minutes: float, data: Path) -> float:
     for preset in PRESETS:
         cfg, t = _model(preset), recipe(1.0, preset.startswith("peer"))
         torch.manual_seed(0)
-        model = build_model(cfg)
-        for _, m in model.memory_layers():
-            if hasattr(m, "sparse_grad"):
-                m.sparse_grad = t.sparse_optimizer
-        opt = build_optimizer(model, t.lr, t.weight_decay, t.betas, sparse_experts=t.sparse_optimizer)
+        model, opt = build_for_training(cfg, t)
         times = []
         for step in range(4):
             x, y = ds.get_batch("train", t.batch_size, cfg.context_length, step, seed=123)
@@ -148,8 +142,7 @@ def format_comparison(flops: float, summaries: dict[str, dict], results: dict[st
         ra, rb = results[a][name], results[b].get(name)
         if rb is None:
             continue
-        label = "val" if name == "val" else name
-        lines.append(f"{label:<12}{ra['perplexity']:>11.2f}{ra['bits_per_byte']:>11.4f}{rb['perplexity']:>11.2f}"
+        lines.append(f"{name:<12}{ra['perplexity']:>11.2f}{ra['bits_per_byte']:>11.4f}{rb['perplexity']:>11.2f}"
                      f"{rb['bits_per_byte']:>11.4f}{rb['bits_per_byte'] - ra['bits_per_byte']:>+13.4f}")
     lines.append("")
     for preset in PRESETS:

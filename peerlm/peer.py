@@ -41,9 +41,9 @@ from torch import Tensor, nn
 from peerlm.fused import ACTIVATIONS, peer_experts
 from peerlm.norms import QUERY_NORMS, make_query_norm
 from peerlm.retrieval import ProductKeys
-from peerlm.usage import UsageTracking, usage_metrics
+from peerlm.usage import UsageTracking
 
-__all__ = ["PEER", "peer_cost", "usage_metrics"]
+__all__ = ["PEER", "peer_cost"]
 
 IMPLS = ("auto", "reference", "fused")
 GATES = ("softmax", "sigmoid")

@@ -26,16 +26,12 @@ split and records loss, perplexity, and usage / unevenness of every PEER and PKM
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-import types
-import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,42 +41,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from peerlm.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
-from peerlm.config import ModelConfig, from_dict, to_dict
+from peerlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from peerlm.config import ModelConfig, check_types, from_dict, to_dict
 from peerlm.data import TokenDataset
 from peerlm.evaluate import evaluate_tokens, memory_usage, tracking_usage
+from peerlm.fileio import atomic_write_bytes, atomic_write_text
 from peerlm.flops import model_cost
 from peerlm.model import Transformer, build_model
 from peerlm.optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
 
-__all__ = ["TrainConfig", "RunConfig", "TrainError", "resolve_device", "plan_steps", "train"]
+__all__ = ["TrainConfig", "RunConfig", "TrainError", "resolve_device", "plan_steps", "build_for_training", "train"]
 
 DTYPES = ("auto", "float32", "bfloat16")
 
 
 class TrainError(Exception):
     """A problem with a run a user can fix (its directory, budget or resume state)."""
-
-
-def _check_field_types(obj: Any) -> None:
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value, tp = getattr(obj, f.name), hints[f.name]
-        allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-        ok = False
-        for a in allowed:
-            if a is type(None):
-                ok |= value is None
-            elif a is float:
-                ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
-            elif a is int:
-                ok |= isinstance(value, int) and not isinstance(value, bool)
-            elif typing.get_origin(a) is tuple:
-                ok |= isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value)
-            else:
-                ok |= isinstance(value, a)
-        if not ok:
-            raise ValueError(f"TrainConfig.{f.name}: expected {tp}, got {type(value).__name__} {value!r}")
 
 
 @dataclass
@@ -113,7 +89,7 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_types(self)
         self.betas = tuple(float(b) for b in self.betas)
 
         def bad(name: str, rule: str) -> None:
@@ -294,9 +270,7 @@ def _prepare_run_dir(run: RunConfig, out: Path, resume: bool, log: Callable[[str
     atomic_write_text(out / "config.json", json.dumps(run.to_dict(), indent=2) + "\n")
     src = Path(run.data.get("dir", "")) / "tokenizer.json"
     if src.is_file() and not (out / "tokenizer.json").is_file():
-        tmp = out / ".tokenizer.json.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, out / "tokenizer.json")
+        atomic_write_bytes(out / "tokenizer.json", src.read_bytes())
     return ckpt
 
 
@@ -321,6 +295,18 @@ def _train_step(model: Transformer, opt: Any, params: list[torch.Tensor], ds: To
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss_sum / t.grad_accum, norm, factor
+
+
+def build_for_training(cfg: ModelConfig, t: TrainConfig, device: torch.device | str = "cpu") -> tuple[Transformer, Any]:
+    """The model and optimizer of a run. With ``sparse_optimizer`` every PEER/PKM layer gets row-sparse
+    table gradients, and so its tables get ``RowSparseAdamW``."""
+    model = build_model(cfg, device)
+    if t.sparse_optimizer:
+        for _, m in model.memory_layers():
+            m.sparse_grad = True
+    opt = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, t.expert_lr, t.expert_weight_decay,
+                          sparse_experts=t.sparse_optimizer)
+    return model, opt
 
 
 def _seed_everything(seed: int) -> None:
@@ -356,13 +342,7 @@ def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False,
     tokens_per_step = t.batch_size * t.grad_accum * T
 
     _seed_everything(t.seed)
-    model = build_model(cfg, device)
-    if t.sparse_optimizer:  # row-sparse table gradients wherever a memory layer offers them
-        for _, m in model.memory_layers():
-            if hasattr(m, "sparse_grad"):
-                m.sparse_grad = True
-    opt = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, t.expert_lr, t.expert_weight_decay,
-                          sparse_experts=t.sparse_optimizer)
+    model, opt = build_for_training(cfg, t, device)
     step, history, offset = 0, [], None
     if ckpt is not None:
         configured = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
