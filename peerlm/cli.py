@@ -92,7 +92,11 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         except ValueError as e:
             raise ValueError(f"--set {section}.*: {e}") from None
     limits = {"max_steps": args.max_steps, "max_tokens": args.max_tokens, "flops": args.flops}
-    if any(v is not None for v in limits.values()):
+    given = [f"--{k.replace('_', '-')}" for k, v in limits.items() if v is not None]
+    given += [f"--set train.{k}" for k in (s.split("=", 1)[0].strip() for s in train_sets) if k in limits]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} both set the run length; give one of them")
+    if given:  # the flag replaces whatever run length the preset, --set or the resumed run had
         train = dataclasses.replace(train, **limits)
     return RunConfig(model, train, data_info(data_dir)), notes
 
@@ -113,9 +117,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from peerlm.evaluate import evaluate_run, format_table, to_json
+    from peerlm.train import TrainError, resolve_device
 
+    try:
+        device, _, _ = resolve_device(args.device, "float32")
+    except (TrainError, RuntimeError) as e:
+        raise ValueError(f"--device {args.device}: {e}") from None
     results = evaluate_run(args.run, args.data, args.text or [], args.split, batch_size=args.batch_size,
-                           max_tokens=args.max_tokens)
+                           max_tokens=args.max_tokens, device=device)
     if not results:
         raise DataError("nothing to evaluate: the data directory has no held-out sets; pass --text FILE")
     print(to_json(results) if args.json else format_table(results, title=f"{args.run}"))
@@ -193,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="RUN", help="run directory")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--max-tokens", type=int, help="training tokens")
-    p.add_argument("--flops", type=float, help="training FLOP budget (3 x forward FLOPs per token)")
+    p.add_argument("--flops", type=float,
+                   help="training FLOP budget (peerlm.flops: 3 x forward per token, sub-key scoring 1 x)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a config field, e.g. model.dim=256 or train.lr=1e-3 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
@@ -211,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None,
                    help="evaluate only the first N tokens of each data set (cut at a document end)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a run", description="Sample a continuation.")

@@ -81,7 +81,7 @@ def calibrate(minutes: float, data: Path) -> float:
         model, opt = build_for_training(cfg, t)
         times = []
         for step in range(4):
-            x, y = ds.get_batch("train", t.batch_size, cfg.context_length, step, seed=123)
+            x, y = ds.train_batch(t.batch_size, cfg.context_length, step, seed=123)
             t0 = time.time()
             _, loss = model(x, y)
             loss.backward()

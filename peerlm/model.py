@@ -250,6 +250,13 @@ class Transformer(nn.Module):
             else:
                 yield m.values
 
+    def routing_parameters(self) -> Iterator[nn.Parameter]:
+        """What picks the experts of PEER and PKM layers: query projections, query norms, sub-keys."""
+        for _, m in self.memory_layers():
+            yield from m.query.parameters()
+            yield from m.norm.parameters()
+            yield from m.keys.parameters()
+
     def other_parameters(self) -> Iterator[nn.Parameter]:
         """Every parameter not in ``expert_parameters``."""
         experts = {id(p) for p in self.expert_parameters()}

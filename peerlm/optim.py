@@ -8,6 +8,13 @@ Parameter groups (``param_groups``):
 - ``experts``: PEER ``w_down``/``w_up`` and PKM ``values`` (``model.expert_parameters()``), with their
   own learning rate and ``expert_weight_decay`` (0 by default: a row is read by few tokens per batch,
   so a per-step decay would pull rarely retrieved experts to zero regardless of their use).
+- ``routing`` / ``routing_no_decay``: what decides which experts a token retrieves, i.e. the query
+  projections (decayed like other matrices) and the sub-keys and query-norm affines (not decayed) of
+  PEER and PKM layers (``model.routing_parameters()``), with their own learning rate. Adam moves every
+  element by about lr per step whatever its scale, and sub-keys start at std sqrt(2/d_key) (0.125 at
+  d_key 128): at a trunk LR of 2e-3 they travel their own scale in about 60 steps, and retrieval
+  collapses onto a fraction of the experts. A routing LR below the trunk's keeps the keys near their
+  well-spread init while the experts learn.
 
 ``RowSparseAdamW`` consumes the sparse COO gradients PEER produces with ``sparse_grad=True`` and
 touches only the U rows present: their m, v, parameter rows and a per-row step count, which gives each
@@ -49,24 +56,32 @@ def _is_no_decay(module: nn.Module, name: str, p: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, expert_lr: float | None = None,
-                 expert_weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """The three groups of the module docstring (empty groups are dropped); each carries ``name`` and
-    ``base_lr`` (the peak the schedule scales)."""
+                 expert_weight_decay: float = 0.0, routing_lr: float | None = None) -> list[dict[str, Any]]:
+    """The groups of the module docstring (empty groups are dropped); each carries ``name`` and
+    ``base_lr`` (the peak the schedule scales). ``expert_lr`` / ``routing_lr`` None: ``lr``."""
     experts = list(model.expert_parameters()) if hasattr(model, "expert_parameters") else []
-    expert_ids = {id(p) for p in experts}
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    seen: set[int] = set(expert_ids)
+    routing = {id(p) for p in model.routing_parameters()} if hasattr(model, "routing_parameters") else set()
+    buckets: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "routing": [], "routing_no_decay": []}
+    seen: set[int] = {id(p) for p in experts}
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            (no_decay if _is_no_decay(module, name, p) else decay).append(p)
+            no_decay = _is_no_decay(module, name, p)
+            if id(p) in routing:
+                buckets["routing_no_decay" if no_decay else "routing"].append(p)
+            else:
+                buckets["no_decay" if no_decay else "decay"].append(p)
     expert_lr = lr if expert_lr is None else expert_lr
+    routing_lr = lr if routing_lr is None else routing_lr
     groups = [
-        {"name": "decay", "params": decay, "lr": lr, "base_lr": lr, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0},
+        {"name": "decay", "params": buckets["decay"], "lr": lr, "base_lr": lr, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": buckets["no_decay"], "lr": lr, "base_lr": lr, "weight_decay": 0.0},
+        {"name": "routing", "params": buckets["routing"], "lr": routing_lr, "base_lr": routing_lr,
+         "weight_decay": weight_decay},
+        {"name": "routing_no_decay", "params": buckets["routing_no_decay"], "lr": routing_lr,
+         "base_lr": routing_lr, "weight_decay": 0.0},
         {"name": "experts", "params": [p for p in experts if p.requires_grad], "lr": expert_lr,
          "base_lr": expert_lr, "weight_decay": expert_weight_decay},
     ]
@@ -235,13 +250,13 @@ class GroupedOptimizer:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     eps: float = 1e-8, expert_lr: float | None = None, expert_weight_decay: float = 0.0,
-                    sparse_experts: bool = False) -> GroupedOptimizer:
+                    sparse_experts: bool = False, routing_lr: float | None = None) -> GroupedOptimizer:
     """torch AdamW on every group; with ``sparse_experts`` the expert group goes to ``RowSparseAdamW``.
 
     ``foreach=False`` keeps the dense update identical on every device count and comparable with the
     row-sparse one; at the sizes trained here the optimizer is a small part of a step.
     """
-    groups = param_groups(model, lr, weight_decay, expert_lr, expert_weight_decay)
+    groups = param_groups(model, lr, weight_decay, expert_lr, expert_weight_decay, routing_lr)
     # torch's AdamW rejects sparse gradients: a layer built with sparse_grad=True needs the row-sparse one
     layers = model.memory_layers() if hasattr(model, "memory_layers") else []
     sparse_experts = sparse_experts or any(getattr(m, "sparse_grad", False) for _, m in layers)

@@ -8,7 +8,8 @@ A run directory holds
     checkpoints/       step-numbered checkpoints (``peerlm.checkpoint``)
     tb/                TensorBoard events, with ``train.tensorboard`` (needs the tensorboard package)
 
-Reproducibility: batches are a pure function of (seed, step) (``TokenDataset.get_batch``), the LR is
+Reproducibility: batches are a pure function of (seed, step) (``TokenDataset.train_batch``: windows
+drawn without replacement within an epoch, ``epochs`` in the logs counts the passes), the LR is
 a function of the step, and a checkpoint carries weights, buffers (BatchNorm statistics), optimizer
 state and RNG states. Resuming from step k therefore gives bit-identical losses and parameters to an
 uninterrupted run on the same machine (tested); on CPU ``torch.use_deterministic_algorithms`` is on
@@ -35,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -61,20 +62,29 @@ class TrainError(Exception):
 
 @dataclass
 class TrainConfig:
-    """Optimisation and run-length settings; see the module docstring. ``expert_lr=None`` uses ``lr``."""
+    """Optimisation and run-length settings; see the module docstring.
+
+    Learning rates: ``lr`` is the trunk's peak; the expert tables (PEER ``w_down``/``w_up``, PKM
+    ``values``) train at ``expert_lr_ratio * lr`` and the routing (query projections, query norms,
+    sub-keys) at ``routing_lr_ratio * lr`` (``peerlm.optim``). Warmup is ``warmup`` steps when set,
+    else ``warmup_frac`` of the run. Run length: exactly one of ``max_steps``, ``max_tokens`` and
+    ``flops``; none has a default, so a budget is never cut short by a limit nobody set.
+    """
 
     lr: float = 1e-3
-    expert_lr: float | None = None
+    expert_lr_ratio: float = 1.0
+    routing_lr_ratio: float = 1.0
     weight_decay: float = 0.1
     expert_weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    warmup: int = 50
+    warmup: int | None = None
+    warmup_frac: float = 0.05
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1
-    max_steps: int | None = 1000
+    max_steps: int | None = None
     max_tokens: int | None = None
     flops: float | None = None
     eval_every: int = 100
@@ -88,6 +98,8 @@ class TrainConfig:
     log_every: int = 1
     tensorboard: bool = False
 
+    LIMITS: ClassVar[tuple[str, ...]] = ("max_steps", "max_tokens", "flops")
+
     def __post_init__(self) -> None:
         check_types(self)
         self.betas = tuple(float(b) for b in self.betas)
@@ -95,14 +107,16 @@ class TrainConfig:
         def bad(name: str, rule: str) -> None:
             raise ValueError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
 
-        for name in ("lr", "eps"):
+        for name in ("lr", "eps", "expert_lr_ratio", "routing_lr_ratio"):
             if not getattr(self, name) > 0:
                 bad(name, "> 0")
-        if self.expert_lr is not None and not self.expert_lr > 0:
-            bad("expert_lr", "> 0 or None (same as lr)")
-        for name in ("weight_decay", "expert_weight_decay", "grad_clip", "warmup", "ckpt_every"):
+        for name in ("weight_decay", "expert_weight_decay", "grad_clip", "ckpt_every"):
             if getattr(self, name) < 0:
                 bad(name, ">= 0")
+        if self.warmup is not None and self.warmup < 0:
+            bad("warmup", ">= 0 steps or None (use warmup_frac)")
+        if not 0 <= self.warmup_frac < 1:
+            bad("warmup_frac", "in [0, 1)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             bad("betas", "two numbers in [0, 1)")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -115,12 +129,25 @@ class TrainConfig:
                 bad(name, ">= 1 or None")
         if self.flops is not None and not self.flops > 0:
             bad("flops", "> 0 or None")
-        if self.max_steps is None and self.max_tokens is None and self.flops is None:
-            raise ValueError("TrainConfig needs a run length: set max_steps, max_tokens or flops")
+        given = [n for n in self.LIMITS if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"TrainConfig sets {' and '.join(given)}: give exactly one run length "
+                             "(max_steps, max_tokens or flops), set the others to none")
         if self.dtype not in DTYPES:
             bad("dtype", f"one of {DTYPES}")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             bad("device", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+    def limit(self) -> tuple[str, float]:
+        """(name, value) of the run length; TrainError when none is set."""
+        for name in self.LIMITS:
+            if getattr(self, name) is not None:
+                return name, getattr(self, name)
+        raise TrainError("no run length: set one of --max-steps, --max-tokens or --flops "
+                         "(or train.max_steps / train.max_tokens / train.flops)")
+
+    def warmup_steps(self, total: int) -> int:
+        return self.warmup if self.warmup is not None else round(self.warmup_frac * total)
 
 
 @dataclass
@@ -168,21 +195,20 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype |
 
 
 def plan_steps(run: RunConfig) -> tuple[int, str]:
-    """Number of optimizer steps and which limit sets it (the first of the limits reached)."""
+    """Number of optimizer steps and the limit that sets it (``TrainConfig.limit``)."""
     t, T = run.train, run.model.context_length
     tokens_per_step = t.batch_size * t.grad_accum * T
-    limits: dict[str, int] = {}
-    if t.max_steps is not None:
-        limits["max_steps"] = t.max_steps
-    if t.max_tokens is not None:
-        limits["max_tokens"] = t.max_tokens // tokens_per_step
-    if t.flops is not None:
-        limits["flops"] = int(t.flops // (model_cost(run.model, T)["flops_train"] * tokens_per_step))
-    name = min(limits, key=limits.get)
-    if limits[name] < 1:
+    name, value = t.limit()
+    if name == "max_steps":
+        steps = int(value)
+    elif name == "max_tokens":
+        steps = int(value // tokens_per_step)
+    else:
+        steps = int(value // (model_cost(run.model, T)["flops_train"] * tokens_per_step))
+    if steps < 1:
         raise TrainError(f"the {name} budget buys less than one step of {tokens_per_step:,} tokens; "
                          "raise it or lower batch_size / grad_accum / context_length")
-    return limits[name], name
+    return steps, name
 
 
 class MetricsLog:
@@ -276,25 +302,27 @@ def _prepare_run_dir(run: RunConfig, out: Path, resume: bool, log: Callable[[str
 
 def _train_step(model: Transformer, opt: Any, params: list[torch.Tensor], ds: TokenDataset, run: RunConfig,
                 step: int, total: int, device: torch.device,
-                autocast: Callable) -> tuple[float, float, float]:
+                autocast: Callable) -> tuple[float, float, float, float]:
     """One optimizer step (0-based ``step``), with accumulation and clipping.
 
-    Returns (mean loss over micro-batches, gradient norm before clipping, LR factor)."""
+    Returns (mean loss over micro-batches, its cross-entropy part (the loss less auxiliary router
+    losses), gradient norm before clipping, LR factor)."""
     t, T = run.train, run.model.context_length
     model.train()
-    factor = lr_factor(step, total, t.warmup, t.min_lr_ratio)
+    factor = lr_factor(step, total, t.warmup_steps(total), t.min_lr_ratio)
     set_lr(opt, factor)
-    loss_sum = 0.0
+    loss_sum = ce_sum = 0.0
     for micro in range(t.grad_accum):  # the batch is a function of (seed, step, micro): resumable
-        x, y = ds.get_batch("train", t.batch_size, T, step * t.grad_accum + micro, t.seed, device)
+        x, y = ds.train_batch(t.batch_size, T, step * t.grad_accum + micro, t.seed, device)
         with autocast():
             _, loss = model(x, y)
         (loss / t.grad_accum).backward()
         loss_sum += loss.item()
+        ce_sum += model.last_losses["ce"].item()
     norm = clip_grad_norm(params, t.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss_sum / t.grad_accum, norm, factor
+    return loss_sum / t.grad_accum, ce_sum / t.grad_accum, norm, factor
 
 
 def build_for_training(cfg: ModelConfig, t: TrainConfig, device: torch.device | str = "cpu") -> tuple[Transformer, Any]:
@@ -304,8 +332,9 @@ def build_for_training(cfg: ModelConfig, t: TrainConfig, device: torch.device | 
     if t.sparse_optimizer:
         for _, m in model.memory_layers():
             m.sparse_grad = True
-    opt = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, t.expert_lr, t.expert_weight_decay,
-                          sparse_experts=t.sparse_optimizer)
+    opt = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, t.lr * t.expert_lr_ratio,
+                          t.expert_weight_decay, sparse_experts=t.sparse_optimizer,
+                          routing_lr=t.lr * t.routing_lr_ratio)
     return model, opt
 
 
@@ -387,7 +416,7 @@ def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False,
         with _deterministic(device):
             while step < end:
                 t0 = time.time()
-                loss_val, norm, factor = _train_step(model, opt, params, ds, run, step, total, device,
+                loss_val, ce_val, norm, factor = _train_step(model, opt, params, ds, run, step, total, device,
                                                      autocast)
                 step += 1
                 if not math.isfinite(loss_val):
@@ -399,14 +428,16 @@ def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False,
                     recent = times[-20:]
                     eta = (end - step) * sum(recent) / len(recent)
                     lr = t.lr * factor
-                    rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm, "dt": dt,
+                    rec = {"step": step, "loss": loss_val, "ce": ce_val, "lr": lr, "grad_norm": norm, "dt": dt,
                            "tok_s": tokens_per_step / dt, "tokens": step * tokens_per_step,
+                           "epochs": ds.epochs_seen(step * tokens_per_step, T),
                            "flops": step * tokens_per_step * flops_per_token}
                     metrics.write(rec)
-                    log(f"step {step:>6}/{total} | loss {loss_val:.4f} | lr {lr:.2e} | dt {dt * 1000:.0f}ms "
-                        f"| tok/s {rec['tok_s']:,.0f} | eta {_fmt_time(eta)}")
+                    aux = f" (ce {ce_val:.4f})" if abs(loss_val - ce_val) > 1e-12 else ""
+                    log(f"step {step:>6}/{total} | loss {loss_val:.4f}{aux} | lr {lr:.2e} | dt {dt * 1000:.0f}ms "
+                        f"| tok/s {rec['tok_s']:,.0f} | ep {rec['epochs']:.2f} | eta {_fmt_time(eta)}")
                     if tb is not None:
-                        for k in ("loss", "lr", "grad_norm", "tok_s"):
+                        for k in ("loss", "ce", "lr", "grad_norm", "tok_s"):
                             tb.add_scalar(f"train/{k}", rec[k], step)
                 if step % t.eval_every == 0 or step == total:
                     run_validation(step)
@@ -420,6 +451,7 @@ def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False,
     elapsed = time.time() - start_time
     last = history[-1] if history else {}
     return {"step": step, "total_steps": total, "limit": limit, "tokens": step * tokens_per_step,
+            "epochs": ds.epochs_seen(step * tokens_per_step, T),
             "flops": step * tokens_per_step * flops_per_token, "seconds": elapsed,
             "steps_this_call": step - start_step, "val_loss": last.get("val_loss"),
             "val_ppl": last.get("val_ppl"), "validations": history, "done": step >= total}

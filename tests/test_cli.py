@@ -103,6 +103,12 @@ def test_user_errors_are_one_line(workspace, capsys, tmp_path):
     _error(capsys, ["train", "--preset", "tiny", "--data", d, "--out", out, "--set", "dim=3"], "model.dim")
     missing = str(tmp_path / "missing")
     _error(capsys, ["train", "--preset", "tiny", "--data", missing, "--out", out], "meta.json")
+    _error(capsys, ["train", "--preset", "tiny", "--data", d, "--out", out, "--flops", "1e9", "--max-steps", "3"],
+           "--max-steps and --flops")
+    _error(capsys, ["train", "--preset", "tiny", "--data", d, "--out", out, "--flops", "1e9",
+                    "--set", "train.max_steps=3"], "--flops and --set train.max_steps")
+    _error(capsys, ["train", "--preset", "tiny", "--data", d, "--out", out], "no run length")
+    _error(capsys, ["eval", r, "--device", "cuda:7"], "--device")
     _error(capsys, ["train", "--preset", "tiny", "--data", d, "--out", r, "--max-steps", "3"], "--resume")
     _error(capsys, ["train", "--preset", "tiny-peer", "--data", d, "--out", r, "--resume",
                     "--max-steps", "3"], "different model")

@@ -1,4 +1,4 @@
-"""TokenDataset batches and evaluation windows, encode_file, and the `data` command line."""
+"""TokenDataset batches (epoch-wise and random) and evaluation windows, encode_file, the `data` CLI."""
 
 from __future__ import annotations
 
@@ -52,6 +52,73 @@ def test_resumed_run_sees_the_same_batches(tmp_path: Path) -> None:
     )
 
 
+def _epoch_walk(ds: TokenDataset, batch_size: int, seq_len: int, steps: int, seed: int = 0) -> np.ndarray:
+    """The window starts of `steps` consecutive train batches (the data is arange, so x[:, 0])."""
+    starts = []
+    for step in range(steps):
+        x, y = ds.train_batch(batch_size, seq_len, step, seed=seed)
+        assert x.shape == y.shape == (batch_size, seq_len) and x.dtype == torch.int64
+        assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], x[:, :-1] + 1)  # contiguous windows, shifted
+        starts.append(x[:, 0].numpy())
+    return np.concatenate(starts)
+
+
+def test_train_batch_visits_every_window_once_per_epoch(tmp_path: Path) -> None:
+    n, T, B = 1000, 16, 8
+    ds = TokenDataset(make_dir(tmp_path, {"train": np.arange(n), "val": np.arange(10)}))
+    W = ds.windows_per_epoch(T)
+    assert W == n // T - 1 == 61 and W % B  # batches straddle epoch ends (e.g. step 7: windows 56..63)
+    starts = _epoch_walk(ds, B, T, steps=-(-3 * W // B))
+    offsets = set()
+    for e in range(3):
+        s = starts[e * W : (e + 1) * W]
+        offset = int(s.min())
+        assert 0 <= offset < T
+        offsets.add(offset)
+        assert sorted(s.tolist()) == list(range(offset, offset + W * T, T))  # each window once, stride T
+        assert s.max() + T + 1 <= n and s.tolist() != sorted(s.tolist())  # in bounds, and shuffled
+        targets = np.sort((s[:, None] + 1 + np.arange(T)).reshape(-1))
+        assert np.array_equal(targets, np.arange(offset + 1, offset + W * T + 1))  # every token a target once
+    assert len(offsets) > 1  # window boundaries move between epochs
+    assert ds.epochs_seen(W * T, T) == 1.0 and ds.epochs_seen(3 * W * T // 2, T) == 1.5
+
+
+def test_train_batch_is_a_pure_function_of_seed_and_step(tmp_path: Path) -> None:
+    d = make_dir(tmp_path, {"train": np.random.default_rng(0).integers(1, 60000, 3000), "val": np.arange(10)})
+    ds = TokenDataset(d)
+    walk = [ds.train_batch(4, 32, step, seed=5)[0] for step in range(60)]  # ~2.7 epochs of 90 windows
+    fresh = TokenDataset(d)  # a resumed run: new process, no cached permutation, starts mid-stream
+    for step in (47, 3, 59, 47):
+        assert torch.equal(fresh.train_batch(4, 32, step, seed=5)[0], walk[step])
+    assert torch.equal(ds.train_batch(4, 32, 3, seed=5)[0], walk[3])  # same call twice
+    assert not torch.equal(ds.train_batch(4, 32, 3, seed=6)[0], walk[3])
+    x, y = ds.train_batch(2, 8, 0, device="cpu")
+    assert x.device.type == "cpu" and x.shape == (2, 8)
+
+
+def test_train_batch_on_a_tiny_split(tmp_path: Path) -> None:
+    ds = TokenDataset(make_dir(tmp_path, {"train": np.arange(40), "val": np.arange(16)}))
+    assert ds.windows_per_epoch(16) == 1  # one window per epoch, at an offset in [0, 40 - 16)
+    starts = _epoch_walk(ds, batch_size=6, seq_len=16, steps=3)  # each batch spans 6 epochs
+    assert starts.min() >= 0 and starts.max() + 17 <= 40 and len(set(starts.tolist())) > 1
+    assert ds.epochs_seen(6 * 16, 16) == 6.0
+    with pytest.raises(DataError, match="need at least seq_len"):
+        ds.train_batch(2, 16, 0, split="val")
+    with pytest.raises(ValueError, match="step must be"):
+        ds.train_batch(2, 8, -1)
+
+
+def test_reads_format_1_and_refuses_newer(tmp_path: Path) -> None:
+    d = make_dir(tmp_path, {"train": np.arange(100), "val": np.arange(10)})
+    meta = json.loads((d / "meta.json").read_text())
+    for fmt in (1, 2):
+        (d / "meta.json").write_text(json.dumps({**meta, "format": fmt}))
+        assert TokenDataset(d).num_tokens("train") == 100
+    (d / "meta.json").write_text(json.dumps({**meta, "format": 99}))
+    with pytest.raises(DataError, match="format 99, newer"):
+        TokenDataset(d)
+
+
 def test_iter_eval_covers_every_target_once(tmp_path: Path) -> None:
     data = np.random.default_rng(1).integers(0, 60000, 1001)
     ds = TokenDataset(make_dir(tmp_path, {"train": np.arange(10), "val": data}))
@@ -100,6 +167,10 @@ def test_cli_prepare_with_only_text_and_out(
     assert n_bytes == len(text_file.read_bytes()) and ids.dtype == np.int64
     assert load_tokenizer(out).decode(ids.tolist()) == text_file.read_text("utf-8")
     assert "prepared" in capsys.readouterr().out
+    assert meta["split_by"] == "auto" and meta["sources"][0]["val_split"]["by"] == "tail"  # one file
+    out = tmp_path / "seg"
+    assert main_data(["data", "prepare", "--text", str(text_file), "--out", str(out), "--split-by", "segment"]) == 0
+    assert json.loads((out / "meta.json").read_text())["sources"][0]["val_split"]["by"] == "segment"
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

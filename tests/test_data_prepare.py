@@ -1,4 +1,4 @@
-"""User text reading, tokenizer round trip, and `prepare`: determinism, split, meta byte counts."""
+"""User text reading, tokenizer round trip, and `prepare`: determinism, the split modes, meta counts."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from peerlm.data import EOT, DataError, HFDataset, TextFiles, load_tokenizer, prepare, read_text_file
-from peerlm.data.prepare import split_documents, token_dtype, train_tokenizer
+from peerlm.data.prepare import (
+    FORMAT_VERSION,
+    MAX_DOC_SHARE,
+    _unit_hash,
+    resolve_split_by,
+    split_documents,
+    token_dtype,
+    train_tokenizer,
+)
 
 WORDS = [
     "the",
@@ -179,16 +187,87 @@ def test_prepare_is_deterministic_and_meta_counts_bytes(corpus_dir: Path, tmp_pa
     assert 0.05 * total < meta["splits"]["val"]["bytes"] < 0.2 * total
     assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] <= total
     assert _pieces(tmp_path / "a", "notes", meta) == [notes.read_text("utf-8")]
-    assert meta["sources"] == [{"kind": "text", "path": str(corpus_dir)}]
+    assert set(val) <= {t.strip() for t in sources_text}  # 31 documents: auto holds out whole ones
+    split = {"by": "document", "documents": 31, "val_documents": len(val),
+             "train_bytes": meta["splits"]["train"]["bytes"], "val_bytes": meta["splits"]["val"]["bytes"]}
+    assert meta["sources"] == [{"kind": "text", "path": str(corpus_dir), "val_split": split}]
+    assert meta["format"] == FORMAT_VERSION == 2 and meta["split_by"] == "auto"
 
 
-def test_split_depends_on_seed_not_on_order() -> None:
+@pytest.mark.parametrize("split_by", ["document", "tail", "segment"])
+def test_split_depends_on_seed_not_on_order(split_by: str) -> None:
     rng = random.Random(2)
     docs = [make_doc(rng) for _ in range(40)]
-    _, val0 = split_documents(docs, 0.2, seed=0, segment_chars=256)
-    _, val0_rev = split_documents(docs[::-1], 0.2, seed=0, segment_chars=256)
-    _, val1 = split_documents(docs, 0.2, seed=1, segment_chars=256)
-    assert sorted(val0) == sorted(val0_rev) and sorted(val0) != sorted(val1)
+    _, val0 = split_documents(docs, 0.2, seed=0, segment_chars=256, split_by=split_by)
+    _, val0_rev = split_documents(docs[::-1], 0.2, seed=0, segment_chars=256, split_by=split_by)
+    _, val1 = split_documents(docs, 0.2, seed=1, segment_chars=256, split_by=split_by)
+    assert sorted(val0) == sorted(val0_rev)
+    assert (sorted(val0) == sorted(val1)) == (split_by == "tail")  # tails do not depend on the seed
+
+
+def test_document_mode_never_splits_a_document() -> None:
+    rng = random.Random(4)
+    docs = [make_doc(rng, rng.randint(1, 12)) for _ in range(60)]
+    docs += [make_doc(rng, 150), docs[0], docs[1]]  # one large document, two exact duplicates
+    total = sum(len(d) for d in docs)
+    for seed in range(5):
+        train, val = split_documents(docs, 0.05, seed=seed, split_by="document")
+        assert sorted(train + val) == sorted(docs)  # every piece is one whole document
+        assert (docs[0] in val) == (docs[-2] in val) and (docs[1] in val) == (docs[-1] in val)
+        assert docs[-3] not in val  # over 4x the target share: never held out
+        held = sum(len(v) for v in val)
+        assert 0.05 * total <= held < 0.05 * total + max(len(v) for v in val)
+    with pytest.raises(DataError, match="no document is small enough"):
+        split_documents([make_doc(rng, 20) for _ in range(3)], 0.05, split_by="document")
+    assert MAX_DOC_SHARE * 0.05 < 1 / 3
+
+
+def test_tail_mode_holds_out_the_end_of_every_document() -> None:
+    rng = random.Random(5)
+    docs = [make_doc(rng, rng.randint(40, 120)) for _ in range(6)]
+    train, val = split_documents(docs, 0.05, split_by="tail")
+    assert len(train) == len(val) == len(docs)
+    for doc, head, tail in zip(docs, train, val):
+        cut = len(doc) - len(tail)
+        assert doc.startswith(head) and doc.endswith(tail) and doc[:cut].endswith("\n\n")  # a paragraph break
+        assert doc[len(head) : cut].strip() == ""  # nothing lost between them
+        assert 0.025 < len(tail) / len(doc) < 0.1
+    share = sum(len(t) for t in val) / sum(len(d) for d in docs)
+    assert 0.04 < share < 0.06
+
+
+def _write_docs(root: Path, docs: list[str]) -> Path:
+    root.mkdir(parents=True)
+    for i, d in enumerate(docs):
+        (root / f"d{i:03d}.txt").write_text(d, encoding="utf-8")
+    return root
+
+
+def test_auto_picks_per_source_and_records_it(tmp_path: Path) -> None:
+    rng = random.Random(6)
+    many = _write_docs(tmp_path / "many", [make_doc(rng, 3) for _ in range(25)])  # 25 short: by document
+    few = _write_docs(tmp_path / "few", [make_doc(rng, 40) for _ in range(3)])  # 3 long: their tails
+    skewed = _write_docs(tmp_path / "skewed", [make_doc(rng, 1) for _ in range(24)] + [make_doc(rng, 200)])
+    sources = [many, few, skewed]
+    assert [resolve_split_by([t for _, t in TextFiles(s).documents()], 0.1) for s in sources] == [
+        "document", "tail", "tail"]  # skewed: one document holds most of the text
+    assert resolve_split_by(["a"], 0.0, "document") == "none"
+    kw = dict(vocab_size=300, val_fraction=0.1, progress=False)
+    meta = prepare(sources, tmp_path / "a", **kw)
+    prepare(sources, tmp_path / "b", **kw)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    records = [s["val_split"] for s in meta["sources"]]
+    assert [r["by"] for r in records] == ["document", "tail", "tail"]
+    assert [r["documents"] for r in records] == [25, 3, 25] and records[1]["val_documents"] == 3
+    for r in records:  # each source gives about its own share
+        assert 0.05 < r["val_bytes"] / (r["train_bytes"] + r["val_bytes"]) < 0.2
+    assert sum(r["val_bytes"] for r in records) == meta["splits"]["val"]["bytes"]
+    val = _pieces(tmp_path / "a", "val", meta)
+    assert val == sorted(val, key=lambda p: (_unit_hash(0, p), p))  # sources mixed, in hash order
+    seg = prepare(sources, tmp_path / "c", split_by="segment", **kw)
+    assert [s["val_split"]["by"] for s in seg["sources"]] == ["segment"] * 3 and seg["split_by"] == "segment"
+    with pytest.raises(DataError, match="split_by must be one of"):
+        prepare(sources, tmp_path / "d", split_by="book", **kw)
 
 
 def test_tiny_inputs(tmp_path: Path) -> None:
@@ -198,10 +277,17 @@ def test_tiny_inputs(tmp_path: Path) -> None:
         prepare([one], tmp_path / "x", vocab_size=300, progress=False)
     meta = prepare([one], tmp_path / "y", vocab_size=300, val_fraction=0.0, progress=False)
     assert meta["splits"]["val"]["tokens"] == 0 and (tmp_path / "y" / "val.bin").stat().st_size == 0
+    assert meta["sources"][0]["val_split"]["by"] == "none"
     two = tmp_path / "two.txt"
     two.write_text("First paragraph here.\n\nSecond paragraph there.", encoding="utf-8")
-    train, val = split_documents([two.read_text()], 0.01, segment_chars=20)  # two segments
-    assert len(train) == 1 and len(val) == 1  # a non-empty validation split is always held out
+    for split_by in ("auto", "tail", "segment"):  # 1% of one short text: its last paragraph anyway
+        train, val = split_documents([two.read_text()], 0.01, segment_chars=20, split_by=split_by)
+        assert train == ["First paragraph here."] and val == ["Second paragraph there."]
+    with pytest.raises(DataError, match="one distinct document"):
+        split_documents([two.read_text()], 0.01, split_by="document")
+    # neither source gives 1% on its own: the larger one (two.txt) gives the validation text
+    meta = prepare([one, two], tmp_path / "z", vocab_size=300, progress=False)
+    assert [s["val_split"]["val_bytes"] for s in meta["sources"]] == [0, len("Second paragraph there.")]
 
 
 def test_prepare_errors(tmp_path: Path) -> None:
@@ -238,11 +324,12 @@ def test_hf_datasets_source(tmp_path: Path) -> None:
     loaded = HFDataset("text", data_files=str(f), cache_dir=str(tmp_path / "hf"))
     assert len(list(loaded.documents())) == 20
     meta = prepare([src, loaded], tmp_path / "out", vocab_size=300, val_fraction=0.1, progress=False)
-    assert meta["sources"][0] == {
+    assert {k: v for k, v in meta["sources"][0].items() if k != "val_split"} == {
         "kind": "hf",
         "name": "local",
         "config": None,
         "split": "train",
         "text_field": "body",
     }
+    assert meta["sources"][0]["val_split"]["by"] == "document"  # 20 rows
     assert meta["splits"]["train"]["tokens"] > 0

