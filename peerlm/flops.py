@@ -10,11 +10,16 @@ Conventions:
   compute unless they skip masked blocks); ``causal=True`` charges the average (T + 1) / 2 positions
   a causal token actually attends to.
 - Embedding lookup: 0 FLOPs; output head: 2 * D * V.
-- Training FLOPs per token = 3 x forward (backward costs about twice the forward).
+- Training FLOPs per token = 3 x forward (backward costs about twice the forward), except what
+  runs forward only: product-key retrieval (PEER, PKM) scores all n sub-keys without autograd and
+  re-scores only the k winners differentiably, so its sub-key scoring is charged once and the
+  re-scoring (2 h k d_key, the sampled dot products of both halves) three times.
 - PEER via ``peerlm.peer.peer_cost``; PKM the same way (query projection, sub-key scores over all n
   sub-keys of both halves, the candidate grid, and the gate-weighted sum of h*k value rows).
-- MoE: the router (2 * D * E) plus the experts a token uses: ``topk`` for token choice; for expert
-  choice the average ``capacity_factor`` experts per token (training-time routing).
+- MoE: the router (2 * D * E) plus the experts a token uses, each of ``expert_hidden`` units (default
+  the dense MLP's): ``topk`` for token choice (an upper bound in training, where capacity may drop
+  a few assignments); for expert choice the average ``capacity_factor`` experts per token (training
+  routing, which eval's thresholds match on average).
 - ``active_params``: what one token touches. Expert tables and memories count only the rows used
   (h*k for PEER/PKM, topk or capacity_factor experts for MoE); retrieval counts every sub-key (all are
   scored); the token embedding counts one row, the output head all V rows (a tied table: all of it).
@@ -29,7 +34,7 @@ from peerlm.peer import peer_cost
 
 __all__ = [
     "attention_cost", "dense_cost", "moe_cost", "pkm_cost", "ffn_cost", "model_cost",
-    "tokens_for_budget", "format_cost",
+    "tokens_for_budget", "format_cost", "retrieval_rescore_flops",
 ]
 
 
@@ -53,9 +58,11 @@ def dense_cost(dim: int, hidden: int, activation: str = "gelu") -> dict:
 
 
 def moe_cost(dim: int, hidden: int, activation: str, cfg: MoEConfig) -> dict:
-    """Router plus dense-sized experts; active experts per token as in the module docstring."""
-    expert = dense_cost(dim, hidden, activation)
-    per_token = cfg.topk if cfg.routing == "token" else cfg.capacity_factor
+    """Router plus the experts a token uses; active experts per token as in the module docstring.
+
+    ``hidden`` is the dense MLP's hidden size, each expert's unless ``cfg.expert_hidden`` is set."""
+    expert = dense_cost(dim, cfg.hidden_size(hidden), activation)
+    per_token = cfg.topk if cfg.routing == "token" else cfg.capacity()
     router = dim * cfg.num_experts
     active = router + per_token * expert["params"]
     flops = {"router": 2 * router, "experts": per_token * expert["flops"]["total"]}
@@ -131,6 +138,12 @@ def model_cost(cfg: ModelConfig, seq_len: int | None = None, causal: bool = Fals
         elif isinstance(ffn_cfg, PKMConfig):
             expert += ffn_cfg.num_keys * D
     forward = sum(p["flops"]["total"] for p in parts)
+    train = 3 * forward
+    for i in range(cfg.n_layers):
+        ffn_cfg = cfg.block_ffn(i)
+        if isinstance(ffn_cfg, (PEERConfig, PKMConfig)):
+            scoring = blocks[i]["ffn"]["flops"]["subkey_scores"]
+            train += -2 * scoring + 3 * retrieval_rescore_flops(ffn_cfg)
     return {
         "seq_len": T,
         "blocks": blocks,
@@ -141,12 +154,18 @@ def model_cost(cfg: ModelConfig, seq_len: int | None = None, causal: bool = Fals
         "active_params": sum(p["active_params"] for p in parts) + norms,
         "expert_params": expert,
         "flops_forward": forward,
-        "flops_train": 3 * forward,
+        "flops_train": train,
     }
 
 
+def retrieval_rescore_flops(cfg: PEERConfig | PKMConfig) -> int:
+    """Forward FLOPs per token of the differentiable re-scoring of the k retrieved keys of every head
+    (two half dot products of d_key / 2 each); not part of the forward count, which scores all keys."""
+    return 2 * cfg.heads * cfg.topk * cfg.dim_key
+
+
 def tokens_for_budget(cfg: ModelConfig, flops: float, seq_len: int | None = None) -> int:
-    """Training tokens a budget of ``flops`` buys at 3 x forward FLOPs per token."""
+    """Training tokens a budget of ``flops`` buys at ``flops_train`` per token."""
     if not flops > 0:
         raise ValueError(f"flops must be > 0, got {flops}")
     return int(flops // model_cost(cfg, seq_len)["flops_train"])
@@ -175,5 +194,6 @@ def format_cost(cfg: ModelConfig, seq_len: int | None = None) -> str:
     row("head", c["head"])
     row("total", {"params": c["params"], "active_params": c["active_params"],
                   "flops": {"total": c["flops_forward"]}})
-    rows.append(f"train FLOPs/token {_si(c['flops_train'])} (3 x forward, T = {c['seq_len']})")
+    rows.append(f"train FLOPs/token {_si(c['flops_train'])} (3 x forward, sub-key scoring 1 x; "
+                f"T = {c['seq_len']})")
     return "\n".join(rows)

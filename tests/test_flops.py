@@ -42,6 +42,9 @@ VARIANTS = [
     ("tiny-moe", {}),
     ("tiny-moe", {"mlp": DenseConfig(activation="swiglu"), "ffn": MoEConfig(num_experts=3, topk=2,
                                                                             routing="token")}),
+    ("tiny-moe", {"placement": "all", "ffn": MoEConfig(num_experts=16, topk=4, routing="token", expert_hidden=8)}),
+    ("tiny-moe", {"mlp": DenseConfig(activation="swiglu"), "ffn": MoEConfig(num_experts=8, capacity_factor=2.0,
+                                                                            expert_hidden=12)}),
     ("tiny-pkm", {}),
     ("tiny-pkm", {"tie_embeddings": False, "ffn": PKMConfig(num_keys=49, heads=1, topk=7, dim_key=4,
                                                             query_norm="none", shared_keys=True)}),
@@ -137,6 +140,26 @@ def test_moe_flops_equal_flop_counter(routing, topk, cf):
     assert cost["params"] == D * E + E * 2 * D * F
 
 
+@pytest.mark.parametrize("routing,topk,cf", [("token", 4, None), ("expert", 1, 4.0)])
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_fine_grained_moe_flops_and_params(routing, topk, cf, act):
+    """expert_hidden = F / G with G times the experts and G times topk (or capacity factor): the
+    parameters and FLOPs of the coarse MoE, and the FLOP counter agrees (Krajewski et al. 2024)."""
+    D, F, E, S, G = 16, 32, 4, 24, 4
+    mlp = DenseConfig(hidden=F, activation=act)
+    coarse = MoEConfig(E, topk // G if routing == "token" else 1, routing, cf and cf / G)
+    fine = MoEConfig(E * G, topk, routing, cf, expert_hidden=F // G)
+    moe = build_ffn(fine, D, mlp).train()
+    x = torch.randn(S, D)
+    cost, base = moe_cost(D, F, act, fine), moe_cost(D, F, act, coarse)
+    assert _counted(lambda: moe(x)) == S * cost["flops"]["total"]
+    assert sum(p.numel() for p in moe.parameters()) == cost["params"]
+    mats = 3 if act == "swiglu" else 2
+    assert cost["flops"]["experts"] == base["flops"]["experts"] == 2 * mats * D * F
+    assert cost["params"] - D * E * G == base["params"] - D * E == E * mats * D * F  # experts; routers differ
+    assert ffn_cost(fine, D, mlp) == cost
+
+
 def test_pkm_cost_by_hand():
     D = 32
     cfg = PKMConfig(num_keys=256, heads=2, topk=4, dim_key=16, shared_keys=False)
@@ -175,9 +198,13 @@ def test_active_params():
 
 
 def test_train_flops_and_budget():
-    cfg = get_preset("peer-small")
+    dense = model_cost(get_preset("dense-small"))
+    assert dense["flops_train"] == 3 * dense["flops_forward"]
+    cfg = get_preset("peer-small")  # sub-key scoring runs forward only: charged once, the re-scoring 3x
     c = model_cost(cfg)
-    assert c["flops_train"] == 3 * c["flops_forward"]
+    scoring = 2 * 8 * 128 * 128  # h * n * d_key multiply-adds over both halves
+    assert c["blocks"][1]["ffn"]["flops"]["subkey_scores"] == scoring
+    assert c["flops_train"] == 3 * c["flops_forward"] - 2 * scoring + 3 * 2 * 8 * 16 * 128
     assert tokens_for_budget(cfg, 1e15) == int(1e15 // c["flops_train"])
     assert tokens_for_budget(cfg, c["flops_train"] * 7) == 7
     with pytest.raises(ValueError, match="flops must be > 0"):
