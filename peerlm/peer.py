@@ -6,14 +6,18 @@ product keys (``peerlm.retrieval``), gates them with a softmax over its k scores
 are summed: f(x) = sum_h sum_{i in I_h} g_{h,i}(x) e_i(x). It is an MLP with h*k hidden neurons
 assembled per token.
 
-Three ways to compute the experts, behind ``impl=``:
+Four ways to compute the experts, behind ``impl=``:
 - ``"reference"``: the paper's Algorithm 1: gather u and v rows, einsum, act, gate, einsum. Keeps two
   (tokens, h, k, d) tensors for backward; the yardstick for the other paths.
 - ``"fused"``: ``peerlm.fused.PEERExperts``, a custom autograd function built on embedding-bag
   kernels: it never forms a (tokens, h, k, d) tensor, keeps O(tokens * h * k) for backward and re-reads
   rows there; dense or row-sparse table gradients. Retrieval runs its
   O(sqrt(N)) scoring without autograd and re-scores the k winners differentiably (same gradient).
-- ``"auto"``: the fastest correct path available (``"fused"`` on CPU and CUDA).
+- ``"triton"``: ``peerlm.kernels.peer_triton``, Triton kernels for CUDA (extra ``triton``, imported on
+  first use) with the fused path's gradients and retrieval; the table-gradient reduction is
+  deterministic by default, atomic with ``peerlm.kernels.set_triton_reduction("atomic")``.
+- ``"auto"``: the fastest correct path available: ``"triton"`` on CUDA when Triton imports, else
+  ``"fused"`` (always on CPU).
 
 Choices the paper leaves open (documented defaults):
 - activation GELU; d_key 128; query BatchNorm (``query_norm="running"`` is the causal-safe variant,
@@ -23,7 +27,9 @@ Choices the paper leaves open (documented defaults):
   with softmax gates (summing to 1 per head) gives output RMS about sqrt(h * E[act(z)^2] / (k * d))
   times the input RMS at init (0.02 for d=512, h=8, k=16, GELU): small next to the residual stream, as
   for the down-scaled output projections of GPT-2. Sub-keys ~ N(0, 2/d_key), so that unit-variance
-  normalised queries give unit-variance scores. Query projection: nn.Linear's default.
+  normalised queries give unit-variance scores. Query projection ~ N(0, 1/d), unit-variance queries
+  for unit-variance x (as PKM's), so that the scores, and hence the gate temperature, start alike
+  with and without the query norm.
 
 Shape legend: T tokens (leading dims flattened), D model dim, H heads, K top-k, Dk d_key,
 N experts, n = sqrt(N).
@@ -45,7 +51,7 @@ from peerlm.usage import UsageTracking
 
 __all__ = ["PEER", "peer_cost"]
 
-IMPLS = ("auto", "reference", "fused")
+IMPLS = ("auto", "reference", "fused", "triton")
 GATES = ("softmax", "sigmoid")
 _OPTIONS = (
     "heads", "topk", "dim_key", "activation", "gate", "query_norm", "impl", "sparse_grad",
@@ -123,7 +129,7 @@ class PEER(UsageTracking, nn.Module):
         activation: "gelu", "relu" or "silu".
         gate: "softmax" over each head's k scores (paper) or "sigmoid" of each score.
         query_norm: "batchnorm" (paper), "running" (causal-safe) or "none".
-        impl: "auto", "reference" or "fused".
+        impl: "auto", "reference", "fused" or "triton" (see the module docstring).
         sparse_grad: expert tables get row-sparse COO gradients holding only retrieved rows.
         shared_keys: one set of product keys for all heads (paper); False gives each head its own.
         track_usage: accumulate each expert's gate mass (see ``usage``).
@@ -168,7 +174,7 @@ class PEER(UsageTracking, nn.Module):
         std = self.dim**-0.5
         nn.init.normal_(self.w_down, std=std)
         nn.init.normal_(self.w_up, std=std)
-        self.query.reset_parameters()
+        nn.init.normal_(self.query.weight, std=std)
         self.keys.reset_parameters()
         if hasattr(self.norm, "reset_parameters"):  # BatchNorm also resets its running stats
             self.norm.reset_parameters()
@@ -215,7 +221,12 @@ class PEER(UsageTracking, nn.Module):
         return torch.sigmoid(scores_THK)
 
     def resolved_impl(self) -> str:
-        return "fused" if self.impl == "auto" else self.impl
+        """The path ``forward`` takes: ``impl``, with ``"auto"`` resolved for where the tables live."""
+        if self.impl != "auto":
+            return self.impl
+        from peerlm.kernels import triton_available  # Triton itself is only imported on CUDA
+
+        return "triton" if self.w_down.is_cuda and triton_available() else "fused"
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -227,10 +238,15 @@ class PEER(UsageTracking, nn.Module):
         g_THK = self._gates(scores_THK)
         if self.track_usage:
             self._accumulate_usage(ids_THK, g_THK)
+        T = x_TD.shape[0]
         if impl == "reference":
             y_TD = self._experts_reference(x_TD, ids_THK, g_THK)
+        elif impl == "triton":
+            from peerlm.kernels import peer_experts_triton  # imports Triton on first use
+
+            y_TD = peer_experts_triton(x_TD, ids_THK.view(T, -1), g_THK.view(T, -1), self.w_down, self.w_up,
+                                       self.activation, self.sparse_grad)
         else:
-            T = x_TD.shape[0]
             y_TD = peer_experts(x_TD, ids_THK.view(T, -1), g_THK.view(T, -1), self.w_down, self.w_up,
                                 self.activation, self.sparse_grad)
         return y_TD.view(x.shape)
