@@ -187,12 +187,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from peerlm.data.cli import add_parser as add_data_parser
+    from peerlm.study.cli import add_parser as add_study_parser
 
     parser = _Parser(prog="peerlm",
                      description="PEER (Mixture of A Million Experts) and baselines: small LMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_parser(sub)
+    add_study_parser(sub)
 
     p = sub.add_parser("train", help="train a model on a prepared data directory",
                        description="Train a preset on prepared data; the run directory gets config.json, "

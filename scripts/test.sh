@@ -3,5 +3,5 @@
 # pass pytest arguments through, e.g. `bash scripts/test.sh -m slow`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,hf,tensorboard
+bash scripts/setup.sh dev,hf,tensorboard,study
 exec .venv/bin/python -m pytest -q "$@"

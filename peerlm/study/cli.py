@@ -1,0 +1,77 @@
+"""`peerlm study ...`: the paper's comparisons, resumable from the committed records of finished runs.
+
+    peerlm study isoflop --plan                 # the runs still to do, with a time estimate from calibration
+    peerlm study isoflop                        # run them all (resumes; skips runs that have a record)
+    peerlm study isoflop --max-runs 1           # one run, e.g. to commit its record before the next
+    peerlm study isoflop --report               # summary.json, table.md and plots from the records
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from peerlm.study.design import BUDGETS, METHODS
+
+__all__ = ["add_parser"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a FLOP count such as 2e12, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a FLOP budget must be > 0, got {text}")
+    return value
+
+
+def _cmd_isoflop(args: argparse.Namespace) -> int:
+    from peerlm.study.isoflop import Study, main_log
+    from peerlm.study.report import write_report
+
+    study = Study(args.results, work=args.work, budgets=tuple(args.budget or BUDGETS),
+                  methods=tuple(args.method or METHODS), threads=args.threads, log=main_log)
+    if args.plan:
+        print(study.format_plan(calibrate=not args.no_calibrate))
+        return 0
+    if not args.report:
+        study.run(max_runs=args.max_runs, progress=not args.quiet)
+    if args.report or not study.pending():
+        for path in write_report(study):
+            print(f"wrote {path}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="reproduce the paper's comparisons (isoFLOP study)",
+                       description="Studies that reproduce the paper's comparisons, resumable from "
+                                   "their records.")
+    studies = p.add_subparsers(dest="study", required=True, metavar="STUDY")
+    q = studies.add_parser("isoflop", help="dense vs MoE vs fine-grained MoE vs PKM vs PEER at equal FLOPs",
+                           description="The isoFLOP study (the paper's Table 1): for each budget and "
+                                       "method a ladder of model sizes; see peerlm/study/design.py.")
+    q.add_argument("--results", default="results/isoflop", metavar="DIR",
+                   help="records and reports (default: results/isoflop)")
+    q.add_argument("--work", default=None, metavar="DIR",
+                   help="data and checkpoints (default: $PEERLM_CACHE/study/isoflop)")
+    q.add_argument("--budget", action="append", type=_budget, metavar="FLOPS",
+                   help=f"training FLOP budget (repeatable; default: {', '.join(f'{b:.0e}' for b in BUDGETS)})")
+    q.add_argument("--method", action="append", choices=METHODS, help="only these methods (repeatable)")
+    q.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads per run (default 1: step times comparable across runs)")
+    q.add_argument("--max-runs", type=_positive_int, default=None, help="stop after this many runs")
+    q.add_argument("--plan", action="store_true", help="print the runs still to do and an estimated time")
+    q.add_argument("--no-calibrate", action="store_true", help="with --plan: skip the timing of a few steps")
+    q.add_argument("--report", action="store_true", help="only write the reports from the records")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_isoflop)

@@ -1,0 +1,311 @@
+"""The isoFLOP study driver: decide the next run from the records present, train it, evaluate it, record it.
+
+Phases, in order; each later phase reads the choices of the earlier ones from the records:
+
+1. ``lr``: the dense model at the smaller budget on the second rung of its window, LR multiplier in
+   ``LR_MULTIPLIERS``; the best (lowest full-val loss) multiplier is used for every run after.
+2. ``expert-lr``: PEER and PKM at the same point, expert-table LR ratio in ``EXPERT_LR_RATIOS``;
+   each method keeps its best ratio.
+3. ``ladder``: every method at every budget over the initial window of sizes; while the best size of
+   a (budget, method) is at an end of what was run and a further size exists, the ladder grows.
+4. ``seed``: the compute-optimal model of every (budget, method) again with seed 1.
+5. ``optimizer``: the compute-optimal PEER model of the smaller budget with the row-sparse AdamW.
+
+A run is identified by ``RunSpec.run_id``; a finished run leaves ``runs/<run_id>.json`` (small,
+committed) under the results directory, and the driver skips runs that have one. Checkpoints live in
+the user cache (``$PEERLM_CACHE/study/isoflop/<run_id>``), so an interrupted run resumes from its last
+checkpoint with the exact losses of an uninterrupted one. Runs are chosen deterministically, so two
+machines working from the same records agree on the next one.
+
+Every run is evaluated on the whole validation split (it picks the compute-optimal models) and on
+the first ``EVAL_TOKENS`` tokens of each held-out set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peerlm.config import to_dict
+from peerlm.data import EVAL_CORPORA, TRAIN_CORPORA, Corpus, TokenDataset, cache_dir, prepare
+from peerlm.evaluate import evaluate_run
+from peerlm.fileio import atomic_write_text
+from peerlm.flops import model_cost
+from peerlm.study.design import (
+    BATCH,
+    BUDGETS,
+    CONTEXT,
+    EXPERT_LR_RATIOS,
+    LR_MULTIPLIERS,
+    METHODS,
+    SIZES,
+    VOCAB,
+    RunSpec,
+    initial_window,
+)
+from peerlm.train import RunConfig, build_for_training, data_info, plan_steps, train
+
+__all__ = ["Study", "EVAL_TOKENS"]
+
+EVAL_TOKENS = 65536
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}"
+
+
+class Study:
+    """The isoFLOP study over ``results`` (records, reports) and ``work`` (data, checkpoints)."""
+
+    def __init__(self, results: str | os.PathLike[str], work: str | os.PathLike[str] | None = None,
+                 budgets: tuple[float, ...] = BUDGETS, methods: tuple[str, ...] = METHODS, threads: int = 1,
+                 log: Callable[[str], None] = print):
+        self.results = Path(results)
+        self.work = Path(work) if work is not None else cache_dir() / "study" / "isoflop"
+        self.budgets, self.methods, self.threads, self.log = tuple(sorted(budgets)), tuple(methods), threads, log
+        if len(self.budgets) < 1 or any(not b > 0 for b in self.budgets):
+            raise ValueError(f"budgets must be positive FLOP counts, got {budgets}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"unknown methods {bad}; choose among {', '.join(METHODS)}")
+
+    # ------------------------------------------------------------------------------------- records
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.results / "runs"
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        if self.runs_dir.is_dir():
+            for f in sorted(self.runs_dir.glob("*.json")):
+                out[f.stem] = json.loads(f.read_text("utf-8"))
+        return out
+
+    @staticmethod
+    def val_loss(rec: dict[str, Any]) -> float:
+        return rec["eval"]["val"]["loss"]
+
+    # ---------------------------------------------------------------------------------- the plan
+
+    def choices(self, recs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The LR multiplier and expert ratios chosen so far (defaults where a sweep is unfinished)."""
+        b0 = self.budgets[0]
+        mid = initial_window(b0)[1]
+        lr_runs = [recs.get(RunSpec("lr", b0, "dense", mid, lr_mult=m).run_id) for m in LR_MULTIPLIERS]
+        lr_mult = 1.0
+        if all(lr_runs):
+            lr_mult = min(lr_runs, key=self.val_loss)["spec"]["lr_mult"]
+        ratios = {}
+        for method in ("pkm", "peer"):
+            rs = [recs.get(RunSpec("expert-lr", b0, method, mid, lr_mult, r).run_id) for r in EXPERT_LR_RATIOS]
+            ratios[method] = min(rs, key=self.val_loss)["spec"]["expert_ratio"] if all(rs) else 1.0
+        return {"lr_mult": lr_mult, "expert_ratio": ratios, "lr_done": all(lr_runs),
+                "expert_done": {m: all(recs.get(RunSpec("expert-lr", b0, m, mid, lr_mult, r).run_id)
+                                       for r in EXPERT_LR_RATIOS) for m in ("pkm", "peer")}}
+
+    def _ladder_spec(self, budget: float, method: str, size: str, ch: dict[str, Any], seed: int = 0) -> RunSpec:
+        return RunSpec("ladder" if seed == 0 else "seed", budget, method, size, ch["lr_mult"],
+                       ch["expert_ratio"].get(method, 1.0), seed)
+
+    def ladder(self, budget: float, method: str, recs: dict[str, dict[str, Any]],
+               ch: dict[str, Any]) -> tuple[list[RunSpec], str | None]:
+        """The ladder of (budget, method) as far as the records decide it, and its best size when
+        that best is bracketed (None while it is not, or while runs are missing)."""
+        names = [s.name for s in SIZES]
+        window = initial_window(budget)
+        lo, hi = names.index(window[0]), names.index(window[-1])
+        while True:
+            specs = [self._ladder_spec(budget, method, names[i], ch) for i in range(lo, hi + 1)]
+            done = [recs.get(s.run_id) for s in specs]
+            if not all(done):
+                return specs, None
+            best = min(range(len(done)), key=lambda i: self.val_loss(done[i]))
+            if best == 0 and lo > 0:
+                lo -= 1
+            elif best == len(done) - 1 and hi < len(names) - 1:
+                hi += 1
+            else:
+                return specs, specs[best].size
+
+    def plan(self, recs: dict[str, dict[str, Any]] | None = None) -> Iterator[RunSpec]:
+        """Every run the study needs as far as the records decide, in the order they will run."""
+        recs = self.records() if recs is None else recs
+        b0 = self.budgets[0]
+        mid = initial_window(b0)[1]
+        ch = self.choices(recs)
+        if "dense" in self.methods:
+            for m in LR_MULTIPLIERS:
+                yield RunSpec("lr", b0, "dense", mid, lr_mult=m)
+        for method in ("peer", "pkm"):
+            if method in self.methods:
+                for r in EXPERT_LR_RATIOS:
+                    yield RunSpec("expert-lr", b0, method, mid, ch["lr_mult"], r)
+        best: dict[tuple[float, str], str | None] = {}
+        for budget in self.budgets:
+            for method in self.methods:
+                specs, best[budget, method] = self.ladder(budget, method, recs, ch)
+                yield from specs
+        for (budget, method), sz in best.items():
+            if sz is not None:
+                yield self._ladder_spec(budget, method, sz, ch, seed=1)
+        if "peer" in self.methods and best.get((b0, "peer")):
+            yield self._ladder_spec(b0, "peer", best[b0, "peer"], ch).with_(phase="optimizer", sparse_optimizer=True)
+
+    def pending(self) -> list[RunSpec]:
+        recs = self.records()
+        seen, out = set(), []
+        for spec in self.plan(recs):
+            if spec.run_id not in recs and spec.run_id not in seen:
+                seen.add(spec.run_id)
+                out.append(spec)
+        return out
+
+    # ---------------------------------------------------------------------------------- running
+
+    def data_dir(self) -> Path:
+        """The study's prepared data (default training text, 1024-token BPE), prepared once."""
+        d = self.work.parent / f"data-v{VOCAB}"
+        if not (d / "meta.json").is_file():
+            self.log(f"study: preparing {'+'.join(TRAIN_CORPORA)} with a {VOCAB}-token BPE into {d}")
+            prepare([Corpus(n) for n in TRAIN_CORPORA], d, vocab_size=VOCAB, eval_sets=list(EVAL_CORPORA),
+                    progress=False)
+        return d
+
+    def run_config(self, spec: RunSpec, data: Path) -> RunConfig:
+        return RunConfig(spec.model(), spec.train(), data_info(data))
+
+    def run_one(self, spec: RunSpec, progress: bool = False) -> dict[str, Any]:
+        """Train (or resume) and evaluate one run, write its record atomically, and return it."""
+        torch.set_num_threads(self.threads)
+        data = self.data_dir()
+        run = self.run_config(spec, data)
+        out = self.work / spec.run_id
+        steps, _ = plan_steps(run)
+        self.log(f"study: {spec.phase} {spec.run_id}: {steps} steps")
+        t0 = time.time()
+        summary = train(run, out, resume=(out / "checkpoints").is_dir(), progress=progress,
+                        log=lambda s: None if s.startswith("step ") and "val" not in s else self.log(s))
+        wall = time.time() - t0
+        wall_total = self._step_seconds(out)
+        t1 = time.time()
+        results = evaluate_run(out, splits=["val"], batch_size=16)
+        held = [n for n in TokenDataset(data).splits if n in EVAL_CORPORA]
+        results.update(evaluate_run(out, splits=held, batch_size=16, max_tokens=EVAL_TOKENS))
+        cost = model_cost(run.model)
+        rec = {
+            "run_id": spec.run_id, "phase": spec.phase,
+            "spec": {"budget": spec.budget, "method": spec.method, "size": spec.size, "lr_mult": spec.lr_mult,
+                     "expert_ratio": spec.expert_ratio, "seed": spec.seed,
+                     "sparse_optimizer": spec.sparse_optimizer},
+            "model": to_dict(run.model), "train": to_dict(run.train),
+            "params": cost["params"], "active_params": cost["active_params"],
+            "expert_params": cost["expert_params"], "flops_train_per_token": cost["flops_train"],
+            "steps": summary["step"], "train_tokens": summary["tokens"], "flops": summary["flops"],
+            "epochs": summary["epochs"], "train_seconds": wall_total, "wall_seconds_last_call": wall,
+            "tokens_per_second": summary["tokens"] / max(wall_total, 1e-9),
+            "eval_seconds": time.time() - t1, "eval_tokens_heldout": EVAL_TOKENS,
+            "eval": {k: {f: v[f] for f in ("loss", "perplexity", "bits_per_byte", "tokens") if f in v}
+                     | ({"usage": v["usage"]} if v.get("usage") else {}) for k, v in results.items()},
+            "last_train_loss": self._last_loss(out),
+            "git_revision": _git_revision(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(), "threads": self.threads,
+        }
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.runs_dir / f"{spec.run_id}.json", json.dumps(rec, indent=1) + "\n")
+        self.log(f"study: done {spec.run_id}: val ppl {rec['eval']['val']['perplexity']:.2f}, "
+                 f"{rec['train_tokens']:,} tokens ({rec['epochs']:.2f} epochs) in {wall_total / 60:.1f} min")
+        return rec
+
+    @staticmethod
+    def _step_seconds(out: Path) -> float:
+        """Seconds spent in training steps over the whole run, interrupted calls included: the sum of
+        the per-step times in metrics.jsonl (truncated to the checkpoint on resume, so each step counts
+        once; validation and checkpoint writes are left out)."""
+        f = out / "metrics.jsonl"
+        recs = [json.loads(x) for x in f.read_text("utf-8").splitlines()] if f.is_file() else []
+        return sum(r["dt"] for r in recs if "dt" in r)
+
+    @staticmethod
+    def _last_loss(out: Path) -> float | None:
+        f = out / "metrics.jsonl"
+        recs = [json.loads(x) for x in f.read_text("utf-8").splitlines()] if f.is_file() else []
+        ce = [r["ce"] for r in recs if "ce" in r]
+        return ce[-1] if ce else None
+
+    def run(self, max_runs: int | None = None, progress: bool = False) -> int:
+        """Run pending runs in plan order (at most ``max_runs``); returns how many were run."""
+        count = 0
+        while max_runs is None or count < max_runs:
+            pending = self.pending()
+            if not pending:
+                self.log("study: every planned run has a record")
+                break
+            self.run_one(pending[0], progress)
+            count += 1
+        return count
+
+    # -------------------------------------------------------------------------------- estimates
+
+    def calibrate(self, steps: int = 3) -> dict[tuple[str, str], float]:
+        """Seconds per training step of every (method, size) the plan uses, from ``steps`` timed steps."""
+        torch.set_num_threads(self.threads)
+        out: dict[tuple[str, str], float] = {}
+        for spec in self.pending():
+            key = (spec.method, spec.size)
+            if key in out:
+                continue
+            model, opt = build_for_training(spec.model(), spec.train())
+            x = torch.randint(0, VOCAB, (BATCH, CONTEXT))
+            times = []
+            for _ in range(steps + 1):
+                t0 = time.time()
+                _, loss = model(x, x)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                times.append(time.time() - t0)
+            out[key] = sorted(times[1:])[len(times[1:]) // 2]
+        return out
+
+    def format_plan(self, calibrate: bool = True) -> str:
+        pending = self.pending()
+        per_step = self.calibrate() if calibrate and pending else {}
+        lines = [f"{'phase':<10}{'run':<36}{'params':>10}{'tokens':>12}{'steps':>7}{'est. min':>10}"]
+        total = 0.0
+        for spec in pending:
+            cfg = spec.model()
+            c = model_cost(cfg)
+            steps = int(spec.budget // (c["flops_train"] * BATCH * CONTEXT))
+            est = steps * per_step.get((spec.method, spec.size), float("nan")) / 60
+            total += est if est == est else 0.0
+            lines.append(f"{spec.phase:<10}{spec.run_id:<36}{c['params'] / 1e6:>9.2f}M"
+                         f"{steps * BATCH * CONTEXT:>12,}{steps:>7}{est:>10.1f}")
+        done = len(self.records())
+        lines.append(f"{len(pending)} runs to go ({done} recorded); estimated {total / 60:.1f} h of training "
+                     f"at {self.threads} thread(s){'' if per_step else ' (not calibrated)'}; later phases "
+                     "(ladder extensions, seeds) appear as the records decide them")
+        return "\n".join(lines)
+
+
+def main_log(msg: str) -> None:
+    print(msg, file=sys.stdout, flush=True)

@@ -1,0 +1,240 @@
+"""Reports of the isoFLOP study, written from its run records alone (so anyone can redo them).
+
+- ``summary.json``: one record per (budget, method, eval set) of the compute-optimal models, with the
+  seed mean and spread (half the range over seeds) of perplexity and bits per byte.
+- ``table.md``: the paper's Table 1 layout (rows method x budget, columns held-out sets), each
+  method's ratio to dense, the comparison at equal wall time on this machine, the tuning sweeps and
+  every run.
+- ``isoflop.png``: validation perplexity against parameters (log x), one curve per method, one panel
+  per budget; ``walltime.png``: validation perplexity against training seconds, every ladder run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from peerlm.fileio import atomic_write_bytes, atomic_write_text
+from peerlm.study.design import METHODS
+
+__all__ = ["compute_optimal", "summary_records", "format_table", "write_report"]
+
+EVAL_ORDER = ("val", "wiki", "news", "fiction", "web")
+
+
+def _ladder_runs(recs: dict[str, dict[str, Any]], budget: float, method: str) -> list[dict[str, Any]]:
+    return [r for r in recs.values() if r["spec"]["budget"] == budget and r["spec"]["method"] == method
+            and r["spec"]["seed"] == 0 and not r["spec"]["sparse_optimizer"] and r["phase"] in ("ladder", "lr",
+                                                                                                "expert-lr")]
+
+
+def compute_optimal(study, recs: dict[str, dict[str, Any]]) -> dict[tuple[float, str], dict[str, Any]]:
+    """(budget, method) -> the records of its best ladder size, seed 0 first then other seeds, with
+    ``bracketed``: whether that best size has a smaller and a larger run beside it."""
+    ch = study.choices(recs)
+    out = {}
+    for budget in study.budgets:
+        for method in study.methods:
+            specs, best = study.ladder(budget, method, recs, ch)
+            done = [recs[s.run_id] for s in specs if s.run_id in recs]
+            if not done:
+                continue
+            if best is None:  # ladder unfinished: report the best so far, marked as such
+                best = min(done, key=study.val_loss)["spec"]["size"]
+            names = [s.size for s in specs]
+            seeds = [r for r in recs.values() if r["spec"]["budget"] == budget and r["spec"]["method"] == method
+                     and r["spec"]["size"] == best and not r["spec"]["sparse_optimizer"]
+                     and r["spec"]["lr_mult"] == ch["lr_mult"]
+                     and r["spec"]["expert_ratio"] == ch["expert_ratio"].get(method, 1.0)]
+            seeds.sort(key=lambda r: r["spec"]["seed"])
+            i = names.index(best)
+            out[budget, method] = {"size": best, "runs": seeds, "bracketed": 0 < i < len(names) - 1
+                                   and all(s.run_id in recs for s in specs), "ladder": done}
+    return out
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (max(values) - min(values)) / 2 if len(values) > 1 else float("nan")
+
+
+def summary_records(opt: dict[tuple[float, str], dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for (budget, method), o in sorted(opt.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]))):
+        first = o["runs"][0] if o["runs"] else min(o["ladder"], key=lambda r: r["eval"]["val"]["loss"])
+        for name in EVAL_ORDER:
+            runs = [r for r in (o["runs"] or [first]) if name in r["eval"]]
+            if not runs:
+                continue
+            ppl, ppl_spread = _mean_spread([r["eval"][name]["perplexity"] for r in runs])
+            bpb, bpb_spread = _mean_spread([r["eval"][name]["bits_per_byte"] for r in runs])
+            usage = runs[0]["eval"][name].get("usage", {})
+            rows.append({
+                "budget": budget, "method": method, "eval_set": name, "perplexity": ppl,
+                "perplexity_spread": ppl_spread, "bits_per_byte": bpb, "bits_per_byte_spread": bpb_spread,
+                "seeds": [r["spec"]["seed"] for r in runs], "size": o["size"], "bracketed": o["bracketed"],
+                "params": first["params"], "active_params": first["active_params"],
+                "train_tokens": first["train_tokens"], "epochs": first["epochs"],
+                "flops_train_per_token": first["flops_train_per_token"], "train_seconds": first["train_seconds"],
+                "eval_tokens": runs[0]["eval"][name]["tokens"],
+                "usage": {k: v["usage"] for k, v in usage.items()},
+                "unevenness": {k: v["unevenness"] for k, v in usage.items()},
+            })
+    return rows
+
+
+def _fmt(mean: float, spread: float) -> str:
+    return f"{mean:.2f}" if math.isnan(spread) else f"{mean:.2f} ± {spread:.2f}"
+
+
+def _equal_wall_time(recs: dict[str, dict[str, Any]], study) -> list[str]:
+    """For each budget: each method's best validation perplexity among its ladder runs that trained no
+    longer than the dense compute-optimal run did (on this machine, at the same thread count)."""
+    lines = []
+    opt = compute_optimal(study, recs)
+    for budget in study.budgets:
+        dense = opt.get((budget, "dense"))
+        if not dense or not dense["runs"]:
+            continue
+        limit = dense["runs"][0]["train_seconds"]
+        cells = []
+        for method in study.methods:
+            pool = [r for b in study.budgets for r in _ladder_runs(recs, b, method) if r["train_seconds"] <= limit]
+            if pool:
+                best = min(pool, key=lambda r: r["eval"]["val"]["loss"])
+                cells.append(f"{best['eval']['val']['perplexity']:.2f} ({best['spec']['size']}, "
+                             f"{best['spec']['budget']:.0e} FLOPs)")
+            else:
+                cells.append("no run that short")
+        lines.append(f"| {limit / 60:.1f} min (dense optimum at {budget:.0e}) | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    head = "| training time | " + " | ".join(study.methods) + " |"
+    return [head, "|" + "---|" * (len(study.methods) + 1), *lines]
+
+
+def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
+    from peerlm.study.isoflop import machine
+
+    opt = compute_optimal(study, recs)
+    rows = summary_records(opt)
+    by = {(r["budget"], r["method"], r["eval_set"]): r for r in rows}
+    revs = sorted({r["git_revision"] for r in recs.values()})
+    lines = ["# isoFLOP study: compute-optimal models at equal training FLOPs", "",
+             f"Command: `{command}`  ", f"Report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on "
+             f"{machine()}; runs at git revisions {', '.join(revs)}; {len(recs)} run records.", "",
+             "Perplexity (per token of the study's 1024-token BPE) of each method's compute-optimal model on the "
+             "whole validation split and on the first 65,536 tokens of each held-out set; ± is half the range "
+             "over seeds (where a second seed has finished). A size marked * is not yet bracketed by smaller "
+             "and larger runs.", "",
+             "| model (budget) | size | params | tokens (epochs) | " + " | ".join(EVAL_ORDER) + " |",
+             "|" + "---|" * (4 + len(EVAL_ORDER))]
+    for budget in study.budgets:
+        for method in study.methods:
+            r = by.get((budget, method, "val"))
+            if r is None:
+                continue
+            cells = [_fmt(by[budget, method, n]["perplexity"], by[budget, method, n]["perplexity_spread"])
+                     if (budget, method, n) in by else "" for n in EVAL_ORDER]
+            mark = "" if r["bracketed"] else "*"
+            lines.append(f"| {method} ({budget:.0e}) | {r['size']}{mark} | {r['params'] / 1e6:.2f}M | "
+                         f"{r['train_tokens'] / 1e6:.2f}M ({r['epochs']:.2f}) | " + " | ".join(cells) + " |")
+    lines += ["", "Ratio of perplexity to dense's at the same budget (the paper: PEER/dense 0.87 at 6e18, 0.90 at "
+              "2e19 on C4):", "", "| method (budget) | " + " | ".join(EVAL_ORDER) + " |",
+              "|" + "---|" * (1 + len(EVAL_ORDER))]
+    for budget in study.budgets:
+        for method in study.methods:
+            if method == "dense" or (budget, method, "val") not in by:
+                continue
+            cells = [f"{by[budget, method, n]['perplexity'] / by[budget, 'dense', n]['perplexity']:.3f}"
+                     if (budget, method, n) in by and (budget, "dense", n) in by else "" for n in EVAL_ORDER]
+            lines.append(f"| {method} ({budget:.0e}) | " + " | ".join(cells) + " |")
+    wall = _equal_wall_time(recs, study)
+    if wall:
+        lines += ["", "At equal training time on this machine (1 thread): best validation perplexity of any "
+                  "ladder run that trained no longer than dense's compute-optimal run:", "", *wall]
+    lines += ["", "## Every run", "",
+              "| phase | run | params | active | train FLOPs/token | tokens | epochs | val ppl | usage (unevenness) "
+              "| train min | tokens/s |", "|" + "---|" * 11]
+    for r in sorted(recs.values(), key=lambda r: (r["spec"]["budget"], METHODS.index(r["spec"]["method"]),
+                                                 r["params"], r["run_id"])):
+        usage = ", ".join(f"{u['usage']:.1%} ({u['unevenness']:.2f})"
+                          for u in r["eval"]["val"].get("usage", {}).values())
+        lines.append(f"| {r['phase']} | {r['run_id']} | {r['params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.3f}M | "
+                     f"{r['flops_train_per_token'] / 1e6:.2f}M | {r['train_tokens'] / 1e6:.2f}M | {r['epochs']:.2f} | "
+                     f"{r['eval']['val']['perplexity']:.2f} | {usage} | {r['train_seconds'] / 60:.1f} | "
+                     f"{r['tokens_per_second']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, axes = plt.subplots(1, len(study.budgets), figsize=(5.5 * len(study.budgets), 4.2), squeeze=False)
+    for ax, budget in zip(axes[0], study.budgets):
+        for method in study.methods:
+            runs = sorted(_ladder_runs(recs, budget, method), key=lambda r: r["params"])
+            runs = [r for r in runs if r["spec"]["lr_mult"] == study.choices(recs)["lr_mult"]
+                    and r["spec"]["expert_ratio"] == study.choices(recs)["expert_ratio"].get(method, 1.0)]
+            if runs:
+                ax.plot([r["params"] for r in runs], [r["eval"]["val"]["perplexity"] for r in runs], "o-",
+                        label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters (total)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_title(f"{budget:.0e} training FLOPs")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    written.append(_save(fig, out / "isoflop.png"))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for method in study.methods:
+        runs = [r for b in study.budgets for r in _ladder_runs(recs, b, method)]
+        if runs:
+            ax.scatter([r["train_seconds"] / 60 for r in runs], [r["eval"]["val"]["perplexity"] for r in runs],
+                       label=method, s=18)
+    ax.set_xscale("log")
+    ax.set_xlabel("training minutes on this machine (1 thread)")
+    ax.set_ylabel("validation perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    written.append(_save(fig, out / "walltime.png"))
+    plt.close("all")
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def write_report(study, command: str | None = None) -> list[Path]:
+    """Write summary.json, table.md and the plots under the study's results directory."""
+    recs = study.records()
+    if not recs:
+        raise ValueError(f"{study.runs_dir} holds no run records yet; run `peerlm study isoflop` first")
+    command = command or "peerlm " + " ".join(sys.argv[1:])
+    out = study.results
+    rows = summary_records(compute_optimal(study, recs))
+    meta = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "runs": len(recs), "git_revisions": sorted({r["git_revision"] for r in recs.values()}),
+            "machine": sorted({r["machine"] for r in recs.values()})}
+    atomic_write_text(out / "summary.json", json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
+    atomic_write_text(out / "table.md", format_table(study, recs, command))
+    return [out / "summary.json", out / "table.md", *_plots(study, recs, out)]
+
