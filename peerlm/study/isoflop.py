@@ -3,9 +3,10 @@
 Phases, in order; each later phase reads the choices of the earlier ones from the records:
 
 1. ``lr``: the dense model at the smaller budget on the second rung of its window, LR multiplier in
-   ``LR_MULTIPLIERS``; the best (lowest full-val loss) multiplier is used for every run after.
-2. ``expert-lr``: PEER and PKM at the same point, expert-table LR ratio in ``EXPERT_LR_RATIOS``;
-   each method keeps its best ratio.
+   ``LR_MULTIPLIERS``, extended along ``LR_GRID`` while the best (lowest full-val loss) is at an end;
+   that best multiplier is used for every run after.
+2. ``expert-lr``: PEER and PKM at the same point, expert-table LR ratio in ``EXPERT_LR_RATIOS``
+   (extended along ``RATIO_GRID`` likewise); each method keeps its best ratio.
 3. ``ladder``: every method at every budget over the initial window of sizes; while the best size of
    a (budget, method) is at an end of what was run and a further size exists, the ladder grows.
 4. ``seed``: the compute-optimal model of every (budget, method) again with seed 1.
@@ -46,8 +47,10 @@ from peerlm.study.design import (
     BUDGETS,
     CONTEXT,
     EXPERT_LR_RATIOS,
+    LR_GRID,
     LR_MULTIPLIERS,
     METHODS,
+    RATIO_GRID,
     SIZES,
     VOCAB,
     RunSpec,
@@ -107,21 +110,39 @@ class Study:
 
     # ---------------------------------------------------------------------------------- the plan
 
+    def _bracket(self, grid: tuple, first: tuple, make: Callable[[Any], RunSpec],
+                 recs: dict[str, dict[str, Any]]) -> tuple[list[RunSpec], Any]:
+        """Runs of a 1-D sweep over ``grid`` that starts at the values ``first`` and grows by one value
+        at the end where its best run lies, until the best has a neighbour on both sides (or the grid
+        ends). Returns the runs so far and the best value once that holds (None before)."""
+        lo, hi = grid.index(first[0]), grid.index(first[-1])
+        while True:
+            specs = [make(grid[i]) for i in range(lo, hi + 1)]
+            done = [recs.get(s.run_id) for s in specs]
+            if not all(done):
+                return specs, None
+            best = min(range(len(done)), key=lambda i: self.val_loss(done[i]))
+            if best == 0 and lo > 0:
+                lo -= 1
+            elif best == len(done) - 1 and hi < len(grid) - 1:
+                hi += 1
+            else:
+                return specs, grid[lo + best]
+
     def choices(self, recs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """The LR multiplier and expert ratios chosen so far (defaults where a sweep is unfinished)."""
+        """The sweeps' runs and their choices: the LR multiplier and each memory method's expert-table
+        LR ratio (1.0 while a sweep is unfinished)."""
         b0 = self.budgets[0]
         mid = initial_window(b0)[1]
-        lr_runs = [recs.get(RunSpec("lr", b0, "dense", mid, lr_mult=m).run_id) for m in LR_MULTIPLIERS]
-        lr_mult = 1.0
-        if all(lr_runs):
-            lr_mult = min(lr_runs, key=self.val_loss)["spec"]["lr_mult"]
-        ratios = {}
-        for method in ("pkm", "peer"):
-            rs = [recs.get(RunSpec("expert-lr", b0, method, mid, lr_mult, r).run_id) for r in EXPERT_LR_RATIOS]
-            ratios[method] = min(rs, key=self.val_loss)["spec"]["expert_ratio"] if all(rs) else 1.0
-        return {"lr_mult": lr_mult, "expert_ratio": ratios, "lr_done": all(lr_runs),
-                "expert_done": {m: all(recs.get(RunSpec("expert-lr", b0, m, mid, lr_mult, r).run_id)
-                                       for r in EXPERT_LR_RATIOS) for m in ("pkm", "peer")}}
+        lr_specs, lr_mult = self._bracket(LR_GRID, LR_MULTIPLIERS,
+                                          lambda m: RunSpec("lr", b0, "dense", mid, lr_mult=m), recs)
+        lr_mult = 1.0 if lr_mult is None else lr_mult
+        ratios, ratio_specs = {}, {}
+        for method in ("peer", "pkm"):
+            ratio_specs[method], best = self._bracket(
+                RATIO_GRID, EXPERT_LR_RATIOS, lambda r, m=method: RunSpec("expert-lr", b0, m, mid, lr_mult, r), recs)
+            ratios[method] = 1.0 if best is None else best
+        return {"lr_mult": lr_mult, "expert_ratio": ratios, "lr_specs": lr_specs, "ratio_specs": ratio_specs}
 
     def _ladder_spec(self, budget: float, method: str, size: str, ch: dict[str, Any], seed: int = 0) -> RunSpec:
         return RunSpec("ladder" if seed == 0 else "seed", budget, method, size, ch["lr_mult"],
@@ -131,35 +152,20 @@ class Study:
                ch: dict[str, Any]) -> tuple[list[RunSpec], str | None]:
         """The ladder of (budget, method) as far as the records decide it, and its best size when
         that best is bracketed (None while it is not, or while runs are missing)."""
-        names = [s.name for s in SIZES]
-        window = initial_window(budget)
-        lo, hi = names.index(window[0]), names.index(window[-1])
-        while True:
-            specs = [self._ladder_spec(budget, method, names[i], ch) for i in range(lo, hi + 1)]
-            done = [recs.get(s.run_id) for s in specs]
-            if not all(done):
-                return specs, None
-            best = min(range(len(done)), key=lambda i: self.val_loss(done[i]))
-            if best == 0 and lo > 0:
-                lo -= 1
-            elif best == len(done) - 1 and hi < len(names) - 1:
-                hi += 1
-            else:
-                return specs, specs[best].size
+        names = tuple(s.name for s in SIZES)
+        return self._bracket(names, tuple(initial_window(budget)),
+                             lambda sz: self._ladder_spec(budget, method, sz, ch), recs)
 
     def plan(self, recs: dict[str, dict[str, Any]] | None = None) -> Iterator[RunSpec]:
         """Every run the study needs as far as the records decide, in the order they will run."""
         recs = self.records() if recs is None else recs
         b0 = self.budgets[0]
-        mid = initial_window(b0)[1]
         ch = self.choices(recs)
         if "dense" in self.methods:
-            for m in LR_MULTIPLIERS:
-                yield RunSpec("lr", b0, "dense", mid, lr_mult=m)
+            yield from ch["lr_specs"]
         for method in ("peer", "pkm"):
             if method in self.methods:
-                for r in EXPERT_LR_RATIOS:
-                    yield RunSpec("expert-lr", b0, method, mid, ch["lr_mult"], r)
+                yield from ch["ratio_specs"][method]
         best: dict[tuple[float, str], str | None] = {}
         for budget in self.budgets:
             for method in self.methods:

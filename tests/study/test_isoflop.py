@@ -1,0 +1,198 @@
+"""The isoFLOP driver: what it plans from the records, that a run resumes and is recorded, the reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from peerlm.cli import main
+from peerlm.data import prepare
+from peerlm.flops import model_cost
+from peerlm.study import Study
+from peerlm.study.design import (
+    EXPERT_LR_RATIOS,
+    LR_MULTIPLIERS,
+    METHODS,
+    SIZES,
+    RunSpec,
+    initial_window,
+    model_config,
+    recipe,
+    size,
+)
+from peerlm.study.report import compute_optimal, summary_records, write_report
+from peerlm.train import RunConfig, data_info, plan_steps, train
+
+B0, B1 = 2e12, 8e12
+
+
+def fake_record(spec: RunSpec, loss: float, seconds: float = 60.0) -> dict:
+    cost = model_cost(spec.model())
+    ev = {name: {"loss": loss + d, "perplexity": math.exp(loss + d), "bits_per_byte": loss / 2, "tokens": 1000}
+          for name, d in (("val", 0.0), ("wiki", 0.3), ("news", 0.4), ("fiction", 0.2), ("web", 0.5))}
+    return {"run_id": spec.run_id, "phase": spec.phase,
+            "spec": {"budget": spec.budget, "method": spec.method, "size": spec.size, "lr_mult": spec.lr_mult,
+                     "expert_ratio": spec.expert_ratio, "seed": spec.seed, "sparse_optimizer": spec.sparse_optimizer},
+            "params": cost["params"], "active_params": cost["active_params"], "train_tokens": 10**6,
+            "epochs": 0.1, "flops_train_per_token": cost["flops_train"], "train_seconds": seconds,
+            "tokens_per_second": 10**6 / seconds, "eval": ev, "git_revision": "abc", "machine": "test"}
+
+
+def write(study: Study, spec: RunSpec, loss: float, seconds: float = 60.0) -> None:
+    study.runs_dir.mkdir(parents=True, exist_ok=True)
+    (study.runs_dir / f"{spec.run_id}.json").write_text(json.dumps(fake_record(spec, loss, seconds)))
+
+
+def finish_pending(study: Study, loss_of, phase: str | None = None, limit: int = 200) -> None:
+    """Give every pending run (of ``phase``) a record with the loss ``loss_of(spec)``, as runs would."""
+    for _ in range(limit):
+        pending = [s for s in study.pending() if phase is None or s.phase == phase]
+        if not pending:
+            return
+        write(study, pending[0], loss_of(pending[0]))
+    raise AssertionError("the plan did not converge")
+
+
+def test_methods_share_the_trunk_and_differ_in_the_middle_block():
+    sz = size("L4d96")
+    cfgs = {m: model_config(m, sz) for m in METHODS}
+    for m, cfg in cfgs.items():
+        assert (cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.context_length) == (96, 4, 1024, 128)
+        assert cfg.sparse_blocks() == ([] if m == "dense" else [1])
+    dense = model_cost(cfgs["dense"])["blocks"][1]["ffn"]
+    for m in ("moe", "moe-fine"):  # MoE costs what the MLP it replaces costs, plus its router
+        ffn = model_cost(cfgs[m])["blocks"][1]["ffn"]
+        assert ffn["flops"]["experts"] == dense["flops"]["total"]
+    peer, pkm = cfgs["peer"].ffn, cfgs["pkm"].ffn
+    assert (peer.dim_key, peer.shared_keys, peer.query_norm) == (pkm.dim_key, pkm.shared_keys, pkm.query_norm)
+    # the same recipe for every method except the tables' and the routing's LR ratios
+    base, mem = recipe("dense", sz, B0, 1.0, 3.0, 0), recipe("peer", sz, B0, 1.0, 3.0, 0)
+    assert base.expert_lr_ratio == 1.0 and mem.expert_lr_ratio == 3.0
+    assert {k: v for k, v in vars(base).items() if "ratio" not in k} == {
+        k: v for k, v in vars(mem).items() if "ratio" not in k}
+
+
+def test_initial_window_is_four_consecutive_sizes_around_the_rule_of_thumb():
+    names = [s.name for s in SIZES]
+    for budget in (B0, B1, 1e14):
+        w = initial_window(budget)
+        i = names.index(w[0])
+        assert w == names[i:i + 4]
+    assert names.index(initial_window(B1)[0]) >= names.index(initial_window(B0)[0])
+
+
+def test_sweeps_choose_the_best_and_later_runs_use_it(tmp_path):
+    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(B0, B1))
+    first = study.pending()
+    assert [s.phase for s in first[:3]] == ["lr"] * 3 and [s.lr_mult for s in first[:3]] == list(LR_MULTIPLIERS)
+    finish_pending(study, lambda s: 3.0 + 0.1 * abs(math.log2(s.lr_mult) - 1), phase="lr")
+    lr_runs = sorted(r["spec"]["lr_mult"] for r in study.records().values())
+    assert lr_runs == [0.5, 1.0, 2.0, 4.0]  # 2 was best at the end of the first sweep: 4 was added
+    assert study.choices(study.records())["lr_mult"] == 2.0
+    sweep = [s for s in study.pending() if s.phase == "expert-lr"]
+    assert {s.lr_mult for s in sweep} == {2.0} and sorted({s.expert_ratio for s in sweep}) == list(EXPERT_LR_RATIOS)
+    best = {"peer": 10.0, "pkm": 3.0}
+    finish_pending(study, lambda s: 3.0 + 0.01 * abs(math.log(s.expert_ratio / best[s.method])), phase="expert-lr")
+    ratios = {m: sorted(r["spec"]["expert_ratio"] for r in study.records().values() if r["spec"]["method"] == m)
+              for m in best}
+    assert ratios == {"peer": [1.0, 3.0, 10.0, 30.0], "pkm": [1.0, 3.0, 10.0]}
+    ch = study.choices(study.records())
+    assert ch["expert_ratio"] == {"peer": 10.0, "pkm": 3.0}
+    ladder = [s for s in study.pending() if s.phase == "ladder"]
+    assert {(s.method, s.expert_ratio) for s in ladder if s.method in ("peer", "pkm")} == {("peer", 10.0), ("pkm", 3.0)}
+    assert {s.lr_mult for s in ladder} == {2.0}
+
+
+def test_the_ladder_grows_until_its_best_is_bracketed_then_seeds_and_the_optimizer_pair(tmp_path):
+    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(B0,), methods=("dense", "peer"))
+    names = [s.name for s in SIZES]
+    start = names.index(initial_window(B0)[0])
+    optimum = start + 5  # past the initial window's top: the ladder must add two sizes
+
+    def loss(spec: RunSpec) -> float:
+        return 3.0 + 0.05 * (names.index(spec.size) - optimum) ** 2 + 0.01 * spec.seed
+
+    finish_pending(study, loss)
+    recs = study.records()
+    opt = compute_optimal(study, recs)
+    for method in ("dense", "peer"):
+        o = opt[B0, method]
+        assert o["size"] == names[optimum] and o["bracketed"]
+        assert [r["spec"]["seed"] for r in o["runs"]] == [0, 1]
+        ran = {r["spec"]["size"] for r in o["ladder"]}
+        assert names[optimum - 1] in ran and names[optimum + 1] in ran and names[optimum + 2] not in ran
+    assert any(r["spec"]["sparse_optimizer"] and r["spec"]["size"] == names[optimum] for r in recs.values())
+    assert study.pending() == []
+    rows = summary_records(opt)
+    val = [r for r in rows if r["eval_set"] == "val"]
+    assert {r["method"] for r in val} == {"dense", "peer"}
+    assert all(r["perplexity_spread"] > 0 and r["seeds"] == [0, 1] for r in val)
+    for key in ("budget", "method", "eval_set", "perplexity", "params", "active_params", "train_tokens"):
+        assert all(key in r for r in rows)
+
+
+def test_report_files_from_records(tmp_path):
+    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(B0,), methods=("dense", "moe"))
+    with pytest.raises(ValueError, match="no run records"):
+        write_report(study)
+    names = [s.name for s in SIZES]
+    finish_pending(study, lambda s: 3.0 + 0.05 * (names.index(s.size) - 2) ** 2 - 0.1 * (s.method == "moe"))
+    paths = write_report(study, command="peerlm study isoflop --report")
+    assert {p.name for p in paths} == {"summary.json", "table.md", "isoflop.png", "walltime.png"}
+    assert all(p.stat().st_size > 0 for p in paths)
+    table = (study.results / "table.md").read_text()
+    assert "| dense (2e+12) |" in table and "| moe (2e+12) |" in table
+    assert "peerlm study isoflop --report" in table
+    ratio = math.exp(-0.1)
+    assert f"| moe (2e+12) | {ratio:.3f} |" in table  # perplexity ratio to dense on val
+    summary = json.loads((study.results / "summary.json").read_text())
+    assert summary["meta"]["runs"] == len(study.records())
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    text = root / "t.txt"
+    words = "the cat sat on a mat and then it ran to the dog who was big or small".split()
+    text.write_text("\n\n".join(" ".join(words[(i + j) % len(words)] for j in range(50)) for i in range(300)))
+    prepare([text], root / "d", vocab_size=300, val_fraction=0.05, eval_sets={"wiki": text}, progress=False)
+    return root / "d"
+
+
+def test_a_run_trains_resumes_and_is_recorded_once(tmp_path, tiny_data):
+    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(3e10,), methods=("peer",), log=lambda s: None)
+    study.data_dir = lambda: tiny_data
+    spec = RunSpec("ladder", 3e10, "peer", "L1d48")
+    run = study.run_config(spec, tiny_data)
+    steps, _ = plan_steps(run)
+    assert steps >= 4
+    train(run, study.work / spec.run_id, stop_at=steps // 2, progress=False, log=lambda s: None)  # interrupted
+    rec = study.run_one(spec)
+    assert rec["steps"] == steps and rec["train_tokens"] == steps * 16 * 128
+    assert rec["eval"]["val"]["tokens"] > 0 and "wiki" in rec["eval"]
+    assert rec["eval"]["val"]["usage"]["blocks.0.ffn"]["usage"] > 0
+    assert rec["train_seconds"] > 0 and rec["epochs"] > 0
+    on_disk = json.loads((study.runs_dir / f"{spec.run_id}.json").read_text())
+    assert on_disk["eval"]["val"]["loss"] == rec["eval"]["val"]["loss"]
+    assert spec.run_id not in {s.run_id for s in study.pending()}  # a recorded run is not run again
+
+
+def test_cli_plan_and_bad_input(tmp_path, capsys):
+    assert main(["study", "isoflop", "--results", str(tmp_path / "r"), "--work", str(tmp_path / "w"),
+                 "--plan", "--no-calibrate", "--method", "dense"]) == 0
+    out = capsys.readouterr().out
+    assert "2e12_dense_L2d64_lr0.5_s0" in out and "runs to go" in out
+    assert main(["study", "isoflop", "--budget", "-1", "--plan"]) == 2
+    assert "budget must be > 0" in capsys.readouterr().err
+    assert main(["study", "isoflop", "--max-runs", "0"]) == 2
+    assert main(["study", "isoflop", "--results", str(tmp_path / "r"), "--report"]) == 2
+    assert "no run records" in capsys.readouterr().err
+
+
+def test_run_config_round_trips(tmp_path, tiny_data):
+    run = RunSpec("ladder", B0, "moe-fine", "L2d64").model()
+    cfg = RunConfig(run, recipe("moe-fine", size("L2d64"), B0, 1.0, 1.0, 0), data_info(tiny_data))
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
