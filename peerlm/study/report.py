@@ -131,6 +131,12 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
              "whole validation split and on the first 65,536 tokens of each held-out set; ± is half the range "
              "over seeds (where a second seed has finished). A size marked * is not yet bracketed by smaller "
              "and larger runs.", "",
+             "Conventions: FLOPs from `peerlm.flops` (a multiply-add is 2 FLOPs; attention is charged the full "
+             "context of 128 positions per token; the output head's 2 D V is counted, embedding lookups are "
+             "free; training = 3 x forward, except PEER/PKM sub-key scoring, which runs without autograd and is "
+             "charged once, its k-winner re-scoring 3 x). Every PEER and PKM table is trained by torch's dense "
+             "AdamW, as the trunk is, except in runs named `sparse` (the row-sparse, lazy AdamW). Training "
+             "seconds are the sum of step times at one CPU thread; validation and checkpoints are excluded.", "",
              "| model (budget) | size | params | tokens (epochs) | " + " | ".join(EVAL_ORDER) + " |",
              "|" + "---|" * (4 + len(EVAL_ORDER))]
     for budget in study.budgets:
