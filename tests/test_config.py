@@ -76,6 +76,16 @@ def test_paper_presets_match_the_paper():
     assert (moe.ffn.num_experts, moe.ffn.routing) == (128, "expert")
 
 
+@pytest.mark.parametrize("family", ["tiny", "small", "medium", "paper"])
+def test_pkm_and_peer_share_their_retrieval_settings(family):
+    """PKM and PEER presets differ in what a slot holds, not in how slots are found."""
+    name = (lambda k: f"tiny-{k}") if family == "tiny" else (
+        (lambda k: f"paper-{k}") if family == "paper" else (lambda k: f"{k}-{family}"))
+    peer, pkm = get_preset(name("peer")).ffn, get_preset(name("pkm")).ffn
+    assert (peer.dim_key, peer.shared_keys, peer.query_norm, peer.num_experts) == (
+        pkm.dim_key, pkm.shared_keys, pkm.query_norm, pkm.num_keys)
+
+
 def test_sparse_blocks():
     assert ModelConfig(n_layers=4, ffn=MoEConfig()).sparse_blocks() == [1]
     assert ModelConfig(n_layers=5, ffn=MoEConfig()).sparse_blocks() == [2]

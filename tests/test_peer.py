@@ -233,6 +233,17 @@ def test_init_scale_is_sane():
     assert layer.w_down.std().item() == pytest.approx(256**-0.5, rel=0.05)
 
 
+@pytest.mark.parametrize("query_norm", ["none", "batchnorm"])
+def test_queries_start_at_unit_variance_with_or_without_the_norm(query_norm):
+    """With unit-variance input the gate scores have about the same spread whether or not the query is
+    normalised (nn.Linear's default init gave 1/3 of the variance without the norm)."""
+    torch.manual_seed(0)
+    layer = PEER(dim=256, num_experts=64 * 64, heads=8, topk=16, dim_key=64, query_norm=query_norm).eval()
+    x = torch.randn(2048, 256)
+    q = layer.norm(layer.query(x))
+    assert q.var().item() == pytest.approx(1.0, rel=0.1)
+
+
 def test_meta_device_build_then_init():
     with torch.device("meta"):
         layer = PEER(**SMALL)

@@ -220,3 +220,33 @@ def test_tensorboard_is_optional(data_dir, tmp_path):
         assert any("tensorboard is not installed" in line for line in logged)
     else:
         assert any((tmp_path / "r" / "tb").iterdir())
+
+
+def test_metrics_record_epochs_and_the_cross_entropy_apart_from_router_losses(data_dir, tmp_path):
+    run = make_run(data_dir, "tiny-moe", max_steps=6, eval_every=100, ckpt_every=0)
+    run = dataclasses.replace(run, model=apply_overrides(run.model, ["ffn.routing=token", "ffn.topk=2"]))
+    train(run, tmp_path / "r", progress=False, log=lambda s: None)
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    from peerlm.data import TokenDataset
+
+    ds = TokenDataset(data_dir)
+    T = run.model.context_length
+    for r in steps:
+        assert r["loss"] > r["ce"] > 0  # token choice adds its load-balancing and z-losses
+        assert r["epochs"] == pytest.approx(r["tokens"] / (ds.windows_per_epoch(T) * T))
+
+
+def test_warmup_is_a_fraction_of_the_run_and_ratios_set_group_lrs(data_dir):
+    from peerlm.optim import lr_factor
+
+    t = TrainConfig(max_steps=400, warmup_frac=0.05)
+    assert t.warmup_steps(400) == 20 and TrainConfig(max_steps=400, warmup=7).warmup_steps(400) == 7
+    assert lr_factor(0, 400, t.warmup_steps(400), 0.1) == pytest.approx(1 / 20)
+    run = make_run(data_dir, "tiny-peer", lr=1e-3, expert_lr_ratio=3.0, routing_lr_ratio=0.1)
+    from peerlm.train import build_for_training
+
+    _, opt = build_for_training(run.model, run.train)
+    lrs = {g["name"]: g["base_lr"] for g in opt.param_groups}
+    assert lrs["decay"] == 1e-3 and lrs["experts"] == pytest.approx(3e-3)
+    assert lrs["routing"] == lrs["routing_no_decay"] == pytest.approx(1e-4)
