@@ -17,8 +17,14 @@ replaced atomically (temp file, fsync, ``os.replace``). A kill at any point leav
 checkpoint and pointer intact; a half-written directory is hidden and removed by the next save.
 Then all but the newest ``keep`` checkpoints are deleted.
 
-Loading checks the manifest (sizes and hashes), the model config against the one expected and every
-tensor's name and shape, and raises ``CheckpointError`` with a one-line message naming the problem.
+Loading checks the manifest entries of the files it reads (weights and config for ``load_weights``,
+everything for ``load_checkpoint``; so a damaged optimizer state does not stop evaluation), the model
+config against the one expected and every tensor's name and shape, and raises ``CheckpointError``
+with a one-line message naming the problem. A damaged checkpoint raises ``CheckpointDamaged``, which
+names the newest older checkpoint that is intact, for the caller to offer as the way out. A failed
+write raises ``CheckpointWriteError`` naming the path and the reason (disk full, read-only, ...).
+When ``latest`` names a checkpoint that is not there (a kill while re-saving that step), the newest
+complete one is used and the fallback is reported through ``notes``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -40,16 +47,52 @@ from torch import Tensor, nn
 from peerlm.fileio import atomic_write_text, fsync_dir, sha256_file, umask
 
 __all__ = [
-    "CheckpointError", "save_checkpoint", "latest_checkpoint", "find_checkpoint", "list_checkpoints",
-    "read_config", "load_weights", "load_checkpoint", "capture_rng", "restore_rng",
+    "CheckpointError", "CheckpointDamaged", "CheckpointWriteError", "save_checkpoint", "latest_checkpoint",
+    "find_checkpoint", "list_checkpoints", "checkpoint_step", "verify_checkpoint", "read_config",
+    "load_weights", "load_checkpoint", "capture_rng", "restore_rng", "WEIGHT_FILES",
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _FILES = ("model.safetensors", "config.json", "state.safetensors", "state.json")
+WEIGHT_FILES = ("model.safetensors", "config.json")  # what evaluation and generation read
+_SafetensorError = getattr(safetensors, "SafetensorError", RuntimeError)
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used: missing, truncated, corrupt, or for a different model."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose files do not match its manifest (or that has none). ``intact`` is the newest
+    older checkpoint under the same root whose needed files verify, or None."""
+
+    def __init__(self, message: str, ckpt: Path, intact: Path | None) -> None:
+        super().__init__(message)
+        self.ckpt, self.intact = ckpt, intact
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (an OS or library error); ``previous`` is the newest complete
+    checkpoint, which the failed write left as it was (None if there is none)."""
+
+    def __init__(self, message: str, previous: Path | None) -> None:
+        super().__init__(message)
+        self.previous = previous
+
+
+def checkpoint_step(ckpt: str | os.PathLike[str]) -> int | None:
+    """The step of a checkpoint directory, from its name (None for another name)."""
+    m = _STEP_DIR.match(Path(ckpt).name)
+    return int(m.group(1)) if m else None
+
+
+def _reason(e: BaseException) -> str:
+    """One line saying why an OS or safetensors call failed."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    io = re.search(r"I/O error: (.+?) \(os error \d+\)", text)  # safetensors wraps the OS error
+    return io.group(1) if io else text[:160]
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -162,10 +205,27 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, model: nn.Module, c
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(root)
+    name = f"step_{step:08d}"
+    previous = (list_checkpoints(root) or [None])[-1]
+    try:
+        final = _write_checkpoint(root, name, step, model, config, optimizer, state)
+        atomic_write_text(root / "latest", name + "\n")
+    except (OSError, _SafetensorError) as e:
+        kept = f"; the previous checkpoint {previous} is as it was" if previous else ""
+        raise CheckpointWriteError(f"cannot write checkpoint {root / name} ({_reason(e)}){kept}",
+                                   previous) from None
+    for old in list_checkpoints(root)[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(root: Path, name: str, step: int, model: nn.Module, config: dict[str, Any],
+                      optimizer: Any, state: dict[str, Any] | None) -> Path:
+    """Write ``root/name`` atomically (not yet pointed to by ``latest``)."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".step_*.tmp"):  # left by a write that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    name = f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
         full_state = {"step": step, "train": state or {}, "rng": capture_rng()}
@@ -198,18 +258,16 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, model: nn.Module, c
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / "latest", name + "\n")
-    for old in list_checkpoints(root)[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 # ------------------------------------------------------------------------------------------ loading
 
 
-def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint ``latest`` points to (else the newest complete one); None if there is none."""
+def latest_checkpoint(root: str | os.PathLike[str], notes: list[str] | None = None) -> Path | None:
+    """The checkpoint ``latest`` points to (else the newest complete one); None if there is none.
+    When ``latest`` names a checkpoint that is not complete, a line saying which one is used instead
+    is appended to ``notes``."""
     root = Path(root)
     pointer = root / "latest"
     if pointer.is_file():
@@ -220,23 +278,27 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
         path = root / name
         if (path / "manifest.json").is_file():
             return path
-        # only a kill while re-saving that same step leaves this; fall back to the newest complete one
+        # a kill while re-saving that same step leaves this, or a checkpoint moved aside by hand
         found = list_checkpoints(root)
         if not found:
             raise CheckpointError(f"{pointer} names {name}, which does not exist under {root}")
+        if notes is not None:
+            notes.append(f"note: {pointer} names {name}, which is missing or incomplete; using "
+                         f"{found[-1].name}, the newest complete checkpoint")
         return found[-1]
     found = list_checkpoints(root)
     return found[-1] if found else None
 
 
-def find_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint directory from a run dir, a checkpoint root or a checkpoint directory itself."""
+def find_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None) -> Path:
+    """A checkpoint directory from a run dir, a checkpoint root or a checkpoint directory itself
+    (``notes``: see ``latest_checkpoint``)."""
     p = Path(path)
     if (p / "manifest.json").is_file() or _STEP_DIR.match(p.name):
         return p
     for root in (p / "checkpoints", p):
         if root.is_dir():
-            found = latest_checkpoint(root)
+            found = latest_checkpoint(root, notes)
             if found is not None:
                 return found
     if not p.exists():
@@ -244,24 +306,42 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     raise CheckpointError(f"{p}: no checkpoint found (train first, or check the path)")
 
 
-def _verify(ckpt: Path) -> None:
+def _problem(ckpt: Path, files: tuple[str, ...]) -> str | None:
+    """What is wrong with ``files`` of ``ckpt`` against its manifest; None when they verify."""
     try:
-        manifest = json.loads((ckpt / "manifest.json").read_text("utf-8"))
-        files = manifest["files"]
+        listed = json.loads((ckpt / "manifest.json").read_text("utf-8"))["files"]
+        entries = {n: (int(listed[n]["bytes"]), str(listed[n]["sha256"])) for n in files if n in listed}
     except FileNotFoundError:
-        raise CheckpointError(f"{ckpt} is incomplete (no manifest.json); it was not fully written") from None
+        return f"{ckpt} is incomplete (no manifest.json); it was not fully written"
     except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{ckpt}/manifest.json is corrupt") from None
-    for name in _FILES:
+        return f"{ckpt}/manifest.json is corrupt"
+    for name in files:
         f = ckpt / name
-        if name not in files or not f.is_file():
-            raise CheckpointError(f"{ckpt} is incomplete: {name} is missing")
-        size = f.stat().st_size
-        if size != files[name]["bytes"]:
-            raise CheckpointError(f"{f} is truncated or corrupt ({size} bytes, expected "
-                                  f"{files[name]['bytes']})")
-        if sha256_file(f) != files[name]["sha256"]:
-            raise CheckpointError(f"{f} is corrupt (sha256 does not match its manifest)")
+        if name not in entries or not f.is_file():
+            return f"{ckpt} is incomplete: {name} is missing"
+        size, digest = entries[name]
+        if f.stat().st_size != size:
+            return f"{f} is truncated or corrupt ({f.stat().st_size} bytes, expected {size})"
+        if sha256_file(f) != digest:
+            return f"{f} is corrupt (sha256 does not match its manifest)"
+    return None
+
+
+def verify_checkpoint(ckpt: str | os.PathLike[str], files: tuple[str, ...] = _FILES) -> None:
+    """Check ``files`` of ``ckpt`` against its manifest; ``CheckpointDamaged`` naming the newest
+    older checkpoint whose same files verify."""
+    ckpt = Path(ckpt)
+    problem = _problem(ckpt, files)
+    if problem is None:
+        return
+    step = checkpoint_step(ckpt)
+    intact = None
+    if step is not None:
+        older = [p for p in list_checkpoints(ckpt.parent) if checkpoint_step(p) < step]
+        intact = next((p for p in reversed(older) if _problem(p, files) is None), None)
+    hint = (f"; the older checkpoint {intact} is intact" if intact is not None
+            else "; no older checkpoint is intact")
+    raise CheckpointDamaged(problem + hint, ckpt, intact)
 
 
 def read_config(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
@@ -298,7 +378,7 @@ def load_weights(ckpt: str | os.PathLike[str], model: nn.Module, expected_model:
     the saved one."""
     ckpt = Path(ckpt)
     if verify:
-        _verify(ckpt)
+        verify_checkpoint(ckpt, WEIGHT_FILES)
     if expected_model is not None:
         saved = read_config(ckpt).get("model")
         diffs = _diff(saved, expected_model)
@@ -319,11 +399,14 @@ def load_weights(ckpt: str | os.PathLike[str], model: nn.Module, expected_model:
 
 
 def load_checkpoint(ckpt: str | os.PathLike[str], model: nn.Module, optimizer: Any = None,
-                    expected_model: dict[str, Any] | None = None, rng: bool = True) -> dict[str, Any]:
+                    expected_model: dict[str, Any] | None = None, rng: bool = True,
+                    verify: bool = True) -> dict[str, Any]:
     """Restore weights, optimizer state and (with ``rng``) RNG states; return the stored state dict
-    (``step``, ``train``: what ``save_checkpoint`` was given)."""
+    (``step``, ``train``: what ``save_checkpoint`` was given). ``verify=False`` skips the manifest
+    check, for a caller that has just run ``verify_checkpoint``."""
     ckpt = Path(ckpt)
-    _verify(ckpt)
+    if verify:
+        verify_checkpoint(ckpt)
     load_weights(ckpt, model, expected_model, verify=False)
     tensors = _load_tensors(ckpt / "state.safetensors")
     try:

@@ -10,8 +10,12 @@
     peerlm demo --out runs/demo
 
 A mistake of the user's (a bad option or value, a missing or damaged file, a checkpoint of another
-model) prints one line ``peerlm: error: ...`` on stderr and exits with 2; ``--debug`` (or
-PEERLM_DEBUG=1) shows the traceback instead.
+model) and a failure of the machine (a full disk, a read-only directory, a device this build lacks)
+print one line ``peerlm: error: ...`` on stderr and exit with 2, before anything is written where
+the command can know in advance; where there is a way out (an intact older checkpoint, resuming) the
+line names the command. ``--debug`` (anywhere on the line) or PEERLM_DEBUG=1 shows the traceback
+instead. Numbers are range-checked as they are parsed (``peerlm.argtypes``). A training run stopped
+by SIGTERM or SIGINT writes a checkpoint, says how to resume and exits with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -20,18 +24,24 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peerlm.checkpoint import CheckpointError
+import torch
+
+from peerlm import argtypes
+from peerlm.checkpoint import CheckpointDamaged, CheckpointError, CheckpointWriteError, checkpoint_step
 from peerlm.config import apply_overrides, get_preset, list_presets
 from peerlm.data import DataError
+from peerlm.fileio import DirectoryBusy
 
 __all__ = ["main", "build_parser"]
 
-USER_ERRORS = (ValueError, DataError, CheckpointError, OSError)
+USER_ERRORS = (ValueError, DataError, CheckpointError, DirectoryBusy, OSError)
+OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,18 +55,41 @@ class _Parser(argparse.ArgumentParser):
 # ------------------------------------------------------------------------------------------ train
 
 
-def _split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
-    model, train = [], []
-    for item in items:
-        section, _, rest = item.partition(".")
-        if section == "model" and rest:
-            model.append(rest)
-        elif section == "train" and rest:
-            train.append(rest)
-        else:
-            raise ValueError(f"--set {item!r}: name a field of model or train, e.g. model.dim=256 or "
-                             "train.lr=1e-3")
-    return model, train
+def setting(*sections: str) -> Any:
+    """The argparse type of ``--set``: ``SECTION.FIELD=VALUE`` -> (section, "FIELD=VALUE"). The value
+    itself is parsed by ``peerlm.config.apply_overrides``, by the field's type, so every ``--set``
+    goes through one parser and a bad value gets its field's range or accepted form."""
+    examples = {"model": "model.dim=256", "train": "train.lr=1e-3"}
+    form = f"SECTION.FIELD=VALUE with SECTION {' or '.join(sections)}, e.g. " + \
+        " or ".join(examples[s] for s in sections)
+
+    def convert(text: str) -> tuple[str, str]:
+        path, eq, _ = text.partition("=")
+        section, _, field = path.strip().partition(".")
+        if not eq or section not in sections or not field.strip():
+            raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}")
+        return section, text.strip()[len(section) + 1 :]
+
+    convert.__name__ = "setting"
+    return convert
+
+
+def _overrides(cfg: Any, section: str, items: Sequence[tuple[str, str]]) -> Any:
+    sets = [item for sec, item in items if sec == section]
+    try:
+        return apply_overrides(cfg, sets)
+    except ValueError as e:
+        raise ValueError(f"--set {section}.*: {e}") from None
+
+
+def _stored_run(path: Path) -> Any:
+    from peerlm.train import RunConfig
+
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text("utf-8")))
+    except (ValueError, TypeError) as e:  # JSON syntax or a config that does not validate
+        raise ValueError(f"{path} is not a valid run config ({' '.join(str(e).split())[:200]}); pass "
+                         "--preset and --data to rebuild it") from None
 
 
 def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -65,47 +98,61 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
     from peerlm.data import TokenDataset
     from peerlm.train import RunConfig, TrainConfig, data_info
 
-    model_sets, train_sets = _split_overrides(args.set or [])
+    sets = args.set or []
     stored = Path(args.out) / "config.json"
     notes = []
     if args.preset is None:
         if not (args.resume and stored.is_file()):
             raise ValueError("--preset is required (see `peerlm presets`), except with --resume on an "
                              "existing run")
-        run = RunConfig.from_dict(json.loads(stored.read_text("utf-8")))
+        run = _stored_run(stored)
         model, train, data_dir = run.model, run.train, args.data or run.data.get("dir")
     else:
         if args.data is None:
             raise ValueError("--data DIR is required (a directory made by `peerlm data prepare`)")
         model, train, data_dir = get_preset(args.preset), TrainConfig(), args.data
         vocab = TokenDataset(data_dir).vocab_size
-        explicit = any(s.split("=", 1)[0].strip() == "vocab_size" for s in model_sets)
+        explicit = any(sec == "model" and item.split("=", 1)[0].strip() == "vocab_size" for sec, item in sets)
         if not explicit and vocab != model.vocab_size:
             model = dataclasses.replace(model, vocab_size=vocab)
             notes.append(f"note: model.vocab_size set to {vocab}, the vocabulary of {data_dir}")
-    for section, sets in (("model", model_sets), ("train", train_sets)):
-        try:
-            if section == "model":
-                model = apply_overrides(model, sets)
-            else:
-                train = apply_overrides(train, sets)
-        except ValueError as e:
-            raise ValueError(f"--set {section}.*: {e}") from None
+    if not data_dir:
+        raise ValueError(f"{stored} names no data directory; pass --data DIR")
+    model, train = _overrides(model, "model", sets), _overrides(train, "train", sets)
     limits = {"max_steps": args.max_steps, "max_tokens": args.max_tokens, "flops": args.flops}
     given = [f"--{k.replace('_', '-')}" for k, v in limits.items() if v is not None]
-    given += [f"--set train.{k}" for k in (s.split("=", 1)[0].strip() for s in train_sets) if k in limits]
+    given += [f"--set train.{k}" for k in (item.split("=", 1)[0].strip() for sec, item in sets if sec == "train")
+              if k in limits]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)} both set the run length; give one of them")
-    if given:  # the flag replaces whatever run length the preset, --set or the resumed run had
+    if any(v is not None for v in limits.values()):  # the flag replaces the preset's, --set's or the run's
         train = dataclasses.replace(train, **limits)
     return RunConfig(model, train, data_info(data_dir)), notes
 
 
+def _resume_command(out: str) -> str:
+    return shlex.join(["peerlm", "train", "--out", str(out), "--resume"])
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from peerlm.train import train
+    from peerlm.train import TrainInterrupted, train
 
     run, notes = build_run_config(args)
-    summary = train(run, args.out, resume=args.resume, progress=not args.quiet, notes=notes)
+    try:
+        summary = train(run, args.out, resume=args.resume, progress=not args.quiet, notes=notes)
+    except TrainInterrupted as e:
+        print(f"peerlm: {e}; continue with `{_resume_command(args.out)}`", file=sys.stderr)
+        return 128 + e.signum
+    except CheckpointDamaged as e:
+        if e.intact is None:
+            raise
+        damaged = shlex.quote(str(e.ckpt))
+        raise CheckpointError(f"{e}: move the damaged one aside (`mv {damaged} {damaged}.damaged`) and run "
+                              f"`{_resume_command(args.out)}` to continue from step "
+                              f"{checkpoint_step(e.intact)}") from None
+    except CheckpointWriteError as e:
+        raise CheckpointError(f"{e}; once the directory takes the write again (free space, permissions), "
+                              f"continue with `{_resume_command(args.out)}`") from None
     ppl = f", val ppl {summary['val_ppl']:.2f}" if summary.get("val_ppl") is not None else ""
     print(f"trained {args.out}: step {summary['step']}/{summary['total_steps']}, {summary['tokens']:,} "
           f"tokens, {summary['flops']:.3g} FLOPs in {summary['seconds']:.0f}s{ppl}")
@@ -113,6 +160,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------- eval / generate
+
+
+def _load_run(args: argparse.Namespace, device: Any = "cpu") -> tuple[Any, dict, list[str]]:
+    """The model and config of ``args.run``, and the lines that say which checkpoint it is (and any
+    fallback), for the command to print once it has done its work (a failure stays one line). A
+    damaged checkpoint's error names this same command on the intact older one."""
+    from peerlm.evaluate import load_run
+
+    notes: list[str] = []
+    try:
+        model, config = load_run(args.run, device, notes)
+    except CheckpointDamaged as e:
+        if e.intact is None:
+            raise
+        argv = [str(e.intact) if a == args.run else a for a in args.argv]
+        raise CheckpointError(f"{e}; `{shlex.join(['peerlm', *argv])}` reads it") from None
+    notes.append(f"{args.command}: checkpoint step {config['checkpoint_step']} ({config['checkpoint']})")
+    return model, config, [f"peerlm: {n.removeprefix('note: ')}" for n in notes]
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -123,53 +188,64 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         device, _, _ = resolve_device(args.device, "float32")
     except (TrainError, RuntimeError) as e:
         raise ValueError(f"--device {args.device}: {e}") from None
+    model, config, said = _load_run(args, device)
     results = evaluate_run(args.run, args.data, args.text or [], args.split, batch_size=args.batch_size,
-                           max_tokens=args.max_tokens, device=device)
+                           max_tokens=args.max_tokens, device=device, model=model, config=config,
+                           progress=not args.quiet)
     if not results:
         raise DataError("nothing to evaluate: the data directory has no held-out sets; pass --text FILE")
-    print(to_json(results) if args.json else format_table(results, title=f"{args.run}"))
+    title = f"{args.run} (checkpoint step {config['checkpoint_step']})"
+    print(to_json(results) if args.json else format_table(results, title=title))
+    print("\n".join(said), file=sys.stderr)
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from peerlm.data import load_tokenizer
-    from peerlm.evaluate import load_run
+    from peerlm.evaluate import run_tokenizer
     from peerlm.generate import generate
 
-    model, config = load_run(args.run)
-    tok_file = Path(args.run) / "tokenizer.json"
-    tok = load_tokenizer(tok_file if tok_file.is_file() else config.get("data", {}).get("dir", args.run))
+    model, config, said = _load_run(args)
+    tok = run_tokenizer(args.run, config)
     eot = config.get("data", {}).get("eot_id", 0)
     ids = tok.encode(args.prompt, add_special_tokens=False).ids
     new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                   bos_id=eot, stop_id=eot)
+                   bos_id=eot, stop_id=eot, progress=not args.quiet)
     print(args.prompt + tok.decode(new))
+    print("\n".join(said), file=sys.stderr)
     return 0
 
 
 # ------------------------------------------------------------------------------------ presets / flops
 
 
+def _table(rows: list[list[str]], align: str) -> list[str]:
+    """Rows of cells as lines, each column as wide as its widest cell, aligned by ``align`` (one
+    ``<`` or ``>`` per column), two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(align))]
+    return ["  ".join(c.ljust(w) if a == "<" else c.rjust(w) for c, w, a in zip(r, widths, align)).rstrip()
+            for r in rows]
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from peerlm.flops import model_cost
 
-    print(f"{'preset':<14}{'params':>12}{'active':>12}{'experts':>12}{'train FLOPs/tok':>17}  feed-forward")
+    rows = [["preset", "params", "active", "table params", "train FLOPs/tok", "feed-forward"]]
     for name in list_presets():
         cfg = get_preset(name)
         c = model_cost(cfg)
         kind = "dense" if cfg.ffn is None else f"{cfg.ffn.KIND} in block(s) {cfg.sparse_blocks()}"
-        print(f"{name:<14}{c['params']:>12,}{c['active_params']:>12,}{c['expert_params']:>12,}"
-              f"{c['flops_train']:>17.3g}  {kind}")
+        rows.append([name, f"{c['params']:,}", f"{c['active_params']:,}", f"{c['expert_params']:,}",
+                     f"{c['flops_train']:.3g}", kind])
+    print("\n".join(_table(rows, "<>>>><")))
+    print("\nparams: all parameters; active: those used per token; table params: those in PEER expert\n"
+          "tables and PKM value tables (MoE experts are ordinary MLPs, counted in params only)")
     return 0
 
 
 def _cmd_flops(args: argparse.Namespace) -> int:
     from peerlm.flops import format_cost
 
-    model_sets, train_sets = _split_overrides(args.set or [])
-    if train_sets:
-        raise ValueError("flops takes model.* overrides only")
-    cfg = apply_overrides(get_preset(args.preset), model_sets)
+    cfg = _overrides(get_preset(args.preset), "model", args.set or [])
     print(f"{args.preset}: params and forward FLOPs per token (multiply-add = 2)")
     print(format_cost(cfg, args.seq_len))
     return 0
@@ -191,22 +267,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="peerlm",
                      description="PEER (Mixture of A Million Experts) and baselines: small LMs.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of errors (accepted anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_parser(sub)
     add_study_parser(sub)
 
     p = sub.add_parser("train", help="train a model on a prepared data directory",
                        description="Train a preset on prepared data; the run directory gets config.json, "
-                                   "the tokenizer, metrics.jsonl and checkpoints.")
+                                   "the tokenizer, metrics.jsonl and checkpoints. SIGTERM or Ctrl-C ends "
+                                   "the current step, writes a checkpoint and says how to resume.")
     p.add_argument("--preset", help="model preset (see `peerlm presets`)")
     p.add_argument("--data", metavar="DIR", help="a directory made by `peerlm data prepare`")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory")
-    p.add_argument("--max-steps", type=int, help="optimizer steps")
-    p.add_argument("--max-tokens", type=int, help="training tokens")
-    p.add_argument("--flops", type=float,
+    p.add_argument("--max-steps", type=argtypes.positive_int, help="optimizer steps")
+    p.add_argument("--max-tokens", type=argtypes.positive_int, help="training tokens (e.g. 1e6)")
+    p.add_argument("--flops", type=argtypes.real(0, lo_open=True, example="5e13"),
                    help="training FLOP budget (peerlm.flops: 3 x forward per token, sub-key scoring 1 x)")
-    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+    p.add_argument("--set", action="append", type=setting("model", "train"), metavar="SECTION.FIELD=VALUE",
                    help="override a config field, e.g. model.dim=256 or train.lr=1e-3 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -219,21 +297,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="prepared data directory (default: the run's)")
     p.add_argument("--text", action="append", metavar="PATH", help="a UTF-8 text file (repeatable)")
     p.add_argument("--split", action="append", metavar="NAME", help="only these splits of --data")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="evaluate only the first N tokens of each data set (cut at a document end)")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=8,
+                   help="windows per forward pass (default: 8)")
+    p.add_argument("--max-tokens", type=argtypes.positive_int, default=None,
+                   help="evaluate only the first N tokens of each data set and text (cut at a document end)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a run", description="Sample a continuation.")
     p.add_argument("run", metavar="RUN", help="run directory (or a checkpoint directory)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add (default: 100)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    p.add_argument("--max-new-tokens", type=argtypes.nonnegative_int, default=100,
+                   help="tokens to add (default: 100)")
+    p.add_argument("--temperature", type=argtypes.nonnegative_float, default=1.0,
+                   help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-k", type=argtypes.positive_int, default=None,
+                   help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=argtypes.probability, default=None, help="nucleus sampling threshold, in (0, 1]")
+    p.add_argument("--seed", type=argtypes.seed, default=None, help="seed of the sampler")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("presets", help="list model presets with parameters and FLOPs per token")
@@ -241,8 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flops", help="parameter and FLOP accounting of a preset")
     p.add_argument("--preset", required=True, help="model preset")
-    p.add_argument("--set", action="append", metavar="model.FIELD=VALUE", help="override a model field")
-    p.add_argument("--seq-len", type=int, default=None, help="attention length (default: the context)")
+    p.add_argument("--set", action="append", type=setting("model"), metavar="model.FIELD=VALUE",
+                   help="override a model field")
+    p.add_argument("--seq-len", type=argtypes.positive_int, default=None,
+                   help="attention length (default: the context)")
     p.set_defaults(func=_cmd_flops)
 
     p = sub.add_parser("demo", help="dense vs PEER at the same FLOP budget on real text (~10 min on 2 cores)",
@@ -250,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "training FLOP budget, and compare held-out perplexity and bits per byte.")
     p.add_argument("--out", default="runs/demo", metavar="DIR",
                    help="where data and runs go (default: runs/demo)")
-    p.add_argument("--minutes", type=float, default=None,
+    p.add_argument("--minutes", type=argtypes.positive_float, default=None,
                    help="size the FLOP budget so the whole demo takes about M minutes on this machine "
                         "(default: a fixed budget, ~4-5 min per model on 2 cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -262,17 +348,28 @@ def _one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     if isinstance(e, OSError) and e.filename and e.strerror:
         text = f"{e.filename}: {e.strerror}"
+        if e.filename2:
+            text = f"{e.filename} -> {e.filename2}: {e.strerror}"
     return " ".join(text.split())
+
+
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug`` (a global flag, so accepted in any position; not after ``--``),
+    and whether it was there."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    return kept, len(kept) != len(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `peerlm` console script; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("PEERLM_DEBUG", "") not in ("", "0")
-    from peerlm.train import TrainError
+    argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    debug = debug or os.environ.get("PEERLM_DEBUG", "") not in ("", "0")
+    from peerlm.train import TrainError, TrainInterrupted
 
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
         return int(args.func(args) or 0)
     except SystemExit as e:  # --help, or a usage error already reported
         return e.code if isinstance(e.code, int) else 0
@@ -281,6 +378,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"peerlm: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OUT_OF_MEMORY as e:
+        if debug:
+            raise
+        print(f"peerlm: error: out of memory ({_one_line(e)[:160]}); lower the batch size or the model size",
+              file=sys.stderr)
+        return 2
+    except TrainInterrupted as e:
+        print(f"peerlm: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("peerlm: interrupted", file=sys.stderr)
         return 130

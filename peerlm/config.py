@@ -17,6 +17,7 @@ Presets are plain functions registered by name; see ``list_presets()``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -34,7 +35,7 @@ from peerlm.peer import GATES, IMPLS
 
 __all__ = [
     "DenseConfig", "PEERConfig", "MoEConfig", "PKMConfig", "ModelConfig", "SPARSE_KINDS",
-    "to_dict", "from_dict", "to_json", "from_json", "apply_overrides",
+    "to_dict", "from_dict", "to_json", "from_json", "apply_overrides", "parse_int", "parse_float",
     "preset", "get_preset", "list_presets",
 ]
 
@@ -370,6 +371,8 @@ def _decode(value: Any, tp: Any, where: str, from_json: bool = True) -> Any:
         raise ValueError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN and inf mean nothing in a config and end as NaN losses
+                raise ValueError(f"{where}: expected a finite number, got {value!r}")
             return float(value) if isinstance(value, int) else value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -436,12 +439,76 @@ def from_json(cls: type, text: str) -> Any:
 
 # ------------------------------------------------------------------------------------------ overrides
 
-_INT_EXPR = re.compile(r"^\s*(\d[\d_]*)\s*(?:(\*\*|\^|\*)\s*(\d[\d_]*)\s*)?$")
+_INT_EXPR = re.compile(r"^\s*([+-]?\d[\d_]*)\s*(?:(\*\*|\^|\*)\s*(\d[\d_]*)\s*)?$")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
+def parse_int(text: str) -> int:
+    """A whole number as a user writes one: ``256``, ``-1``, ``1_000``, ``1024**2``, ``64*64``, or
+    an integral float such as ``1e6``; ValueError otherwise. Ranges are the caller's to check, so that
+    ``-1`` gets a range error rather than a parse error."""
+    m = _INT_EXPR.match(text)
+    if m:
+        a, op, b = m.groups()
+        if op is None:
+            return int(a)
+        return int(a) * int(b) if op == "*" else int(a) ** int(b)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(value)
+
+
+def parse_float(text: str) -> float:
+    """A finite number (``3e-4``, ``-1``, ``1_000.5``); ValueError for anything else, NaN and inf
+    included: no field means anything by them, and they turn into NaN losses far from here."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
+
+
+def accepted_form(tp: Any) -> str:
+    """How a value of annotation ``tp`` is written in an override, for error messages."""
+    args = _union_args(tp)
+    if args:
+        forms = [accepted_form(a) for a in args if a is not type(None) and not dataclasses.is_dataclass(a)]
+        kinds = sorted(a.KIND for a in args if dataclasses.is_dataclass(a))
+        if kinds:
+            forms.append(f"a kind ({', '.join(kinds)})")
+        if type(None) in args:
+            forms.append("none")
+        return " or ".join(forms)
+    if tp is int:
+        return "a whole number such as 256, 1e6 or 1024**2"
+    if tp is float:
+        return "a number such as 3e-4"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a word"
+    if typing.get_origin(tp) is list:
+        return "comma-separated values such as 1,3 (or [1,3])"
+    if typing.get_origin(tp) is tuple:
+        items = typing.get_args(tp)
+        if len(items) == 2 and items[1] is Ellipsis:
+            return "comma-separated values such as 1,2"
+        examples = {int: ("1", "2"), float: ("0.9", "0.95"), bool: ("true", "false")}
+        example = ",".join(examples.get(t, ("x", "y"))[i % 2] for i, t in enumerate(items))
+        return f"{len(items)} comma-separated values such as {example}"
+    if dataclasses.is_dataclass(tp):
+        return "its fields, e.g. <section>.<field>=..."
+    return _type_name(tp)
+
+
 def _parse(text: str, tp: Any, where: str) -> Any:
-    """Parse an override string as ``tp``. Ints also accept ``a*b`` and ``a**b`` (e.g. ``1024**2``)."""
+    """Parse an override string as ``tp`` (``parse_int`` / ``parse_float`` for numbers)."""
     args = _union_args(tp)
     if args:
         if text.strip().lower() in ("none", "null") and type(None) in args:
@@ -458,20 +525,13 @@ def _parse(text: str, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         extra = f" or one of {sorted(classes)}" if classes else ""
-        raise ValueError(f"{where}: cannot parse {text!r} as {_type_name(tp)}{extra}")
+        raise ValueError(f"{where}: cannot parse {text!r} as {_type_name(tp)}{extra}; give {accepted_form(tp)}")
     if tp is int:
-        m = _INT_EXPR.match(text)
-        if m:
-            a, op, b = m.groups()
-            a = int(a)
-            if op is None:
-                return a
-            return a * int(b) if op == "*" else a ** int(b)
+        with contextlib.suppress(ValueError):
+            return parse_int(text)
     elif tp is float:
-        try:
-            return float(text)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            return parse_float(text)
     elif tp is bool:
         if text.strip().lower() in _TRUE + _FALSE:
             return text.strip().lower() in _TRUE
@@ -482,7 +542,10 @@ def _parse(text: str, tp: Any, where: str) -> Any:
         body = text.strip().removeprefix("[").removesuffix("]").strip()
         if not body:
             return []
-        return [_parse(p.strip(), item, where) for p in body.split(",")]
+        try:
+            return [_parse(p.strip(), item, where) for p in body.split(",")]
+        except ValueError:
+            pass
     elif typing.get_origin(tp) is tuple:
         body = text.strip().removeprefix("(").removesuffix(")").removeprefix("[").removesuffix("]").strip()
         texts = [p.strip() for p in body.split(",")] if body else []
@@ -490,10 +553,11 @@ def _parse(text: str, tp: Any, where: str) -> Any:
         if len(items) == 2 and items[1] is Ellipsis:
             items = (items[0],) * len(texts)
         if len(items) == len(texts):
-            return tuple(_parse(t, i, where) for t, i in zip(texts, items))
+            with contextlib.suppress(ValueError):
+                return tuple(_parse(t, i, where) for t, i in zip(texts, items))
     elif dataclasses.is_dataclass(tp):
         raise ValueError(f"{where} is a {tp.__name__}; set its fields, e.g. {where}.<field>=...")
-    raise ValueError(f"{where}: cannot parse {text!r} as {_type_name(tp)}")
+    raise ValueError(f"{where}: cannot parse {text!r} as {_type_name(tp)}; give {accepted_form(tp)}")
 
 
 def _section_class(tp: Any, data: dict) -> type:

@@ -120,13 +120,13 @@ def _train_one(preset: str, flops: float, data: Path, out: Path, progress: bool)
     return summary
 
 
-def _evaluate(summary: dict[str, Any]) -> dict[str, Any]:
+def _evaluate(summary: dict[str, Any], progress: bool) -> dict[str, Any]:
     run_dir = Path(summary["run_dir"])
     cached = run_dir / "eval.json"
     if cached.is_file():
         return json.loads(cached.read_text("utf-8"))
     print(f"demo: evaluating {run_dir.name} on val + {', '.join(EVAL_CORPORA)} ({EVAL_TOKENS:,} tokens each)")
-    results = evaluate_run(run_dir, max_tokens=EVAL_TOKENS)
+    results = evaluate_run(run_dir, max_tokens=EVAL_TOKENS, progress=progress)
     atomic_write_text(cached, json.dumps(results, indent=2) + "\n")
     return results
 
@@ -169,7 +169,7 @@ def run_demo(out: Path, minutes: float | None = None, progress: bool = True) -> 
     if minutes is not None:
         print(f"demo: budget {flops:.3g} FLOPs per model to fit about {minutes:g} minutes")
     summaries = {p: _train_one(p, flops, data, out, progress) for p in PRESETS}
-    results = {p: _evaluate(summaries[p]) for p in PRESETS}
+    results = {p: _evaluate(summaries[p], progress) for p in PRESETS}
     table = format_comparison(flops, summaries, results)
     atomic_write_text(out / "comparison.txt", table + "\n")
     print("\n" + table)

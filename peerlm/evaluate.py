@@ -16,6 +16,13 @@ Perplexity does (it is per token of this run's tokenizer).
 
 Expert usage (fraction of experts with non-zero gate mass) and unevenness (KL from uniform), as in
 the paper's Table 2, are accumulated over the same tokens for every PEER and PKM layer.
+
+A run is only scored on ids of its own tokenizer: the run's tokenizer fingerprint (``tokenizer_sha256``
+in its config, else the hash of its tokenizer.json) must match that of a data directory it is scored
+on and of the tokenizer that encodes a text file; another tokenizer of the same size would give
+valid-looking ids of other text, hence a plausible but meaningless perplexity. ``load_run`` verifies
+only the files it reads (weights and config), reports in ``notes`` a fallback to an older checkpoint,
+and records the step it used in the config (``checkpoint_step``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,16 +40,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
-from peerlm.checkpoint import CheckpointError, find_checkpoint, load_weights, read_config
+from peerlm.checkpoint import (
+    WEIGHT_FILES,
+    CheckpointError,
+    checkpoint_step,
+    find_checkpoint,
+    load_weights,
+    read_config,
+    verify_checkpoint,
+)
 from peerlm.config import ModelConfig, from_dict, to_dict
 from peerlm.data import DataError, TokenDataset, encode_file, load_tokenizer
+from peerlm.fileio import sha256_file
 from peerlm.model import Transformer, build_model
 
 __all__ = [
     "evaluate_tokens", "memory_usage", "tracking_usage", "load_run", "head_of", "evaluate_run",
-    "format_table", "to_json",
+    "format_table", "to_json", "run_fingerprint", "run_tokenizer", "check_same_tokenizer", "progress_bar",
 ]
+
+
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it") -> tqdm:
+    """A tqdm bar on stderr, shown only when ``enabled`` and stderr is a terminal (a log file gets
+    no carriage-return noise)."""
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+                disable=not enabled or not sys.stderr.isatty())
 
 
 def _windows(tokens: torch.Tensor, T: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -60,13 +85,15 @@ def _windows(tokens: torch.Tensor, T: int, batch_size: int) -> Iterator[tuple[to
 @torch.no_grad()
 def evaluate_tokens(model: Transformer, tokens: np.ndarray | torch.Tensor | Sequence[int],
                     batch_size: int = 8, num_bytes: int | None = None, eot_id: int | None = 0,
-                    device: torch.device | str | None = None,
-                    amp: torch.dtype | None = None) -> dict[str, Any]:
+                    device: torch.device | str | None = None, amp: torch.dtype | None = None,
+                    progress: bool = False, desc: str = "eval") -> dict[str, Any]:
     """Nats, token count, loss, perplexity and (given ``num_bytes``) bits per byte of a token stream.
 
     ``eot_id`` is prepended as the start of the stream and excluded as a target (None: neither).
-    The model is put in eval mode and left there.
+    The model is put in eval mode and left there. ``progress``: a bar over the tokens.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model.eval()
     device = device or next(model.parameters()).device
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
@@ -78,7 +105,9 @@ def evaluate_tokens(model: Transformer, tokens: np.ndarray | torch.Tensor | Sequ
                          f"{int(ids.max())}]; the tokenizer does not match this model")
     nats, count = 0.0, 0
     autocast = torch.autocast(torch.device(device).type, dtype=amp) if amp else contextlib.nullcontext()
+    bar = progress_bar(max(ids.numel() - 1, 0), desc, progress, unit="tok")
     for x, y in _windows(ids, model.cfg.context_length, batch_size):
+        bar.update(y.numel())
         x, y = x.to(device), y.to(device)
         if eot_id is not None:
             y = y.masked_fill(y == eot_id, -1)
@@ -87,6 +116,7 @@ def evaluate_tokens(model: Transformer, tokens: np.ndarray | torch.Tensor | Sequ
         nll = F.cross_entropy(logits.float().reshape(-1, V), y.reshape(-1), ignore_index=-1, reduction="sum")
         nats += float(nll.double())
         count += int((y >= 0).sum())
+    bar.close()
     loss = nats / count if count else float("nan")
     ppl = math.exp(loss) if count else float("nan")
     out = {"tokens": count, "nats": nats, "loss": loss, "perplexity": ppl}
@@ -121,26 +151,70 @@ def memory_usage(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     return out
 
 
-def load_run(run_dir: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[Transformer, dict]:
-    """The model of a run's newest checkpoint (or a checkpoint directory), and its run config dict."""
-    ckpt = find_checkpoint(run_dir)
+def load_run(run_dir: str | os.PathLike[str], device: torch.device | str = "cpu",
+             notes: list[str] | None = None) -> tuple[Transformer, dict]:
+    """The model of a run's newest checkpoint (or a checkpoint directory), and its run config dict,
+    with ``checkpoint`` (its path) and ``checkpoint_step`` added. Only the weights and config of the
+    checkpoint are verified: that is all a model needs. ``notes``: see ``find_checkpoint``."""
+    ckpt = find_checkpoint(run_dir, notes)
+    verify_checkpoint(ckpt, WEIGHT_FILES)
     config = read_config(ckpt)
     try:
         cfg = from_dict(ModelConfig, config["model"])
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{ckpt}/config.json has no valid model section ({e})") from None
     model = build_model(cfg, device)
-    load_weights(ckpt, model, expected_model=to_dict(cfg))
+    load_weights(ckpt, model, expected_model=to_dict(cfg), verify=False)
     model.eval()
     config["checkpoint"] = str(ckpt)
+    config["checkpoint_step"] = checkpoint_step(ckpt)
     return model, config
 
 
-def _tokenizer_path(run_dir: Path, config: dict, data_dir: Path | None) -> Path:
-    for candidate in (run_dir / "tokenizer.json", data_dir / "tokenizer.json" if data_dir else None,
-                      Path(config.get("data", {}).get("dir", "")) / "tokenizer.json"):
-        if candidate is not None and candidate.is_file():
-            return candidate
+def _run_dirs(run_dir: Path, config: dict) -> list[Path]:
+    """The run directory itself and, for a checkpoint directory, the run it belongs to."""
+    dirs = [run_dir]
+    ckpt = Path(config.get("checkpoint", run_dir))
+    if ckpt.parent.name == "checkpoints":
+        dirs.append(ckpt.parent.parent)
+    return dirs
+
+
+def run_fingerprint(run_dir: str | os.PathLike[str], config: dict) -> str | None:
+    """The sha256 of the run's tokenizer: as its config records it, else (runs from before the
+    record) of the tokenizer.json in the run directory; None when neither is there."""
+    recorded = config.get("data", {}).get("tokenizer_sha256")
+    if recorded:
+        return recorded
+    for d in _run_dirs(Path(run_dir), config):
+        if (d / "tokenizer.json").is_file():
+            return sha256_file(d / "tokenizer.json")
+    return None
+
+
+def check_same_tokenizer(run_fp: str | None, data_fp: str | None, what: str, fix: str) -> None:
+    """DataError when both fingerprints are known and differ."""
+    if run_fp and data_fp and run_fp != data_fp:
+        raise DataError(f"{what} was prepared with another tokenizer than the run (sha256 {data_fp[:12]} vs "
+                        f"the run's {run_fp[:12]}): its token ids stand for other text; {fix}")
+
+
+def run_tokenizer(run_dir: str | os.PathLike[str], config: dict,
+                  data_dir: str | os.PathLike[str] | None = None) -> Tokenizer:
+    """The run's own tokenizer: the first tokenizer.json of the run directory, ``data_dir`` or the
+    run's recorded data directory whose fingerprint is the run's (any, for a run that records none)."""
+    expected = run_fingerprint(run_dir, config)
+    candidates = [d / "tokenizer.json" for d in _run_dirs(Path(run_dir), config)]
+    candidates += [Path(d) / "tokenizer.json" for d in (data_dir, config.get("data", {}).get("dir")) if d]
+    wrong = []
+    for f in candidates:
+        if f.is_file():
+            if expected is None or sha256_file(f) == expected:
+                return load_tokenizer(f)
+            wrong.append(str(f))
+    if wrong:
+        raise DataError(f"{run_dir}: no tokenizer of this run found ({', '.join(wrong)} is another "
+                        "tokenizer); evaluate with the run's own tokenizer.json in its directory")
     raise DataError(f"{run_dir}: no tokenizer.json in the run or its data directory")
 
 
@@ -158,18 +232,25 @@ def head_of(ids: np.ndarray, max_tokens: int, eot_id: int, tokenizer: Tokenizer)
 def evaluate_run(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None,
                  texts: Sequence[str | os.PathLike[str]] = (), splits: Sequence[str] | None = None,
                  batch_size: int = 8, device: torch.device | str = "cpu", usage: bool = True,
-                 max_tokens: int | None = None,
-                 model: Transformer | None = None) -> dict[str, dict[str, Any]]:
+                 max_tokens: int | None = None, model: Transformer | None = None,
+                 progress: bool = False, config: dict | None = None) -> dict[str, dict[str, Any]]:
     """Results by name: each held-out set of ``data_dir`` (``val`` and every eval set; ``splits`` picks
     some) and each text file (by file name). Without ``data_dir`` and ``texts``, the run's own data.
 
-    ``max_tokens`` evaluates only the head of each set (see ``head_of``), to bound the cost of large
-    sets; bits per byte then divides by the bytes of that head. ``model`` skips loading the run's.
+    ``max_tokens`` evaluates only the head of each set and text file (see ``head_of``), to bound the
+    cost of large sets; bits per byte then divides by the bytes of that head. ``model`` skips loading
+    the run's (``config``: the run config it came from, by default the run's config.json). The data
+    directory and the tokenizer must be the run's (``run_fingerprint``), else DataError.
+    ``progress``: a bar per set.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     run_dir = Path(run_dir)
     if model is None:
         model, config = load_run(run_dir, device)
-    else:
+    elif config is None:
         config = json.loads((run_dir / "config.json").read_text("utf-8"))
     if data_dir is None and not texts:
         data_dir = config.get("data", {}).get("dir")
@@ -177,22 +258,26 @@ def evaluate_run(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[st
             raise DataError(f"{run_dir} records no data directory; pass --data DIR or --text FILE")
     results: dict[str, dict[str, Any]] = {}
     eot = config.get("data", {}).get("eot_id", 0)
+    run_fp = run_fingerprint(run_dir, config)
 
     def run_one(name: str, ids: np.ndarray, num_bytes: int) -> None:
         with tracking_usage(model):
-            res = evaluate_tokens(model, ids, batch_size, num_bytes, eot, device)
+            res = evaluate_tokens(model, ids, batch_size, num_bytes, eot, device, progress=progress,
+                                  desc=f"eval {name}")
             if usage:
                 res["usage"] = memory_usage(model)
         results[name] = res
 
-    tok = None
-    if texts or max_tokens is not None:
-        tok = load_tokenizer(_tokenizer_path(run_dir, config, Path(data_dir) if data_dir else None))
+    ds = None
     if data_dir is not None:
         ds = TokenDataset(data_dir)
+        check_same_tokenizer(run_fp, ds.tokenizer_sha256, str(data_dir),
+                             "evaluate on the data directory the run was trained on, or on --text files")
         if ds.vocab_size > model.cfg.vocab_size:
             raise DataError(f"{data_dir} has {ds.vocab_size} token ids, the model only "
                             f"{model.cfg.vocab_size}; it was prepared with another tokenizer")
+    tok = run_tokenizer(run_dir, config, data_dir) if texts or max_tokens is not None else None
+    if ds is not None:
         eot = ds.eot_id
         names = [s for s in ds.splits if s != "train"] if splits is None else list(splits)
         for name in names:
@@ -202,13 +287,14 @@ def evaluate_run(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[st
             if max_tokens is not None and len(ids) > max_tokens:
                 ids, num_bytes = head_of(ids, max_tokens, eot, tok)
             run_one(name, np.asarray(ids), num_bytes)
-    if texts:
-        for path in texts:
-            ids, num_bytes = encode_file(path, tok)
-            name = Path(path).name
-            while name in results:
-                name += "'"
-            run_one(name, ids, num_bytes)
+    for path in texts:
+        ids, num_bytes = encode_file(path, tok)
+        if max_tokens is not None and len(ids) > max_tokens:
+            ids, num_bytes = head_of(ids, max_tokens, eot, tok)
+        name = Path(path).name
+        while name in results:
+            name += "'"
+        run_one(name, ids, num_bytes)
     return results
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from peerlm.evaluate import progress_bar
 from peerlm.model import KVCache, Transformer
 
 __all__ = ["filter_logits", "sample_next", "generate"]
@@ -62,9 +63,10 @@ def _check(temperature: float, top_k: int | None, top_p: float | None, max_new_t
 @torch.no_grad()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             bos_id: int | None = 0, stop_id: int | None = 0, use_cache: bool = True) -> list[int]:
+             bos_id: int | None = 0, stop_id: int | None = 0, use_cache: bool = True,
+             progress: bool = False) -> list[int]:
     """New token ids continuing ``prompt`` (ids without the start token): at most ``max_new_tokens``,
-    ending early at ``stop_id`` (not included; None never stops)."""
+    ending early at ``stop_id`` (not included; None never stops). ``progress``: a bar over the tokens."""
     _check(temperature, top_k, top_p, max_new_tokens)
     T, V = model.cfg.context_length, model.cfg.vocab_size
     seq = ([bos_id] if bos_id is not None else []) + list(prompt)
@@ -90,7 +92,9 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     if use_cache:
         cache = model.new_kv_cache(batch=1)
         logits_V = forward(seq)
+    bar = progress_bar(max_new_tokens, "generate", progress, unit="tok")
     for _ in range(max_new_tokens):
+        bar.update(1)
         if not use_cache:
             logits_V = forward(seq[-T:])
         nxt = sample_next(logits_V, temperature, top_k, top_p, gen)
@@ -104,4 +108,5 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
                 logits_V = forward(seq[-(T // 2 or 1):])
             else:
                 logits_V = forward([nxt])
+    bar.close()
     return out

@@ -22,6 +22,18 @@ their tables to ``RowSparseAdamW``, whose cost per step follows the rows the bat
 number of experts.
 Validation runs in eval mode over the first ``eval_batches`` x ``batch_size`` windows of the val
 split and records loss, perplexity, and usage / unevenness of every PEER and PKM layer.
+
+A call goes in three phases, so that a refused run changes nothing on disk:
+1. checks that need no run directory: the data (its tokenizer, token ids, enough tokens for one
+   window), the device, the run length;
+2. under the run directory's lock (``peerlm.fileio.DirLock``: one writer per run directory, a second
+   process is refused naming the holder): the checkpoint to resume from, verified and loaded into
+   the model and optimizer, the run's tokenizer fingerprint against the data's, and a probe that the
+   directory takes writes and has room for a checkpoint;
+3. only then the first write (config.json, tokenizer.json, metrics.jsonl), and the steps.
+SIGTERM or SIGINT during the steps (what schedulers send before they preempt) lets the current step
+finish (with its validation, if due), writes a checkpoint and raises ``TrainInterrupted``; a second
+signal stops at once (every write is atomic, so that is safe too).
 """
 
 from __future__ import annotations
@@ -31,7 +43,10 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,22 +57,33 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from peerlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from peerlm.checkpoint import latest_checkpoint, load_checkpoint, read_config, save_checkpoint, verify_checkpoint
 from peerlm.config import ModelConfig, check_types, from_dict, to_dict
 from peerlm.data import TokenDataset
-from peerlm.evaluate import evaluate_tokens, memory_usage, tracking_usage
-from peerlm.fileio import atomic_write_bytes, atomic_write_text
+from peerlm.evaluate import check_same_tokenizer, evaluate_tokens, memory_usage, tracking_usage
+from peerlm.fileio import DirLock, atomic_write_bytes, atomic_write_text, probe_writable, sha256_file
 from peerlm.flops import model_cost
 from peerlm.model import Transformer, build_model
 from peerlm.optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
 
-__all__ = ["TrainConfig", "RunConfig", "TrainError", "resolve_device", "plan_steps", "build_for_training", "train"]
+__all__ = ["TrainConfig", "RunConfig", "TrainError", "TrainInterrupted", "resolve_device", "plan_steps",
+           "build_for_training", "train"]
 
 DTYPES = ("auto", "float32", "bfloat16")
 
 
 class TrainError(Exception):
     """A problem with a run a user can fix (its directory, budget or resume state)."""
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Training stopped on a signal after writing a checkpoint. A KeyboardInterrupt, so that code
+    around ``train`` that catches Exception does not carry on as if the run were complete."""
+
+    def __init__(self, signame: str, step: int, total: int, out: Path) -> None:
+        super().__init__(f"stopped by {signame} after step {step}/{total}; checkpoint written in {out}")
+        self.signame, self.step, self.total, self.out = signame, step, total, out
+        self.signum = int(getattr(signal, signame))
 
 
 @dataclass
@@ -173,6 +199,7 @@ def data_info(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``data`` section of a RunConfig for a prepared directory."""
     ds = TokenDataset(data_dir)
     return {"dir": str(Path(data_dir).resolve()), "vocab_size": ds.vocab_size, "eot_id": ds.eot_id,
+            "tokenizer_sha256": ds.tokenizer_sha256,
             "splits": {n: {"tokens": ds.num_tokens(n), "bytes": ds.num_bytes(n),
                            "eval": bool(ds.meta["splits"][n].get("eval", False))} for n in ds.splits}}
 
@@ -183,10 +210,25 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype |
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         why = "CUDA is available" if dev.type == "cuda" else "no CUDA device"
     else:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise TrainError(f"device {device!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
         why = "as configured"
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise TrainError(f"device {device!r} requested but CUDA is not available; use device=cpu")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise TrainError(f"device {device!r} requested but CUDA is not available; use device=cpu")
+            n = torch.cuda.device_count()
+            if dev.index is not None and dev.index >= n:
+                raise TrainError(f"device {device!r} requested but this machine has {n} CUDA device(s), "
+                                 f"cuda:0..cuda:{n - 1}")
+        elif dev.type == "mps":
+            mps = getattr(torch.backends, "mps", None)
+            if mps is None or not mps.is_available():
+                raise TrainError(f"device {device!r} requested but this torch build or machine has no MPS "
+                                 "(Apple GPU) device; use device=cpu")
+        elif dev.type != "cpu":
+            raise TrainError(f"device {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     if dtype == "bfloat16" and dev.type != "cuda":
         raise TrainError("dtype=bfloat16 autocast is for CUDA only; use dtype=float32 or auto on CPU")
     amp = torch.bfloat16 if dev.type == "cuda" and dtype in ("auto", "bfloat16") else None
@@ -278,26 +320,124 @@ def validate(model: Transformer, ds: TokenDataset, run: RunConfig, device: torch
     return out
 
 
-def _prepare_run_dir(run: RunConfig, out: Path, resume: bool, log: Callable[[str], None]) -> Path | None:
-    """Create or check the run directory; return the checkpoint to resume from (None: fresh start)."""
-    ckpt = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").exists() else None
+def _check_data(run: RunConfig) -> TokenDataset:
+    """Phase 1: the data directory a run trains on, opened and checked (nothing is written)."""
+    if not run.data.get("dir"):
+        raise TrainError("the run config names no data directory")
+    ds = TokenDataset(run.data["dir"])
+    if not ds.has_tokenizer:
+        raise TrainError(f"{ds.dir} has no tokenizer.json, so a run trained on it could not encode text to "
+                         "evaluate or generate; prepare the directory again with `peerlm data prepare`")
+    check_same_tokenizer(run.data.get("tokenizer_sha256"), ds.tokenizer_sha256, str(ds.dir),
+                         "rebuild the run config from the directory as it is now (data_info)")
+    if ds.vocab_size > run.model.vocab_size:
+        raise TrainError(f"the data has {ds.vocab_size} token ids but model.vocab_size is "
+                         f"{run.model.vocab_size}; set model.vocab_size={ds.vocab_size}")
+    ds.windows_per_epoch(run.model.context_length)  # at least one training window
+    for split in ("train", "val"):
+        if split in ds.splits:
+            ds.tokens(split)  # opening checks every id against the vocabulary
+    return ds
+
+
+def _check_out(out: Path, ds: TokenDataset) -> None:
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out} is a file, not a run directory; choose another --out")
+    if out.resolve() == ds.dir.resolve() or ((out / "meta.json").is_file() and not (out / "config.json").is_file()):
+        raise TrainError(f"{out} is a prepared data directory, not a run directory; choose another --out")
+
+
+def _resume_point(run: RunConfig, out: Path, resume: bool, ds: TokenDataset,
+                  notes: list[str]) -> Path | None:
+    """Phase 2: the checkpoint to resume from (None: a fresh start), verified, with the run's tokenizer
+    checked against the data's; what the user should know goes to ``notes``."""
+    root = out / "checkpoints"
+    ckpt = latest_checkpoint(root, notes) if root.is_dir() else None
     if ckpt is not None and not resume:
         raise TrainError(f"{out} already holds a run (checkpoint {ckpt.name}); pass --resume to continue "
                          "it or choose another --out")
     if resume and ckpt is None:
-        log(f"note: no checkpoint in {out}; starting from scratch")
-    if resume and ckpt is not None and (out / "config.json").is_file():
-        old = json.loads((out / "config.json").read_text("utf-8")).get("train", {})
+        notes.append(f"note: no checkpoint in {out}; starting from scratch")
+    if ckpt is None:
+        return None
+    verify_checkpoint(ckpt)
+    saved = read_config(ckpt).get("data", {})
+    run_fp = saved.get("tokenizer_sha256")
+    if not run_fp and (out / "tokenizer.json").is_file():  # runs from before the fingerprint was recorded
+        run_fp = sha256_file(out / "tokenizer.json")
+    trained_on = saved.get("dir")
+    if trained_on and Path(trained_on).resolve() != ds.dir.resolve():
+        fix = f"resume with the data the run was trained on (--data {trained_on}) or start a new run in another --out"
+    else:
+        fix = ("it was prepared again since the run began: prepare the run's text again (the same text and "
+               "options give identical files) and resume with --data DIR, or start a new run in another --out")
+    check_same_tokenizer(run_fp, ds.tokenizer_sha256, str(ds.dir), fix)
+    stored = out / "config.json"
+    if stored.is_file():
+        try:
+            old = json.loads(stored.read_text("utf-8")).get("train", {})
+        except (ValueError, AttributeError):
+            old = {}  # unreadable: nothing to compare with (it is rewritten from the resolved config)
         changed = sorted(k for k, v in to_dict(run.train).items() if k in old and old[k] != v)
         if changed:
-            log(f"note: resuming with changed train settings: {', '.join(changed)} (losses will differ "
-                "from an uninterrupted run where they matter)")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(run.to_dict(), indent=2) + "\n")
-    src = Path(run.data.get("dir", "")) / "tokenizer.json"
-    if src.is_file() and not (out / "tokenizer.json").is_file():
-        atomic_write_bytes(out / "tokenizer.json", src.read_bytes())
+            notes.append(f"note: resuming with changed train settings: {', '.join(changed)} (losses will "
+                         "differ from an uninterrupted run where they matter)")
     return ckpt
+
+
+def _check_room(out: Path, model: Transformer) -> None:
+    """Phase 2: the run directory takes writes and has room for a checkpoint, before the first step
+    rather than at the first checkpoint."""
+    ckpts = out / "checkpoints"
+    if ckpts.exists() and not ckpts.is_dir():
+        raise TrainError(f"{ckpts} is not a directory, so no checkpoint could be written; move it away")
+    for d in (out, ckpts) if ckpts.is_dir() else (out,):
+        try:
+            probe_writable(d)
+        except OSError as e:
+            raise TrainError(f"{d} is not writable ({e.strerror or e}); fix its permissions or choose another "
+                             "--out") from None
+    # weights and buffers, plus AdamW's two moments per parameter
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    need += 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise TrainError(f"{out} has {free / 1e6:,.0f} MB free but a checkpoint of this run takes about "
+                         f"{need / 1e6:,.0f} MB; free space or choose another --out")
+
+
+def _commit_run_dir(run: RunConfig, out: Path, ds: TokenDataset) -> None:
+    """Phase 3: the run's first writes."""
+    atomic_write_text(out / "config.json", json.dumps(run.to_dict(), indent=2) + "\n")
+    if not (out / "tokenizer.json").is_file():
+        atomic_write_bytes(out / "tokenizer.json", (ds.dir / "tokenizer.json").read_bytes())
+
+
+class _StopSignals:
+    """Within the block, SIGTERM and SIGINT only set ``received`` (the signal's name); the loop ends
+    at the next step boundary. A second signal raises KeyboardInterrupt at once. Outside the main
+    thread, where Python cannot install handlers, signals keep their usual effect."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT") if hasattr(signal, n))
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _train_step(model: Transformer, opt: Any, params: list[torch.Tensor], ds: TokenDataset, run: RunConfig,
@@ -351,21 +491,25 @@ def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False,
 
     ``resume`` continues from the newest checkpoint. ``stop_at`` ends (with a checkpoint) after that
     many total steps without changing the schedule, as an interruption would. ``notes`` are logged
-    once the run directory is accepted.
+    once the run directory is accepted. Nothing is written unless every check passes (see the module
+    docstring); SIGTERM / SIGINT end the run with a checkpoint and ``TrainInterrupted``.
     """
     log = log or (lambda s: tqdm.write(s, file=sys.stdout))
-    out, t, cfg = Path(out_dir), run.train, run.model
-    if not run.data.get("dir"):
-        raise TrainError("the run config names no data directory")
-    ds = TokenDataset(run.data["dir"])
-    if ds.vocab_size > cfg.vocab_size:
-        raise TrainError(f"the data has {ds.vocab_size} token ids but model.vocab_size is {cfg.vocab_size}; "
-                         f"set model.vocab_size={ds.vocab_size}")
+    out, t = Path(out_dir), run.train
+    ds = _check_data(run)
     device, amp, why = resolve_device(t.device, t.dtype)
     total, limit = plan_steps(run)
-    ckpt = _prepare_run_dir(run, out, resume, log)
-    for note in notes:
-        log(note)
+    _check_out(out, ds)
+    with DirLock(out, "run directory"):
+        return _train_locked(run, out, ds, device, amp, why, total, limit, resume, stop_at, progress, log, notes)
+
+
+def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.device, amp: torch.dtype | None,
+                  why: str, total: int, limit: str, resume: bool, stop_at: int | None, progress: bool,
+                  log: Callable[[str], None], notes: Sequence[str]) -> dict[str, Any]:
+    t, cfg = run.train, run.model
+    found: list[str] = []
+    ckpt = _resume_point(run, out, resume, ds, found)
     T = cfg.context_length
     flops_per_token = model_cost(cfg, T)["flops_train"]
     tokens_per_step = t.batch_size * t.grad_accum * T
@@ -375,11 +519,16 @@ def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False,
     step, history, offset = 0, [], None
     if ckpt is not None:
         configured = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
-        state = load_checkpoint(ckpt, model, opt, expected_model=to_dict(cfg))
+        state = load_checkpoint(ckpt, model, opt, expected_model=to_dict(cfg), verify=False)
         for g, (base_lr, wd) in zip(opt.param_groups, configured):  # this run's settings, not the saved ones
             g["base_lr"], g["weight_decay"] = base_lr, wd
         step, offset = state["step"], state["train"]["metrics_offset"]
         history = state["train"].get("validations", [])
+    _check_room(out, model)
+    _commit_run_dir(run, out, ds)
+    for note in [*found, *notes]:
+        log(note)
+    if ckpt is not None:
         log(f"resumed from {ckpt} at step {step}")
     metrics = MetricsLog(out / "metrics.jsonl", truncate_to=offset)
     tb = _tensorboard(out, step + 1 if ckpt is not None else None, log) if t.tensorboard else None
@@ -413,7 +562,7 @@ def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False,
     bar = tqdm(total=end, initial=step, desc="train", unit="step", leave=False, dynamic_ncols=True,
                disable=not progress or not sys.stderr.isatty())  # a log file gets the step lines only
     try:
-        with _deterministic(device):
+        with _deterministic(device), _StopSignals() as stop:
             while step < end:
                 t0 = time.time()
                 loss_val, ce_val, norm, factor = _train_step(model, opt, params, ds, run, step, total, device,
@@ -441,8 +590,11 @@ def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False,
                             tb.add_scalar(f"train/{k}", rec[k], step)
                 if step % t.eval_every == 0 or step == total:
                     run_validation(step)
-                if (t.ckpt_every and step % t.ckpt_every == 0) or step == end:
+                if (t.ckpt_every and step % t.ckpt_every == 0) or step == end or stop.received:
                     checkpoint(step)
+                if stop.received and step < end:
+                    log(f"{stop.received}: stopped after step {step}/{total} with a checkpoint")
+                    raise TrainInterrupted(stop.received, step, total, out)
     finally:
         bar.close()
         metrics.close()

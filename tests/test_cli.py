@@ -171,3 +171,226 @@ def test_demo_end_to_end_offline_and_reused(tmp_path, monkeypatch, capsys):
     demo.run_demo(out, progress=False)
     again = capsys.readouterr().out
     assert again.count("reusing") == 3 and "training" not in again.replace("training budget", "")
+
+
+# ------------------------------------------------------------------------------------- hardening
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every file (with its bytes) and directory under ``root``: what a refused command must not change."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def _run_with_checkpoints(root: Path, data: Path, steps: int = 4, every: int = 2) -> Path:
+    out = root / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--max-steps", str(steps),
+                 "--quiet", "--set", "train.device=cpu", "--set", f"train.ckpt_every={every}"]) == 0
+    return out
+
+
+def test_a_refused_command_changes_nothing(workspace, capsys, tmp_path):
+    """Resuming with another preset, a changed model field or a context the data cannot fill is refused
+    before anything is written: the run stays resumable, byte for byte as it was."""
+    import shutil
+
+    r, d = tmp_path / "r", str(workspace / "d")
+    shutil.copytree(workspace / "r", r)
+    before = _tree(r)
+    _error(capsys, ["train", "--preset", "tiny-peer", "--data", d, "--out", str(r), "--resume",
+                    "--max-steps", "5"], "different model")
+    _error(capsys, ["train", "--out", str(r), "--resume", "--max-steps", "5", "--set", "model.dim=64"],
+           "different model")
+    _error(capsys, ["train", "--out", str(r), "--resume", "--max-steps", "5",
+                    "--set", "model.context_length=100000"], "need at least seq_len")
+    assert _tree(r) == before
+    fresh = tmp_path / "new" / "run"
+    _error(capsys, ["train", "--preset", "tiny", "--data", d, "--out", str(fresh), "--max-steps", "2",
+                    "--set", "model.context_length=100000"], "need at least seq_len")
+    assert not fresh.exists() and not fresh.parent.exists()
+    assert main(["train", "--out", str(r), "--resume", "--max-steps", "5", "--quiet"]) == 0  # still resumable
+    assert "step 5/5" in capsys.readouterr().out
+
+
+def test_runs_and_data_know_their_tokenizer(capsys, tmp_path):
+    """A data directory prepared again from other text (same vocabulary size) is refused by --resume and
+    eval; a directory without tokenizer.json cannot start a run; an id past the vocabulary is caught
+    when the array is opened, not when a batch happens to hit it."""
+    import shutil
+
+    import numpy as np
+
+    f, g = _text(tmp_path / "f.txt"), _text(tmp_path / "g.txt")
+    g.write_text(g.read_text().replace("the", "a").replace("cat", "fish"))
+    d = tmp_path / "d"
+    prep = ["data", "prepare", "--out", str(d), "--vocab-size", "300", "--val-fraction", "0.1", "--quiet"]
+    assert main([*prep, "--text", str(f)]) == 0
+    meta = json.loads((d / "meta.json").read_text())
+    r = _run_with_checkpoints(tmp_path, d, steps=2)
+    assert json.loads((r / "config.json").read_text())["data"]["tokenizer_sha256"] == meta["tokenizer_sha256"]
+    assert main([*prep, "--text", str(g)]) == 0  # same vocabulary size, another tokenizer
+    assert json.loads((d / "meta.json").read_text())["vocab_size"] == meta["vocab_size"]
+    capsys.readouterr()
+    _error(capsys, ["train", "--out", str(r), "--resume", "--max-steps", "4"], "another tokenizer")
+    _error(capsys, ["eval", str(r)], "another tokenizer")
+    assert main(["eval", str(r), "--text", str(f), "--json"]) == 0  # text is encoded with the run's own
+    capsys.readouterr()
+
+    bare = tmp_path / "bare"
+    shutil.copytree(d, bare)
+    (bare / "tokenizer.json").unlink()
+    _error(capsys, ["train", "--preset", "tiny", "--data", str(bare), "--out", str(tmp_path / "r2"),
+                    "--max-steps", "2"], "no tokenizer.json")
+    assert not (tmp_path / "r2").exists()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(d, broken)
+    ids = np.fromfile(broken / "train.bin", dtype=np.uint16)
+    ids[len(ids) // 2] = 999  # vocabulary 300
+    ids.tofile(broken / "train.bin")
+    _error(capsys, ["train", "--preset", "tiny", "--data", str(broken), "--out", str(tmp_path / "r3"),
+                    "--max-steps", "2"], "token id 999 at position")
+
+
+NUMBER_ERRORS = [
+    (["eval", "{r}", "--batch-size", "0"], "--batch-size: expected a whole number >= 1"),
+    (["eval", "{r}", "--batch-size", "-2"], "--batch-size: expected a whole number >= 1"),
+    (["eval", "{r}", "--max-tokens", "0"], "--max-tokens: expected a whole number >= 1"),
+    (["train", "--out", "{r}", "--resume", "--max-tokens", "-5"], "--max-tokens: expected a whole number >= 1"),
+    (["train", "--out", "{r}", "--resume", "--flops", "nan"], "--flops: expected a number > 0"),
+    (["train", "--out", "{r}", "--resume", "--max-steps", "3", "--set", "train.batch_size=-1"],
+     "TrainConfig.batch_size must be >= 1, got -1"),
+    (["train", "--out", "{r}", "--resume", "--max-steps", "3", "--set", "train.lr=inf"], "give a number"),
+    (["train", "--out", "{r}", "--resume", "--max-steps", "3", "--set", "train.betas=0.9"],
+     "2 comma-separated values such as 0.9,0.95"),
+    (["train", "--out", "{r}", "--resume", "--set", "lr=1"], "expected SECTION.FIELD=VALUE"),
+    (["generate", "{r}", "--prompt", "hi", "--top-p", "0"], "--top-p: expected a number > 0 and <= 1"),
+    (["generate", "{r}", "--prompt", "hi", "--temperature", "-1"], "--temperature: expected a number >= 0"),
+    (["generate", "{r}", "--prompt", "hi", "--seed", "-1"], "--seed: expected a whole number >= 0"),
+    (["flops", "--preset", "tiny", "--seq-len", "0"], "--seq-len: expected a whole number >= 1"),
+    (["flops", "--preset", "tiny", "--set", "train.lr=1"], "with SECTION model"),
+    (["demo", "--out", "{r}/demo", "--minutes", "-1"], "--minutes: expected a number > 0"),
+    (["data", "prepare", "--text", "{f}", "--out", "{r}/d", "--vocab-size", "100"], "--vocab-size: expected"),
+    (["data", "prepare", "--text", "{f}", "--out", "{r}/d", "--val-fraction", "1"], "--val-fraction: expected"),
+]
+
+
+def test_numbers_are_validated_where_they_enter(workspace, capsys, tmp_path):
+    """Zero, negative and non-finite numbers are usage errors naming the flag and the accepted form
+    (through --set too, with the range rather than "cannot parse"); --max-tokens applies to --text."""
+    import shutil
+
+    r, f = tmp_path / "r", workspace / "f.txt"
+    shutil.copytree(workspace / "r", r)
+    before = _tree(r)
+    for argv, match in NUMBER_ERRORS:
+        _error(capsys, [a.format(r=r, f=f) for a in argv], match)
+    assert _tree(r) == before
+    assert main(["eval", str(r), "--text", str(f), "--max-tokens", "20", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tokens"] == 20 and res["bytes"] < len(f.read_bytes()) / 5
+    assert main(["flops", "--preset", "tiny", "--set", "model.n_layers=1e0"]) == 0  # ints in float notation
+
+
+def test_damaged_checkpoint_names_the_intact_one_and_the_command(workspace, capsys, tmp_path):
+    """A damaged optimizer state does not stop eval (it reads weights only); a damaged newest checkpoint
+    is refused with the intact older one and the command that works; a fallback is announced; every
+    command that reads a checkpoint says which step it used."""
+    import re
+
+    r, f = _run_with_checkpoints(tmp_path, workspace / "d"), str(workspace / "f.txt")
+    newest, older = r / "checkpoints" / "step_00000004", r / "checkpoints" / "step_00000002"
+    state = newest / "state.safetensors"
+    data = bytearray(state.read_bytes())
+    data[-3] ^= 0xFF
+    state.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["eval", str(r), "--text", f, "--json"]) == 0
+    assert "checkpoint step 4" in capsys.readouterr().err
+    line = _error(capsys, ["train", "--out", str(r), "--resume", "--max-steps", "6"], "state.safetensors is corrupt")
+    assert str(older) in line and f"mv {newest} {newest}.damaged" in line
+    assert f"peerlm train --out {r} --resume" in line and "from step 2" in line
+
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    line = _error(capsys, ["eval", str(r), "--text", f, "--json"], "truncated")
+    command = re.search(r"`(peerlm eval [^`]+)`", line).group(1)
+    assert command == f"peerlm eval {older} --text {f} --json"
+    assert main(command.split()[1:]) == 0
+    assert "checkpoint step 2" in capsys.readouterr().err
+    _error(capsys, ["generate", str(r), "--prompt", "hi"], f"peerlm generate {older} --prompt hi")
+
+    newest.rename(newest.with_name(newest.name + ".damaged"))  # the way out train's message gives
+    assert main(["generate", str(r), "--prompt", "hi", "--max-new-tokens", "2", "--seed", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "names step_00000004, which is missing or incomplete; using step_00000002" in err
+    assert "generate: checkpoint step 2" in err
+
+
+def test_machine_failures_are_one_line_errors(workspace, capsys, tmp_path, monkeypatch):
+    """A device this build lacks, a checkpoint write the disk refuses, a run directory whose checkpoints
+    cannot be written: one line naming the device or path (and how to resume), never a traceback, and
+    the unwritable case is caught before the first step."""
+    import safetensors
+
+    import peerlm.checkpoint as ckpt_mod
+
+    d = str(workspace / "d")
+    _error(capsys, ["train", "--preset", "tiny", "--data", d, "--out", str(tmp_path / "m"), "--max-steps", "2",
+                    "--set", "train.device=mps"], "'mps'")
+    _error(capsys, ["eval", str(workspace / "r"), "--device", "mps"], "mps")
+    assert not (tmp_path / "m").exists()
+
+    def disk_full(tensors, path):
+        raise safetensors.SafetensorError(f"Error while serializing: I/O error: No space left on device "
+                                          f"(os error 28) at path {path}")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", disk_full)
+    out = tmp_path / "full"
+    line = _error(capsys, ["train", "--preset", "tiny", "--data", d, "--out", str(out), "--max-steps", "2",
+                           "--quiet", "--set", "train.device=cpu"], "No space left on device")
+    assert f"{out / 'checkpoints' / 'step_00000002'}" in line and f"peerlm train --out {out} --resume" in line
+    assert not list((out / "checkpoints").glob(".step_*"))
+    monkeypatch.undo()
+
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "checkpoints").write_text("not a directory")
+    before = _tree(blocked)
+    _error(capsys, ["train", "--preset", "tiny", "--data", d, "--out", str(blocked), "--max-steps", "3",
+                    "--set", "train.ckpt_every=0"], "checkpoints is not a directory")
+    assert _tree(blocked) == before  # refused before the first step: no metrics, no config
+
+
+def test_eval_shows_progress_unless_quiet(workspace, capsys, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    argv = ["eval", str(workspace / "r"), "--text", str(workspace / "f.txt"), "--batch-size", "1"]
+    for quiet in (False, True):
+        term = Terminal()
+        monkeypatch.setattr(sys, "stderr", term)
+        assert main(argv + ["--quiet"] * quiet) == 0
+        monkeypatch.undo()
+        assert ("eval f.txt" in term.getvalue() and "tok" in term.getvalue()) != quiet, term.getvalue()
+
+
+def test_debug_anywhere_and_presets_stay_aligned(capsys, tmp_path):
+    import re
+
+    from peerlm.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError):
+        main(["eval", str(tmp_path / "norun"), "--debug"])
+    with pytest.raises(CheckpointError):
+        main(["eval", "--debug", str(tmp_path / "norun")])
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[: lines.index("")]
+    assert "table params" in table[0] and any("PEER expert" in line for line in lines)
+    cells = [[m.span() for m in re.finditer(r"\S+(?: \S+)*", line)] for line in table]
+    assert len({len(c) for c in cells}) == 1, table  # no two columns run together
+    for col in range(1, 5):  # the number columns are right-aligned: every cell ends where the header's does
+        assert len({c[col][1] for c in cells}) == 1, (col, table)

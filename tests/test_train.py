@@ -250,3 +250,70 @@ def test_warmup_is_a_fraction_of_the_run_and_ratios_set_group_lrs(data_dir):
     lrs = {g["name"]: g["base_lr"] for g in opt.param_groups}
     assert lrs["decay"] == 1e-3 and lrs["experts"] == pytest.approx(3e-3)
     assert lrs["routing"] == lrs["routing_no_decay"] == pytest.approx(1e-4)
+
+
+def _wait_for_steps(proc: subprocess.Popen, metrics: Path, n: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"training did not get going: {proc.poll()}")
+
+
+def _latest_step(out: Path) -> int:
+    latest = out / "checkpoints" / "latest"
+    return int(latest.read_text().strip().split("_")[1]) if latest.is_file() else 0
+
+
+def test_a_run_directory_has_one_writer(data_dir, tmp_path, capsys):
+    """A second `peerlm train` on a run directory that another process is writing is refused, naming
+    that process; the lock dies with its holder, so after a SIGKILL the run resumes at once."""
+    from peerlm.cli import main
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = tmp_path / "r"
+    proc = subprocess.Popen(_cli_train(data_dir, out, 100_000), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_steps(proc, out / "metrics.jsonl", 2)
+        second = _cli_train(data_dir, out, 3, resume=True)[3:]  # the same command, in this process
+        assert main(second) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "is in use" in err and f"pid {proc.pid}" in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+    steps = _latest_step(out) + 2
+    assert main(_cli_train(data_dir, out, steps, resume=True)[3:]) == 0
+    assert f"step {steps}/{steps}" in capsys.readouterr().out
+    assert not (out / ".peerlm.lock").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_ends_training_with_a_checkpoint_and_the_resume_command(data_dir, tmp_path, capsys, sig):
+    """What a scheduler sends before it preempts (and Ctrl-C): the step finishes, a checkpoint of that
+    step is written, the process says how to resume and exits with 128 + the signal; resuming goes on
+    from there."""
+    import re
+
+    from peerlm.cli import main
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = tmp_path / "r"
+    proc = subprocess.Popen(_cli_train(data_dir, out, 100_000), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_steps(proc, out / "metrics.jsonl", 3)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err[-800:]
+    m = re.search(rf"stopped by {sig.name} after step (\d+)/100000", err)
+    assert m and f"`peerlm train --out {out} --resume`" in err and "Traceback" not in err, err[-800:]
+    step = int(m.group(1))
+    assert _latest_step(out) == step and list(losses(out)) == list(range(1, step + 1))
+    assert main(_cli_train(data_dir, out, step + 2, resume=True)[3:]) == 0
+    assert f"resumed from {out / 'checkpoints' / f'step_{step:08d}'}" in capsys.readouterr().out
+    assert list(losses(out)) == list(range(1, step + 3))

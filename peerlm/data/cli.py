@@ -25,6 +25,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from peerlm import argtypes
+
 from .corpora import EVAL_CORPORA, REGISTRY, TRAIN_CORPORA, cached_meta, corpus_path, fetch, spec
 from .errors import DataError
 from .prepare import MAX_DOC_SHARE, MIN_DOCUMENTS, SPLIT_MODES, prepare
@@ -123,10 +125,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--hf-split", default="train", help="split of the --hf dataset (default: train)")
     p.add_argument("--hf-text-field", default="text", help="text column of the --hf dataset (default: text)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: 8192)")
-    p.add_argument("--val-fraction", type=float, default=0.01,
-                   help="held-out share of each source's text (default: 0.01)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: 0)")
+    p.add_argument("--vocab-size", type=argtypes.whole(257, 2**32 + 1, example="8192", hi_text="2**32 + 1"),
+                   default=8192, help="BPE vocabulary size, >= 257: 256 bytes + <|endoftext|> (default: 8192)")
+    p.add_argument("--val-fraction", type=argtypes.fraction, default=0.01,
+                   help="held-out share of each source's text, in [0, 1) (default: 0.01)")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the train/val split (default: 0)")
     p.add_argument("--split-by", choices=SPLIT_MODES, default="auto",
                    help="unit of the train/val split, per source: 'document' holds out whole documents "
                         f"(seeded hash order, up to the val share; none over {MAX_DOC_SHARE:g}x the share); "

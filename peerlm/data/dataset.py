@@ -3,6 +3,10 @@
 `TokenDataset(dir)` memory-maps each split lazily (`np.memmap`, read-only), so a multi-GB array costs
 no RAM until its pages are touched. Split names are `train`, `val` and each eval set's name. It reads
 meta.json formats 1 and 2 (2 only adds records of how the split was made) and refuses newer ones.
+`tokenizer_sha256` is the directory's tokenizer fingerprint (the one meta.json records, checked
+against tokenizer.json on opening; hashed from tokenizer.json where meta.json has none). Opening a
+split checks that every id is below the vocabulary (one pass over the array, on first use), so a
+damaged array is refused before training or evaluation reads it, not when a batch happens to hit it.
 
 Training batches: `train_batch(batch_size, seq_len, step, seed)` samples without replacement within
 an epoch and is a pure function of (seed, step, batch_size, seq_len, data), so a run resumed at step
@@ -41,6 +45,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from peerlm.fileio import sha256_file
+
 from .errors import DataError
 from .prepare import FORMAT_VERSION
 from .sources import read_text_file
@@ -54,7 +60,11 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise DataError(f"no tokenizer at {file}; run `peerlm data prepare` to build one")
-    tok = Tokenizer.from_file(str(file))
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises its own exception types for a damaged file
+        detail = " ".join(str(e).split())[:120]
+        raise DataError(f"{file} is not a readable tokenizer ({detail}); prepare the directory again") from None
     tok.encode_special_tokens = True  # literal "<|endoftext|>" in user text is text, not a separator
     return tok
 
@@ -86,6 +96,14 @@ class TokenDataset:
         self.vocab_size: int = int(self.meta["vocab_size"])
         self.dtype = np.dtype(self.meta["dtype"])
         self.eot_id: int = int(self.meta["eot_id"])
+        tok_file = self.dir / self.meta.get("tokenizer", "tokenizer.json")
+        self.has_tokenizer = tok_file.is_file()
+        recorded = self.meta.get("tokenizer_sha256")
+        actual = sha256_file(tok_file) if self.has_tokenizer else None
+        if recorded and actual and recorded != actual:
+            raise DataError(f"{tok_file} is not the tokenizer meta.json records (sha256 {actual[:12]} vs "
+                            f"{recorded[:12]}): the directory was partly re-prepared or edited; prepare it again")
+        self.tokenizer_sha256: str | None = actual or recorded
         self._arrays: dict[str, np.ndarray] = {}
         self._epochs: dict[tuple[str, int, int, int], tuple[int, np.ndarray]] = {}
 
@@ -110,9 +128,20 @@ class TokenDataset:
             if size != info["tokens"] * self.dtype.itemsize:
                 raise DataError(f"{file} has {size} bytes but meta.json says {info['tokens']} {self.dtype} "
                                 "tokens; the directory is damaged, prepare it again")
-            self._arrays[split] = (np.memmap(file, dtype=self.dtype, mode="r") if size
-                                   else np.zeros(0, dtype=self.dtype))  # mmap refuses empty files
+            arr = np.memmap(file, dtype=self.dtype, mode="r") if size else np.zeros(0, dtype=self.dtype)
+            self._check_ids(file, arr)  # mmap above refuses empty files, hence zeros
+            self._arrays[split] = arr
         return self._arrays[split]
+
+    def _check_ids(self, file: Path, arr: np.ndarray, chunk: int = 1 << 24) -> None:
+        if not arr.size or np.iinfo(self.dtype).max < self.vocab_size:
+            return  # the dtype cannot hold an id past the vocabulary
+        for start in range(0, arr.size, chunk):
+            block = arr[start : start + chunk]
+            if int(block.max()) >= self.vocab_size:
+                at = start + int(np.argmax(block >= self.vocab_size))
+                raise DataError(f"{file} holds token id {int(arr[at])} at position {at}, past the vocabulary "
+                                f"({self.vocab_size}); the file is damaged, prepare the directory again")
 
     def num_tokens(self, split: str) -> int:
         return int(self._info(split)["tokens"])

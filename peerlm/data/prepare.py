@@ -55,6 +55,14 @@ meta.json format 2 adds, beside format 1's fields (readers need neither addition
 mode asked for) and, in each entry of `sources`, `val_split`: `by` (the mode used: document, tail,
 segment, or none when nothing is held out), `documents` (non-empty documents read), `val_documents`
 (documents that gave validation text), `train_bytes` and `val_bytes` (UTF-8 bytes of its pieces).
+It also records `tokenizer_sha256`, the sha256 of tokenizer.json: the fingerprint that runs copy into
+their config and that every place a run meets data compares, since ids from another tokenizer of the
+same size are valid ids of other text. Directories prepared before it have none; readers hash their
+tokenizer.json instead.
+
+Token ids are checked against the vocabulary before an array is written (and `TokenDataset` checks
+them again when it opens one). The output directory is locked while it is written (`DirLock`), and a
+run directory is refused as output.
 """
 
 from __future__ import annotations
@@ -72,6 +80,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
+
+from peerlm.fileio import DirLock
 
 from .cache import atomic_write_text, atomic_writer
 from .errors import DataError
@@ -297,13 +307,14 @@ def encode_pieces(tok: Tokenizer, pieces: Sequence[str], desc: str = "encoding",
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def _write_split(out_dir: Path, rel: str, tok: Tokenizer, pieces: Sequence[str], progress: bool) -> dict:
+def _encode_split(rel: str, tok: Tokenizer, pieces: Sequence[str], progress: bool) -> tuple[np.ndarray, dict]:
+    """The ids of one split, checked against the vocabulary, and its entry in meta.json."""
     ids = encode_pieces(tok, pieces, desc=f"encoding {rel}", progress=progress)
     # an id past the vocabulary would index past the model's embedding table, far from here
-    assert ids.size == 0 or int(ids.max()) < tok.get_vocab_size(), (rel, int(ids.max()), tok.get_vocab_size())
-    with atomic_writer(out_dir / rel) as f:
-        ids.tofile(f)
-    return {"file": rel, "tokens": int(ids.size), "bytes": _nbytes(pieces), "pieces": len(pieces)}
+    if ids.size and int(ids.max()) >= tok.get_vocab_size():
+        raise DataError(f"{rel}: the tokenizer produced id {int(ids.max())} >= its vocabulary "
+                        f"{tok.get_vocab_size()}; nothing was written")
+    return ids, {"file": rel, "tokens": int(ids.size), "bytes": _nbytes(pieces), "pieces": len(pieces)}
 
 
 def _nbytes(pieces: Iterable[str]) -> int:
@@ -346,6 +357,8 @@ def prepare(sources: Sequence[Source | str | os.PathLike[str]], out_dir: str | o
         if name in ("train", "val") or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
             raise DataError(f"bad eval set name {name!r}: use letters, digits, '-', '_' (not train/val)")
     out = Path(out_dir)
+    if (out / "checkpoints").exists() or (out / "config.json").is_file():
+        raise DataError(f"{out} holds a training run; prepare data into another directory")
     loaded = [_load(s, progress) for s in srcs]
     modes = [resolve_split_by(docs, val_fraction, split_by) for docs in loaded]
     parts = [_split(docs, val_fraction, seed, segment_chars, m, force=False) for docs, m in zip(loaded, modes)]
@@ -368,19 +381,26 @@ def prepare(sources: Sequence[Source | str | os.PathLike[str]], out_dir: str | o
         print(f"peerlm: training a {vocab_size}-token byte-level BPE on {len(train)} pieces", file=sys.stderr)
     tok = train_tokenizer(train, vocab_size, progress)
     actual = tok.get_vocab_size()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "tokenizer.json", tok.to_str())
-    splits = {"train": _write_split(out, "train.bin", tok, train, progress),
-              "val": _write_split(out, "val.bin", tok, val, progress)}
+    tok_text = tok.to_str()
+    arrays = {"train": _encode_split("train.bin", tok, train, progress),
+              "val": _encode_split("val.bin", tok, val, progress)}
     for name, pieces in eval_pieces.items():
-        splits[name] = {**_write_split(out, f"eval/{name}.bin", tok, pieces, progress), "eval": True}
+        ids, info = _encode_split(f"eval/{name}.bin", tok, pieces, progress)
+        arrays[name] = ids, {**info, "eval": True}
+    splits = {name: info for name, (_, info) in arrays.items()}
     meta = {"format": FORMAT_VERSION, "vocab_size": actual, "requested_vocab_size": vocab_size,
             "dtype": token_dtype(actual).name, "eot_token": EOT, "eot_id": tok.token_to_id(EOT),
-            "tokenizer": "tokenizer.json", "seed": seed, "val_fraction": val_fraction,
+            "tokenizer": "tokenizer.json", "tokenizer_sha256": hashlib.sha256(tok_text.encode("utf-8")).hexdigest(),
+            "seed": seed, "val_fraction": val_fraction,
             "split_by": split_by, "segment_chars": segment_chars, "splits": splits,
             "sources": [{**s.describe(), "val_split": rec} for s, rec in zip(srcs, records)],
             "eval_sources": {n: s.describe() for n, s in evals.items()}}
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    with DirLock(out, "data directory"):  # everything is computed and checked: only writes from here
+        atomic_write_text(out / "tokenizer.json", tok_text)
+        for ids, info in arrays.values():
+            with atomic_writer(out / info["file"]) as f:
+                ids.tofile(f)
+        atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     if progress:
         summary = ", ".join(f"{k} {v['tokens']:,} tok / {v['bytes']:,} B" for k, v in splits.items())
         print(f"peerlm: prepared {out} (vocab {actual}): {summary}", file=sys.stderr)
