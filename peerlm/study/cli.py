@@ -4,6 +4,8 @@
     peerlm study isoflop                        # run them all (resumes; skips runs that have a record)
     peerlm study isoflop --max-runs 1           # one run, e.g. to commit its record before the next
     peerlm study isoflop --report               # summary.json, table.md and plots from the records
+    peerlm study experts --plan                 # an ablation (experts, active, querynorm, expert-lr), from the
+                                                # isoFLOP study's compute-optimal PEER model; results/<name>/
 """
 
 from __future__ import annotations
@@ -52,6 +54,34 @@ def _cmd_isoflop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablation(args: argparse.Namespace) -> int:
+    from peerlm.study.ablation_report import write_ablation_report
+    from peerlm.study.ablations import Ablation
+    from peerlm.study.isoflop import Study, main_log
+
+    iso = Study(args.isoflop_results, work=args.work, threads=args.threads, log=main_log)
+    ablation = Ablation(args.study, args.results or f"results/{args.study}", iso)
+    if args.plan:
+        print(ablation.format_plan(calibrate=not args.no_calibrate))
+        return 0
+    if not args.report:
+        ablation.run(max_runs=args.max_runs, progress=not args.quiet)
+    if args.report or not ablation.pending():
+        for path in write_ablation_report(ablation):
+            print(f"wrote {path}")
+    return 0
+
+
+def _common(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads per run (default 1: step times comparable across runs)")
+    q.add_argument("--max-runs", type=_positive_int, default=None, help="stop after this many runs")
+    q.add_argument("--plan", action="store_true", help="print the runs still to do and an estimated time")
+    q.add_argument("--no-calibrate", action="store_true", help="with --plan: skip the timing of a few steps")
+    q.add_argument("--report", action="store_true", help="only write the reports from the records")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="reproduce the paper's comparisons (isoFLOP study)",
                        description="Studies that reproduce the paper's comparisons, resumable from "
@@ -67,11 +97,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--budget", action="append", type=_budget, metavar="FLOPS",
                    help=f"training FLOP budget (repeatable; default: {', '.join(f'{b:.0e}' for b in BUDGETS)})")
     q.add_argument("--method", action="append", choices=METHODS, help="only these methods (repeatable)")
-    q.add_argument("--threads", type=_positive_int, default=1,
-                   help="torch CPU threads per run (default 1: step times comparable across runs)")
-    q.add_argument("--max-runs", type=_positive_int, default=None, help="stop after this many runs")
-    q.add_argument("--plan", action="store_true", help="print the runs still to do and an estimated time")
-    q.add_argument("--no-calibrate", action="store_true", help="with --plan: skip the timing of a few steps")
-    q.add_argument("--report", action="store_true", help="only write the reports from the records")
-    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(q)
     q.set_defaults(func=_cmd_isoflop)
+    from peerlm.study.ablations import ABLATIONS
+
+    helps = {"experts": "PEER perplexity against the number of experts N at fixed h*k",
+             "active": "PEER perplexity against the active experts h*k, two (h, k) splits each",
+             "querynorm": "query BatchNorm vs running norm vs none: perplexity, usage, unevenness",
+             "expert-lr": "expert-table LR ratio 1, 3, 10 for PEER and PKM"}
+    for name in ABLATIONS:
+        q = studies.add_parser(name, help=helps[name], description=f"The {name} ablation; see "
+                               "peerlm/study/ablations.py. Needs the isoFLOP study's PEER ladder at its "
+                               "smaller budget.")
+        q.add_argument("--results", default=None, metavar="DIR", help=f"records and reports (default: results/{name})")
+        q.add_argument("--isoflop-results", default="results/isoflop", metavar="DIR",
+                       help="the isoFLOP study's records (default: results/isoflop)")
+        q.add_argument("--work", default=None, metavar="DIR",
+                       help="the isoFLOP study's work directory (default: $PEERLM_CACHE/study/isoflop)")
+        _common(q)
+        q.set_defaults(func=_cmd_ablation)

@@ -32,7 +32,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from peerlm.config import ModelConfig, MoEConfig, PEERConfig, PKMConfig
+from peerlm.config import ModelConfig, MoEConfig, PEERConfig, PKMConfig, apply_overrides
 from peerlm.train import TrainConfig
 
 __all__ = ["Size", "SIZES", "METHODS", "BUDGETS", "VOCAB", "CONTEXT", "model_config", "recipe", "base_lr",
@@ -125,7 +125,13 @@ def initial_window(budget: float, width: int = 4) -> list[str]:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run of the study; ``run_id`` names its record and its checkpoint directory."""
+    """One training run of a study; ``run_id`` names its record and its checkpoint directory.
+
+    ``overrides`` change the method's model (``peerlm.config.apply_overrides`` paths, e.g.
+    ``ffn.num_experts=16384``) and ``tokens`` replaces the FLOP budget by a token count (the ablations
+    compare at equal tokens, so that the FLOP charge of retrieval does not change the data seen);
+    ``budget`` then only names the budget whose compute-optimal shape the run starts from.
+    """
 
     phase: str
     budget: float
@@ -135,6 +141,8 @@ class RunSpec:
     expert_ratio: float = 1.0
     seed: int = 0
     sparse_optimizer: bool = False
+    overrides: tuple[str, ...] = ()
+    tokens: int | None = None
 
     @property
     def run_id(self) -> str:
@@ -142,17 +150,22 @@ class RunSpec:
         parts = [f"{self.budget:.0e}".replace("+", ""), self.method, self.size, f"lr{self.lr_mult:g}"]
         if memory:
             parts.append(f"x{self.expert_ratio:g}")
+        parts += [o.removeprefix("ffn.").replace("=", "").replace("_", "") for o in self.overrides]
+        if self.tokens is not None:
+            parts.append(f"tok{self.tokens}")
         if self.sparse_optimizer:
             parts.append("sparse")
         parts.append(f"s{self.seed}")
         return "_".join(parts)
 
     def model(self) -> ModelConfig:
-        return model_config(self.method, size(self.size))
+        cfg = model_config(self.method, size(self.size))
+        return apply_overrides(cfg, self.overrides) if self.overrides else cfg
 
     def train(self) -> TrainConfig:
-        return recipe(self.method, size(self.size), self.budget, self.lr_mult, self.expert_ratio, self.seed,
-                      self.sparse_optimizer)
+        t = recipe(self.method, size(self.size), self.budget, self.lr_mult, self.expert_ratio, self.seed,
+                   self.sparse_optimizer)
+        return t if self.tokens is None else dataclasses.replace(t, flops=None, max_tokens=self.tokens)
 
     def with_(self, **changes) -> RunSpec:
         return dataclasses.replace(self, **changes)

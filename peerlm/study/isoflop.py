@@ -222,7 +222,9 @@ class Study:
             "run_id": spec.run_id, "phase": spec.phase,
             "spec": {"budget": spec.budget, "method": spec.method, "size": spec.size, "lr_mult": spec.lr_mult,
                      "expert_ratio": spec.expert_ratio, "seed": spec.seed,
-                     "sparse_optimizer": spec.sparse_optimizer},
+                     "sparse_optimizer": spec.sparse_optimizer}
+            | ({"overrides": list(spec.overrides)} if spec.overrides else {})
+            | ({"tokens": spec.tokens} if spec.tokens is not None else {}),
             "model": to_dict(run.model), "train": to_dict(run.train),
             "params": cost["params"], "active_params": cost["active_params"],
             "expert_params": cost["expert_params"], "flops_train_per_token": cost["flops_train"],
@@ -272,12 +274,13 @@ class Study:
 
     # -------------------------------------------------------------------------------- estimates
 
-    def calibrate(self, steps: int = 3) -> dict[tuple[str, str], float]:
-        """Seconds per training step of every (method, size) the plan uses, from ``steps`` timed steps."""
+    def calibrate(self, steps: int = 3) -> dict[tuple, float]:
+        """Seconds per training step of every (method, size, overrides) the plan uses, from ``steps``
+        timed steps."""
         torch.set_num_threads(self.threads)
         out: dict[tuple[str, str], float] = {}
         for spec in self.pending():
-            key = (spec.method, spec.size)
+            key = (spec.method, spec.size, spec.overrides)
             if key in out:
                 continue
             model, opt = build_for_training(spec.model(), spec.train())
@@ -296,15 +299,17 @@ class Study:
     def format_plan(self, calibrate: bool = True) -> str:
         pending = self.pending()
         per_step = self.calibrate() if calibrate and pending else {}
-        lines = [f"{'phase':<10}{'run':<36}{'params':>10}{'tokens':>12}{'steps':>7}{'est. min':>10}"]
+        width = max([36] + [len(s.run_id) + 2 for s in pending])
+        lines = [f"{'phase':<10}{'run':<{width}}{'params':>10}{'tokens':>12}{'steps':>7}{'est. min':>10}"]
         total = 0.0
         for spec in pending:
             cfg = spec.model()
             c = model_cost(cfg)
-            steps = int(spec.budget // (c["flops_train"] * BATCH * CONTEXT))
-            est = steps * per_step.get((spec.method, spec.size), float("nan")) / 60
+            steps = (spec.tokens if spec.tokens is not None else int(spec.budget // c["flops_train"])) // (
+                BATCH * CONTEXT)
+            est = steps * per_step.get((spec.method, spec.size, spec.overrides), float("nan")) / 60
             total += est if est == est else 0.0
-            lines.append(f"{spec.phase:<10}{spec.run_id:<36}{c['params'] / 1e6:>9.2f}M"
+            lines.append(f"{spec.phase:<10}{spec.run_id:<{width}}{c['params'] / 1e6:>9.2f}M"
                          f"{steps * BATCH * CONTEXT:>12,}{steps:>7}{est:>10.1f}")
         done = len(self.records())
         lines.append(f"{len(pending)} runs to go ({done} recorded); estimated {total / 60:.1f} h of training "

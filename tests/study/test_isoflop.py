@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from peerlm.cli import main
+from peerlm.config import to_dict
 from peerlm.data import prepare
 from peerlm.flops import model_cost
 from peerlm.study import Study
@@ -33,7 +34,7 @@ def fake_record(spec: RunSpec, loss: float, seconds: float = 60.0) -> dict:
     cost = model_cost(spec.model())
     ev = {name: {"loss": loss + d, "perplexity": math.exp(loss + d), "bits_per_byte": loss / 2, "tokens": 1000}
           for name, d in (("val", 0.0), ("wiki", 0.3), ("news", 0.4), ("fiction", 0.2), ("web", 0.5))}
-    return {"run_id": spec.run_id, "phase": spec.phase,
+    return {"run_id": spec.run_id, "phase": spec.phase, "model": to_dict(spec.model()), "train": to_dict(spec.train()),
             "spec": {"budget": spec.budget, "method": spec.method, "size": spec.size, "lr_mult": spec.lr_mult,
                      "expert_ratio": spec.expert_ratio, "seed": spec.seed, "sparse_optimizer": spec.sparse_optimizer},
             "params": cost["params"], "active_params": cost["active_params"], "train_tokens": 10**6,

@@ -1,0 +1,143 @@
+"""Reports of an ablation from its records: ``summary.json``, ``table.md`` and ``<ablation>.png``.
+
+``summary.json`` holds one record per (run, eval set) with the keys the ablation varies
+(``num_experts``, ``heads``, ``topk``, ``query_norm``, ``expert_lr_ratio``) and ``method``, ``seed``,
+``eval_set``, ``perplexity``, ``bits_per_byte``, ``usage``, ``unevenness``, ``train_tokens``,
+``train_seconds``. The table averages seeds (± half their range) per variant.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from peerlm.fileio import atomic_write_text
+from peerlm.study.report import EVAL_ORDER, _save
+
+__all__ = ["ablation_rows", "write_ablation_report"]
+
+
+def _settings(rec: dict[str, Any]) -> dict[str, Any]:
+    ffn = rec["model"]["ffn"]
+    slots = ffn.get("num_experts", ffn.get("num_keys"))
+    return {"method": rec["spec"]["method"], "num_experts": slots, "heads": ffn["heads"], "topk": ffn["topk"],
+            "query_norm": ffn["query_norm"], "expert_lr_ratio": rec["train"]["expert_lr_ratio"]}
+
+
+def ablation_rows(ablation) -> list[dict[str, Any]]:
+    """One row per (planned run with a record, eval set)."""
+    recs = ablation.records()
+    rows = []
+    for spec in ablation.plan():
+        rec = recs.get(spec.run_id)
+        if rec is None:
+            continue
+        for name in EVAL_ORDER:
+            ev = rec["eval"].get(name)
+            if ev is None:
+                continue
+            usage = next(iter(ev.get("usage", {}).values()), {})
+            rows.append({**_settings(rec), "seed": spec.seed, "eval_set": name, "perplexity": ev["perplexity"],
+                         "bits_per_byte": ev["bits_per_byte"], "usage": usage.get("usage"),
+                         "unevenness": usage.get("unevenness"), "train_tokens": rec["train_tokens"],
+                         "train_seconds": rec["train_seconds"], "run_id": rec["run_id"]})
+    return rows
+
+
+def _grouped(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[dict[str, Any]]]]:
+    keys = ("method", "num_experts", "heads", "topk", "query_norm", "expert_lr_ratio")
+    out: dict[tuple, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        out[tuple(r[k] for k in keys)][r["eval_set"]].append(r)
+    return out
+
+
+def _cell(rs: list[dict[str, Any]], key: str, fmt: str) -> str:
+    vals = [r[key] for r in rs if r[key] is not None]
+    if not vals:
+        return ""
+    mean = statistics.fmean(vals)
+    return format(mean, fmt) + (f" ± {format((max(vals) - min(vals)) / 2, fmt)}" if len(vals) > 1 else "")
+
+
+def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) -> str:
+    from peerlm.study.isoflop import machine
+
+    base, rec = ablation.base()
+    lines = [f"# Ablation `{ablation.name}`", "", f"Command: `{command}`  ",
+             f"Report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}.", "",
+             f"Every run starts from the isoFLOP study's compute-optimal PEER model at {base.budget:.0e} FLOPs "
+             f"(trunk {base.size}, LR x{base.lr_mult:g}, expert LR ratio {base.expert_ratio:g}) and trains for "
+             f"its {rec['train_tokens']:,} tokens. Perplexity on the whole validation split and the first 65,536 "
+             "tokens of each held-out set; usage (share of slots with gate mass) and unevenness (KL from "
+             "uniform) over the whole validation split; ± is half the range over two seeds.", "",
+             "| method | N | h | k | h*k | query norm | expert LR | " + " | ".join(EVAL_ORDER)
+             + " | usage | unevenness | train min |", "|" + "---|" * (10 + len(EVAL_ORDER))]
+    for key, by_set in _grouped(rows).items():
+        method, n, h, k, qn, ratio = key
+        cells = [_cell(by_set.get(name, []), "perplexity", ".2f") for name in EVAL_ORDER]
+        val = by_set.get("val", [])
+        usage = _cell([dict(r, usage=100 * r["usage"]) if r["usage"] is not None else r for r in val], "usage", ".1f")
+        lines.append(f"| {method} | {n} | {h} | {k} | {h * k} | {qn} | {ratio:g} | " + " | ".join(cells)
+                     + f" | {usage}{'%' if usage else ''} | {_cell(val, 'unevenness', '.2f')} | "
+                     f"{_cell(val, 'train_seconds', '.0f')} s |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(ablation, rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    val = [r for r in rows if r["eval_set"] == "val"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    xlabel = {"experts": "number of experts N", "active": "active experts h*k",
+              "querynorm": "number of experts N", "expert-lr": "expert-table LR ratio"}[ablation.name]
+    for r in val:
+        if ablation.name == "experts":
+            label, x = "PEER h8 k16", r["num_experts"]
+        elif ablation.name == "active":
+            label, x = f"h = {r['heads']}", r["heads"] * r["topk"]
+        elif ablation.name == "querynorm":
+            label, x = f"query norm {r['query_norm']}", r["num_experts"]
+        else:
+            label, x = r["method"], r["expert_lr_ratio"]
+        series[label].append((x, r["perplexity"]))
+    for label, pts in sorted(series.items()):
+        by_x: dict[float, list[float]] = defaultdict(list)
+        for x, y in pts:
+            by_x[x].append(y)
+        xs = sorted(by_x)
+        ax.errorbar(xs, [statistics.fmean(by_x[x]) for x in xs],
+                    yerr=[(max(by_x[x]) - min(by_x[x])) / 2 for x in xs], fmt="o-", capsize=3, label=label)
+    ax.set_xscale("log", base=2 if ablation.name in ("experts", "active", "querynorm") else 10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"ablation: {ablation.name}")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def write_ablation_report(ablation, command: str | None = None) -> list[Path]:
+    rows = ablation_rows(ablation)
+    if not rows:
+        raise ValueError(f"{ablation.runs_dir} holds no records of this ablation yet; run it first")
+    command = command or "peerlm " + " ".join(sys.argv[1:])
+    out = ablation.results
+    meta = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "ablation": ablation.name}
+    atomic_write_text(out / "summary.json", json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
+    atomic_write_text(out / "table.md", format_ablation_table(ablation, rows, command))
+    return [out / "summary.json", out / "table.md", _plot(ablation, rows, out / f"{ablation.name}.png")]

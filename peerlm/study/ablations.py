@@ -1,0 +1,115 @@
+"""The paper's ablations (He 2024, sec. 3.2; SPEC.md "Ablations", Table 2) on the isoFLOP study's machinery.
+
+Each ablation starts from the isoFLOP study's compute-optimal PEER model at its smaller budget (its
+trunk, LR multiplier and expert-table LR ratio, read from the study's records) and changes one
+thing; every run trains for the same number of tokens as that model did, so that the FLOP charge of
+retrieval (which grows with sqrt(N) and h) does not change the data seen.
+
+- ``experts``: N in {128^2, 256^2, 512^2, 1024^2} at h 8, k 16 (h*k = 128).
+- ``active``: h*k in {32, 64, 128, 256, 512} at the study's N, two (h, k) splits per product.
+- ``querynorm``: query BatchNorm (the paper) vs the causal-safe running norm vs none, at N = 128^2
+  and 256^2; usage and unevenness over the whole validation split, laid out like Table 2.
+- ``expert-lr``: the expert-table LR ratio {1, 3, 10} for PEER and for PKM (PKM on the same trunk,
+  its own study settings).
+
+The runs at the ends of each sweep (the points a conclusion rests on) get a second seed. Records go
+to ``results/<ablation>/runs/`` and are resumable exactly like the study's (``Study.run``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from peerlm.study.design import RunSpec, model_config, size
+from peerlm.study.isoflop import Study
+
+__all__ = ["ABLATIONS", "Ablation", "StudyNotReady"]
+
+ABLATIONS = ("experts", "active", "querynorm", "expert-lr")
+EXPERTS = (128**2, 256**2, 512**2, 1024**2)
+ACTIVE = {32: ((2, 16), (8, 4)), 64: ((4, 16), (8, 8)), 128: ((8, 16), (16, 8)), 256: ((8, 32), (16, 16)),
+          512: ((16, 32), (32, 16))}
+QUERY_NORMS = ("batchnorm", "running", "none")
+QUERY_NORM_EXPERTS = (128**2, 256**2)
+EXPERT_RATIOS = (1.0, 3.0, 10.0)
+
+
+class StudyNotReady(ValueError):
+    """The isoFLOP study has not yet decided what an ablation starts from."""
+
+
+class Ablation(Study):
+    """One ablation: the ``Study`` driver (records, resume, evaluation) with its own plan."""
+
+    def __init__(self, name: str, results: str, isoflop: Study, **kwargs: Any):
+        if name not in ABLATIONS:
+            raise ValueError(f"unknown ablation {name!r}; known: {', '.join(ABLATIONS)}")
+        super().__init__(results, work=isoflop.work.parent / name, budgets=isoflop.budgets,
+                         methods=("peer", "pkm"), threads=isoflop.threads, log=isoflop.log, **kwargs)
+        self.name, self.isoflop = name, isoflop
+
+    def data_dir(self):
+        return self.isoflop.data_dir()
+
+    def base(self) -> tuple[RunSpec, dict[str, Any]]:
+        """The study's compute-optimal PEER run at its smaller budget, and its record."""
+        recs = self.isoflop.records()
+        ch = self.isoflop.choices(recs)
+        b0 = self.isoflop.budgets[0]
+        _, best = self.isoflop.ladder(b0, "peer", recs, ch)
+        if best is None:
+            raise StudyNotReady(f"the isoFLOP study's PEER ladder at {b0:.0e} FLOPs is not bracketed yet "
+                                f"({self.isoflop.runs_dir}); run `peerlm study isoflop` first")
+        spec = self.isoflop._ladder_spec(b0, "peer", best, ch)
+        return spec, recs[spec.run_id]
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """This ablation's records, plus the study's record of the base run (a variant that changes
+        nothing is that run)."""
+        out = super().records()
+        try:
+            spec, rec = self.base()
+        except StudyNotReady:
+            return out
+        out.setdefault(spec.run_id, rec)
+        return out
+
+    def _variant(self, base: RunSpec, spec: RunSpec, tokens: int, method: str = "peer", seed: int = 0,
+                 **changes: Any) -> RunSpec:
+        """``spec`` (the base run or it with another expert LR ratio) with ffn fields changed, at equal
+        tokens; the base run itself when that changes nothing."""
+        default = model_config(method, size(spec.size)).ffn
+        overrides = tuple(f"ffn.{k}={v}" for k, v in sorted(changes.items()) if getattr(default, k) != v)
+        if method == base.method and not overrides and seed == base.seed and spec.expert_ratio == base.expert_ratio:
+            return base
+        return spec.with_(phase=self.name, method=method, overrides=overrides, tokens=tokens, seed=seed)
+
+    def plan(self, recs: dict[str, dict[str, Any]] | None = None) -> Iterator[RunSpec]:
+        base, rec = self.base()
+        T = rec["train_tokens"]
+
+        def v(spec: RunSpec, *args: Any, **kwargs: Any) -> RunSpec:
+            return self._variant(base, spec, *args, **kwargs)
+
+        if self.name == "experts":
+            points = [dict(num_experts=n, heads=8, topk=16) for n in EXPERTS]
+            ends = [points[0], points[-1]]
+        elif self.name == "active":
+            points = [dict(heads=h, topk=k) for splits in ACTIVE.values() for h, k in splits]
+            ends = [dict(heads=h, topk=k) for h, k in (ACTIVE[min(ACTIVE)][0], ACTIVE[max(ACTIVE)][0])]
+        elif self.name == "querynorm":
+            points = [dict(num_experts=n, query_norm=q) for n in QUERY_NORM_EXPERTS for q in QUERY_NORMS]
+            ends = [dict(num_experts=QUERY_NORM_EXPERTS[-1], query_norm=q) for q in ("batchnorm", "none")]
+        else:
+            for method in ("peer", "pkm"):
+                for r in EXPERT_RATIOS:
+                    yield v(base.with_(expert_ratio=r), T, method)
+            for method in ("peer", "pkm"):
+                for r in (EXPERT_RATIOS[0], EXPERT_RATIOS[-1]):
+                    yield v(base.with_(expert_ratio=r), T, method, seed=1)
+            return
+        for p in points:
+            yield v(base, T, **p)
+        for p in ends:
+            yield v(base, T, seed=1, **p)

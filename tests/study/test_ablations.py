@@ -1,0 +1,78 @@
+"""Ablations plan from the isoFLOP study's compute-optimal PEER model and report from their records."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from test_isoflop import B0, finish_pending
+
+from peerlm.cli import main
+from peerlm.study import Study
+from peerlm.study.ablation_report import write_ablation_report
+from peerlm.study.ablations import ABLATIONS, Ablation, StudyNotReady
+from peerlm.study.design import SIZES
+
+NAMES = [s.name for s in SIZES]
+
+
+@pytest.fixture
+def iso(tmp_path):
+    study = Study(tmp_path / "iso", work=tmp_path / "work" / "isoflop", budgets=(B0,), methods=("peer",),
+                  log=lambda s: None)
+    finish_pending(study, lambda s: 3.0 + 0.05 * (NAMES.index(s.size) - 2) ** 2 + 0.01 * s.seed
+                   + 0.01 * abs(math.log(s.expert_ratio / 3)))  # the study picks expert LR ratio 3
+    return study
+
+
+def test_an_ablation_needs_the_bracketed_peer_ladder(tmp_path):
+    empty = Study(tmp_path / "iso", work=tmp_path / "w")
+    with pytest.raises(StudyNotReady, match="not bracketed"):
+        Ablation("experts", tmp_path / "a", empty).pending()
+    with pytest.raises(ValueError, match="unknown ablation"):
+        Ablation("nope", tmp_path / "a", empty)
+
+
+def test_plans_vary_one_thing_at_equal_tokens(iso, tmp_path):
+    base, rec = Ablation("experts", tmp_path / "experts", iso).base()
+    assert base.size == NAMES[2]
+    for name in ABLATIONS:
+        ab = Ablation(name, tmp_path / name, iso)
+        pending = ab.pending()
+        assert base.run_id not in {s.run_id for s in pending}  # the unchanged point is the study's run
+        assert all(s.tokens == rec["train_tokens"] and s.size == base.size for s in pending)
+        assert all(s.train().max_tokens == rec["train_tokens"] and s.train().flops is None for s in pending)
+        seeds = [s for s in pending if s.seed == 1]
+        assert len(seeds) == (4 if name == "expert-lr" else 2)
+    experts = Ablation("experts", tmp_path / "experts", iso).pending()
+    assert sorted({s.model().ffn.num_experts for s in experts}) == [128**2, 512**2, 1024**2]
+    assert all((s.model().ffn.heads, s.model().ffn.topk) == (8, 16) for s in experts)
+    active = Ablation("active", tmp_path / "active", iso).pending()
+    products = {}
+    for s in active:
+        products.setdefault(s.model().ffn.heads * s.model().ffn.topk, set()).add(s.model().ffn.heads)
+    assert sorted(products) == [32, 64, 128, 256, 512] and all(len(h) == 2 for p, h in products.items() if p != 128)
+    qn = Ablation("querynorm", tmp_path / "qn", iso).pending()
+    assert {(s.model().ffn.num_experts, s.model().ffn.query_norm) for s in qn if s.seed == 0} == {
+        (128**2, "batchnorm"), (128**2, "running"), (128**2, "none"), (256**2, "running"), (256**2, "none")}
+    lr = Ablation("expert-lr", tmp_path / "lr", iso).pending()
+    assert {(s.method, s.expert_ratio) for s in lr if s.seed == 0} == {
+        ("peer", 1.0), ("peer", 10.0), ("pkm", 1.0), ("pkm", 3.0), ("pkm", 10.0)}
+
+
+def test_ablation_report_from_records(iso, tmp_path, capsys):
+    ab = Ablation("querynorm", tmp_path / "qn", iso)
+    finish_pending(ab, lambda s: 3.0 + 0.1 * (s.model().ffn.query_norm == "none") + 0.01 * s.seed)
+    paths = write_ablation_report(ab, command="peerlm study querynorm --report")
+    assert {p.name for p in paths} == {"summary.json", "table.md", "querynorm.png"}
+    rows = json.loads((tmp_path / "qn" / "summary.json").read_text())["records"]
+    for key in ("num_experts", "heads", "topk", "query_norm", "expert_lr_ratio", "eval_set", "perplexity",
+                "usage", "unevenness", "train_tokens"):
+        assert all(key in r for r in rows)
+    assert {(r["num_experts"], r["query_norm"]) for r in rows} == {
+        (n, q) for n in (128**2, 256**2) for q in ("batchnorm", "running", "none")}
+    table = (tmp_path / "qn" / "table.md").read_text()
+    assert "| peer | 65536 | 8 | 16 | 128 | none |" in table and " ± " in table  # two seeds there
+    assert main(["study", "querynorm", "--isoflop-results", str(tmp_path / "none"), "--plan"]) == 2
+    assert "not bracketed" in capsys.readouterr().err
