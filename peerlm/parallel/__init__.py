@@ -1,0 +1,28 @@
+"""Scale-out on torch.distributed: PEER expert tables sharded by columns across ranks, never gathered.
+
+- ``arithmetic``: communication per token of column vs row sharding (and why columns), memory per rank.
+- ``experts``: the column layout (``ColumnShard``) and the collective expert mixture on a local shard
+  (``column_sharded_experts``; ``column_sharded_memory`` for PKM values), the fused embedding-bag path
+  with dense or row-sparse gradients.
+- ``shard``: ``ShardedPEER``, ``ShardedPKM`` and ``shard_experts(model, group)``, which converts a
+  model's PEER and PKM layers in place; DTensor ``Shard(1)`` views of the shards in state dicts, for
+  distributed checkpoints.
+- ``launch``: run a function on P local processes (tests, benchmarks).
+"""
+
+from peerlm.parallel.arithmetic import comm_bytes_per_token, memory_per_rank
+from peerlm.parallel.experts import ColumnShard, column_sharded_experts, column_sharded_memory
+from peerlm.parallel.shard import (
+    ShardedPEER,
+    ShardedPKM,
+    shard_experts,
+    shard_peer,
+    shard_pkm,
+    sharded_parameter_names,
+)
+
+__all__ = [
+    "ColumnShard", "ShardedPEER", "ShardedPKM", "column_sharded_experts", "column_sharded_memory",
+    "comm_bytes_per_token", "memory_per_rank", "shard_experts", "shard_peer", "shard_pkm",
+    "sharded_parameter_names",
+]
