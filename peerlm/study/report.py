@@ -193,6 +193,8 @@ def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
             if runs:
                 ax.plot([r["params"] for r in runs], [r["eval"]["val"]["perplexity"] for r in runs], "o-",
                         label=method)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_xscale("log")
         ax.set_xlabel("parameters (total)")
         ax.set_ylabel("validation perplexity")
