@@ -11,30 +11,25 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
+from peerlm.argtypes import real, whole
 from peerlm.study.design import BUDGETS, METHODS
 
 __all__ = ["add_parser"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
-
-
-def _budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a FLOP count such as 2e12, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"a FLOP budget must be > 0, got {text}")
-    return value
+def _drive(study, write: Callable, args: argparse.Namespace) -> int:
+    """--plan, --report, or run what is pending (then report once nothing is)."""
+    if args.plan:
+        print(study.format_plan(calibrate=not args.no_calibrate))
+        return 0
+    if not args.report:
+        study.run(max_runs=args.max_runs, progress=not args.quiet)
+    if args.report or not study.pending():
+        for path in write(study):
+            print(f"wrote {path}")
+    return 0
 
 
 def _cmd_isoflop(args: argparse.Namespace) -> int:
@@ -43,15 +38,7 @@ def _cmd_isoflop(args: argparse.Namespace) -> int:
 
     study = Study(args.results, work=args.work, budgets=tuple(args.budget or BUDGETS),
                   methods=tuple(args.method or METHODS), threads=args.threads, log=main_log)
-    if args.plan:
-        print(study.format_plan(calibrate=not args.no_calibrate))
-        return 0
-    if not args.report:
-        study.run(max_runs=args.max_runs, progress=not args.quiet)
-    if args.report or not study.pending():
-        for path in write_report(study):
-            print(f"wrote {path}")
-    return 0
+    return _drive(study, write_report, args)
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
@@ -60,22 +47,13 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     from peerlm.study.isoflop import Study, main_log
 
     iso = Study(args.isoflop_results, work=args.work, threads=args.threads, log=main_log)
-    ablation = Ablation(args.study, args.results or f"results/{args.study}", iso)
-    if args.plan:
-        print(ablation.format_plan(calibrate=not args.no_calibrate))
-        return 0
-    if not args.report:
-        ablation.run(max_runs=args.max_runs, progress=not args.quiet)
-    if args.report or not ablation.pending():
-        for path in write_ablation_report(ablation):
-            print(f"wrote {path}")
-    return 0
+    return _drive(Ablation(args.study, args.results or f"results/{args.study}", iso), write_ablation_report, args)
 
 
 def _common(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--threads", type=_positive_int, default=1,
+    q.add_argument("--threads", type=whole(1), default=1,
                    help="torch CPU threads per run (default 1: step times comparable across runs)")
-    q.add_argument("--max-runs", type=_positive_int, default=None, help="stop after this many runs")
+    q.add_argument("--max-runs", type=whole(1), default=None, help="stop after this many runs")
     q.add_argument("--plan", action="store_true", help="print the runs still to do and an estimated time")
     q.add_argument("--no-calibrate", action="store_true", help="with --plan: skip the timing of a few steps")
     q.add_argument("--report", action="store_true", help="only write the reports from the records")
@@ -94,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="records and reports (default: results/isoflop)")
     q.add_argument("--work", default=None, metavar="DIR",
                    help="data and checkpoints (default: $PEERLM_CACHE/study/isoflop)")
-    q.add_argument("--budget", action="append", type=_budget, metavar="FLOPS",
+    q.add_argument("--budget", action="append", type=real(0, lo_open=True, example="2e12"), metavar="FLOPS",
                    help=f"training FLOP budget (repeatable; default: {', '.join(f'{b:.0e}' for b in BUDGETS)})")
     q.add_argument("--method", action="append", choices=METHODS, help="only these methods (repeatable)")
     _common(q)

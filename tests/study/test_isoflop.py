@@ -187,7 +187,7 @@ def test_cli_plan_and_bad_input(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2e12_dense_L2d64_lr0.5_s0" in out and "runs to go" in out
     assert main(["study", "isoflop", "--budget", "-1", "--plan"]) == 2
-    assert "budget must be > 0" in capsys.readouterr().err
+    assert "--budget: expected a number > 0" in capsys.readouterr().err
     assert main(["study", "isoflop", "--max-runs", "0"]) == 2
     assert main(["study", "isoflop", "--results", str(tmp_path / "r"), "--report"]) == 2
     assert "no run records" in capsys.readouterr().err
