@@ -153,6 +153,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except CheckpointWriteError as e:
         raise CheckpointError(f"{e}; once the directory takes the write again (free space, permissions), "
                               f"continue with `{_resume_command(args.out)}`") from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+        return 0
     ppl = f", val ppl {summary['val_ppl']:.2f}" if summary.get("val_ppl") is not None else ""
     print(f"trained {args.out}: step {summary['step']}/{summary['total_steps']}, {summary['tokens']:,} "
           f"tokens, {summary['flops']:.3g} FLOPs in {summary['seconds']:.0f}s{ppl}")

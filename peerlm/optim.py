@@ -269,27 +269,53 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
 
 
 @torch.no_grad()
-def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
+def clip_grad_norm(params: Iterable[Tensor], max_norm: float, group: Any = None,
+                   sharded: Iterable[Tensor] = ()) -> float:
     """Clip the global L2 norm of dense and sparse gradients together; returns the norm before clipping.
 
     Sparse gradients are coalesced first (gradient accumulation leaves duplicate rows, whose values
     must be summed before squaring). ``max_norm <= 0`` only measures. Scaling follows
     ``torch.nn.utils.clip_grad_norm_``: by max_norm / (norm + 1e-6) when that is below 1.
+
+    Data parallel: with a process ``group``, the gradients of the parameters in ``sharded`` (column
+    shards of expert tables) and DTensor gradients (FSDP) are this rank's parts of the whole, so their
+    squared norms are summed over the group; every other gradient is the same on every rank and counts
+    once. The norm, and so the clipping, is then that of one process training on the group's batch.
     """
+    shard_ids = {id(p) for p in sharded}
     grads: list[Tensor] = []
+    local: list[bool] = []
     for p in params:
         if p.grad is None:
             continue
         if p.grad.is_sparse and not p.grad.is_coalesced():
             p.grad = p.grad.coalesce()
         grads.append(p.grad)
-    if not grads:
+        local.append(id(p) in shard_ids)
+    if group is None and not grads:
         return 0.0
-    norms = [torch.linalg.vector_norm(g.values() if g.is_sparse else g, dtype=torch.float32) for g in grads]
-    norm = float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
+
+    def part(g: Tensor) -> Tensor:
+        if hasattr(g, "to_local"):  # a DTensor: its local shard
+            g = g.to_local()
+        return torch.linalg.vector_norm(g.values() if g.is_sparse else g, dtype=torch.float32)
+
+    norms = [part(g) for g in grads]
+    if group is None:
+        norm = float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
+    else:
+        split = [hasattr(g, "to_local") or own for g, own in zip(grads, local)]
+        device = norms[0].device if norms else torch.device("cpu")
+        squares = torch.zeros(2, dtype=torch.float32, device=device)
+        for n, own in zip(norms, split):
+            squares[1 if own else 0] += n.to(device) ** 2
+        replicated = squares[0].clone()
+        torch.distributed.all_reduce(squares, group=group)
+        norm = float(torch.sqrt(replicated + squares[1]))
     if max_norm > 0 and math.isfinite(norm):
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
             for g in grads:  # sparse: scale the values in place (``mul_`` would uncoalesce the tensor)
+                g = g.to_local() if hasattr(g, "to_local") else g
                 (g.values() if g.is_sparse else g).mul_(coef)
     return norm

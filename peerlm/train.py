@@ -34,6 +34,21 @@ A call goes in three phases, so that a refused run changes nothing on disk:
 SIGTERM or SIGINT during the steps (what schedulers send before they preempt) lets the current step
 finish (with its validation, if due), writes a checkpoint and raises ``TrainInterrupted``; a second
 signal stops at once (every write is atomic, so that is safe too).
+
+Several processes (``torchrun --nproc_per_node=P -m peerlm train ...``; ``peerlm.parallel.runtime``):
+``parallel`` "ddp" or "fsdp" trains one model on P ranks. ``batch_size`` stays the global batch:
+rank r takes rows r::P of every micro-batch, gradients are averaged over ranks, the logged loss and
+the gradient norm (clipping included) are those of the whole batch, and query-norm statistics are
+the whole batch's, so a run's losses do not depend on P (to rounding; MoE capacity and expert-choice
+routing still act within a rank's rows). ``shard_experts`` column-shards the PEER / PKM tables over
+the ranks (``peerlm.parallel.shard``). Rank 0 alone takes the run-directory lock, logs and writes;
+a check that fails on one rank fails the run on all; every rank runs the same validation windows (a
+sharded layer's forward needs every rank). A dead rank makes the others' next collective fail
+(within ``dist_timeout`` seconds at worst); the run then stops with ``TrainError`` and the last
+checkpoint stays as it was. DDP runs write the one-process checkpoint (every rank holds the same
+weights), so they resume on any number of ranks and load in ``peerlm eval`` / ``generate``.
+FSDP and sharded tables need distributed checkpoints (``torch.distributed.checkpoint``), not yet
+written: such runs are refused by ``train`` for now (their step runs and is tested).
 """
 
 from __future__ import annotations
@@ -49,209 +64,36 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from peerlm.checkpoint import latest_checkpoint, load_checkpoint, read_config, save_checkpoint, verify_checkpoint
-from peerlm.config import ModelConfig, check_types, from_dict, to_dict
+from peerlm.config import ModelConfig, to_dict
 from peerlm.data import TokenDataset
 from peerlm.evaluate import check_same_tokenizer, evaluate_tokens, memory_usage, tracking_usage
 from peerlm.fileio import DirLock, atomic_write_bytes, atomic_write_text, probe_writable, sha256_file
 from peerlm.flops import model_cost
 from peerlm.model import Transformer, build_model
 from peerlm.optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
+from peerlm.parallel import runtime
+from peerlm.parallel.runtime import Parallel
+from peerlm.runconfig import (  # noqa: F401 (re-exported: a run's configs are importable from here)
+    DTYPES,
+    RunConfig,
+    TrainConfig,
+    TrainError,
+    TrainInterrupted,
+    data_info,
+    plan_steps,
+    resolve_device,
+)
 
 __all__ = ["TrainConfig", "RunConfig", "TrainError", "TrainInterrupted", "resolve_device", "plan_steps",
            "build_for_training", "train"]
-
-DTYPES = ("auto", "float32", "bfloat16")
-
-
-class TrainError(Exception):
-    """A problem with a run a user can fix (its directory, budget or resume state)."""
-
-
-class TrainInterrupted(KeyboardInterrupt):
-    """Training stopped on a signal after writing a checkpoint. A KeyboardInterrupt, so that code
-    around ``train`` that catches Exception does not carry on as if the run were complete."""
-
-    def __init__(self, signame: str, step: int, total: int, out: Path) -> None:
-        super().__init__(f"stopped by {signame} after step {step}/{total}; checkpoint written in {out}")
-        self.signame, self.step, self.total, self.out = signame, step, total, out
-        self.signum = int(getattr(signal, signame))
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and run-length settings; see the module docstring.
-
-    Learning rates: ``lr`` is the trunk's peak; the expert tables (PEER ``w_down``/``w_up``, PKM
-    ``values``) train at ``expert_lr_ratio * lr`` and the routing (query projections, query norms,
-    sub-keys) at ``routing_lr_ratio * lr`` (``peerlm.optim``). Warmup is ``warmup`` steps when set,
-    else ``warmup_frac`` of the run. Run length: exactly one of ``max_steps``, ``max_tokens`` and
-    ``flops``; none has a default, so a budget is never cut short by a limit nobody set.
-    """
-
-    lr: float = 1e-3
-    expert_lr_ratio: float = 1.0
-    routing_lr_ratio: float = 1.0
-    weight_decay: float = 0.1
-    expert_weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    warmup: int | None = None
-    warmup_frac: float = 0.05
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int | None = None
-    max_tokens: int | None = None
-    flops: float | None = None
-    eval_every: int = 100
-    eval_batches: int = 8
-    ckpt_every: int = 100
-    keep: int = 2
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    sparse_optimizer: bool = False
-    log_every: int = 1
-    tensorboard: bool = False
-
-    LIMITS: ClassVar[tuple[str, ...]] = ("max_steps", "max_tokens", "flops")
-
-    def __post_init__(self) -> None:
-        check_types(self)
-        self.betas = tuple(float(b) for b in self.betas)
-
-        def bad(name: str, rule: str) -> None:
-            raise ValueError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
-
-        for name in ("lr", "eps", "expert_lr_ratio", "routing_lr_ratio"):
-            if not getattr(self, name) > 0:
-                bad(name, "> 0")
-        for name in ("weight_decay", "expert_weight_decay", "grad_clip", "ckpt_every"):
-            if getattr(self, name) < 0:
-                bad(name, ">= 0")
-        if self.warmup is not None and self.warmup < 0:
-            bad("warmup", ">= 0 steps or None (use warmup_frac)")
-        if not 0 <= self.warmup_frac < 1:
-            bad("warmup_frac", "in [0, 1)")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            bad("betas", "two numbers in [0, 1)")
-        if not 0 <= self.min_lr_ratio <= 1:
-            bad("min_lr_ratio", "in [0, 1]")
-        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "keep", "log_every"):
-            if getattr(self, name) < 1:
-                bad(name, ">= 1")
-        for name in ("max_steps", "max_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                bad(name, ">= 1 or None")
-        if self.flops is not None and not self.flops > 0:
-            bad("flops", "> 0 or None")
-        given = [n for n in self.LIMITS if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise ValueError(f"TrainConfig sets {' and '.join(given)}: give exactly one run length "
-                             "(max_steps, max_tokens or flops), set the others to none")
-        if self.dtype not in DTYPES:
-            bad("dtype", f"one of {DTYPES}")
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
-            bad("device", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-
-    def limit(self) -> tuple[str, float]:
-        """(name, value) of the run length; TrainError when none is set."""
-        for name in self.LIMITS:
-            if getattr(self, name) is not None:
-                return name, getattr(self, name)
-        raise TrainError("no run length: set one of --max-steps, --max-tokens or --flops "
-                         "(or train.max_steps / train.max_tokens / train.flops)")
-
-    def warmup_steps(self, total: int) -> int:
-        return self.warmup if self.warmup is not None else round(self.warmup_frac * total)
-
-
-@dataclass
-class RunConfig:
-    """What ``config.json`` of a run holds. ``data`` describes the prepared directory: its path,
-    vocabulary and per-split token and UTF-8 byte counts (for bits per byte)."""
-
-    model: ModelConfig
-    train: TrainConfig
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": to_dict(self.model), "train": to_dict(self.train), "data": self.data}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        if not isinstance(d, dict) or "model" not in d or "train" not in d:
-            raise ValueError("a run config needs 'model' and 'train' sections")
-        return cls(from_dict(ModelConfig, d["model"]), from_dict(TrainConfig, d["train"]), d.get("data", {}))
-
-
-def data_info(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``data`` section of a RunConfig for a prepared directory."""
-    ds = TokenDataset(data_dir)
-    return {"dir": str(Path(data_dir).resolve()), "vocab_size": ds.vocab_size, "eot_id": ds.eot_id,
-            "tokenizer_sha256": ds.tokenizer_sha256,
-            "splits": {n: {"tokens": ds.num_tokens(n), "bytes": ds.num_bytes(n),
-                           "eval": bool(ds.meta["splits"][n].get("eval", False))} for n in ds.splits}}
-
-
-def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None, str]:
-    """(device, autocast dtype or None, the reason), decided in this one place."""
-    if device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        why = "CUDA is available" if dev.type == "cuda" else "no CUDA device"
-    else:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise TrainError(f"device {device!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
-        why = "as configured"
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise TrainError(f"device {device!r} requested but CUDA is not available; use device=cpu")
-            n = torch.cuda.device_count()
-            if dev.index is not None and dev.index >= n:
-                raise TrainError(f"device {device!r} requested but this machine has {n} CUDA device(s), "
-                                 f"cuda:0..cuda:{n - 1}")
-        elif dev.type == "mps":
-            mps = getattr(torch.backends, "mps", None)
-            if mps is None or not mps.is_available():
-                raise TrainError(f"device {device!r} requested but this torch build or machine has no MPS "
-                                 "(Apple GPU) device; use device=cpu")
-        elif dev.type != "cpu":
-            raise TrainError(f"device {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    if dtype == "bfloat16" and dev.type != "cuda":
-        raise TrainError("dtype=bfloat16 autocast is for CUDA only; use dtype=float32 or auto on CPU")
-    amp = torch.bfloat16 if dev.type == "cuda" and dtype in ("auto", "bfloat16") else None
-    prec = "bf16 autocast (fp32 weights, fp32 routing)" if amp else "fp32"
-    return dev, amp, f"{dev} ({why}), {prec}"
-
-
-def plan_steps(run: RunConfig) -> tuple[int, str]:
-    """Number of optimizer steps and the limit that sets it (``TrainConfig.limit``)."""
-    t, T = run.train, run.model.context_length
-    tokens_per_step = t.batch_size * t.grad_accum * T
-    name, value = t.limit()
-    if name == "max_steps":
-        steps = int(value)
-    elif name == "max_tokens":
-        steps = int(value // tokens_per_step)
-    else:
-        steps = int(value // (model_cost(run.model, T)["flops_train"] * tokens_per_step))
-    if steps < 1:
-        raise TrainError(f"the {name} budget buys less than one step of {tokens_per_step:,} tokens; "
-                         "raise it or lower batch_size / grad_accum / context_length")
-    return steps, name
-
 
 class MetricsLog:
     """metrics.jsonl, appended one whole line per write (O_APPEND) and flushed by the OS write."""
@@ -413,6 +255,18 @@ def _commit_run_dir(run: RunConfig, out: Path, ds: TokenDataset) -> None:
         atomic_write_bytes(out / "tokenizer.json", (ds.dir / "tokenizer.json").read_bytes())
 
 
+def _lost_rank(e: BaseException) -> bool:
+    """Whether a collective's error says a peer went away or did not answer in time."""
+    text = str(e).lower()
+    return isinstance(e, torch.distributed.DistError) or any(
+        w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket"))
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
 class _StopSignals:
     """Within the block, SIGTERM and SIGINT only set ``received`` (the signal's name); the loop ends
     at the next step boundary. A second signal raises KeyboardInterrupt at once. Outside the main
@@ -441,34 +295,53 @@ class _StopSignals:
 
 
 def _train_step(model: Transformer, opt: Any, params: list[torch.Tensor], ds: TokenDataset, run: RunConfig,
-                step: int, total: int, device: torch.device,
-                autocast: Callable) -> tuple[float, float, float, float]:
+                step: int, total: int, device: torch.device, autocast: Callable,
+                par: Parallel | None = None, module: torch.nn.Module | None = None,
+                stop: bool = False) -> tuple[float, float, float, float, bool]:
     """One optimizer step (0-based ``step``), with accumulation and clipping.
 
-    Returns (mean loss over micro-batches, its cross-entropy part (the loss less auxiliary router
-    losses), gradient norm before clipping, LR factor)."""
+    Data parallel (``par``): this rank's rows of each micro-batch through ``module`` (the DDP / FSDP
+    wrapper of ``model``), the losses averaged over ranks, the global gradient norm. ``stop``: this
+    rank received a stop signal; what is returned is whether any rank did, so that all stop at
+    the same step. Returns (mean loss over micro-batches, its cross-entropy part (the loss less
+    auxiliary router losses), gradient norm before clipping, LR factor, stop)."""
     t, T = run.train, run.model.context_length
+    par = par or Parallel()
+    module = module or model
     model.train()
     factor = lr_factor(step, total, t.warmup_steps(total), t.min_lr_ratio)
     set_lr(opt, factor)
     loss_sum = ce_sum = 0.0
     for micro in range(t.grad_accum):  # the batch is a function of (seed, step, micro): resumable
         x, y = ds.train_batch(t.batch_size, T, step * t.grad_accum + micro, t.seed, device)
-        with autocast():
-            _, loss = model(x, y)
-        (loss / t.grad_accum).backward()
+        rows = par.rows()
+        with par.no_sync(module, last=micro == t.grad_accum - 1):
+            with autocast():
+                _, loss = module(x[rows], y[rows])
+            (loss / t.grad_accum).backward()
         loss_sum += loss.item()
         ce_sum += model.last_losses["ce"].item()
-    norm = clip_grad_norm(params, t.grad_clip)
+    sharded = runtime.sharded_parameters(model)
+    norm = clip_grad_norm(params, t.grad_clip, par.stats_group if par.active else None, sharded)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss_sum / t.grad_accum, ce_sum / t.grad_accum, norm, factor
+    # each rank's loss is the mean over its rows, and every rank has as many rows
+    loss_sum, ce_sum, stops = par.sum([loss_sum / par.ranks, ce_sum / par.ranks, float(stop)])
+    return loss_sum / t.grad_accum, ce_sum / t.grad_accum, norm, factor, stops > 0
 
 
-def build_for_training(cfg: ModelConfig, t: TrainConfig, device: torch.device | str = "cpu") -> tuple[Transformer, Any]:
+def build_for_training(cfg: ModelConfig, t: TrainConfig, device: torch.device | str = "cpu",
+                       par: Parallel | None = None) -> tuple[Transformer, Any]:
     """The model and optimizer of a run. With ``sparse_optimizer`` every PEER/PKM layer gets row-sparse
-    table gradients, and so its tables get ``RowSparseAdamW``."""
-    model = build_model(cfg, device)
+    table gradients, and so its tables get ``RowSparseAdamW``. With ``par`` (data parallel), the
+    tables sharded when ``t.shard_experts`` and, for FSDP, the trunk sharded in place before the
+    optimizer sees it (DDP wraps afterwards without changing the parameters: ``runtime.ddp``)."""
+    if par is not None and par.active:
+        model = runtime.build_model(cfg, device, par, t.shard_experts)
+        if par.mode == "fsdp":
+            runtime.fully_shard_model(model)
+    else:
+        model = build_model(cfg, device)
     if t.sparse_optimizer:
         for _, m in model.memory_layers():
             m.sparse_grad = True
@@ -498,16 +371,59 @@ def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False,
     out, t = Path(out_dir), run.train
     ds = _check_data(run)
     device, amp, why = resolve_device(t.device, t.dtype)
-    total, limit = plan_steps(run)
-    _check_out(out, ds)
-    with DirLock(out, "run directory"):
-        return _train_locked(run, out, ds, device, amp, why, total, limit, resume, stop_at, progress, log, notes)
+    joined = runtime.init_from_env(device.type, t.dist_timeout) if t.parallel != "none" else False
+    try:
+        par = Parallel.setup(t.parallel)
+        _check_parallel(run, par)
+        if device.type == "cuda" and par.ranks > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            why = why.replace("cuda ", f"{device} ", 1)
+        if not par.is_main:  # one voice: rank 0 logs, shows progress and writes
+            log, progress = (lambda s: None), False
+        total, limit = plan_steps(run)
+        _check_out(out, ds)
+        with contextlib.ExitStack() as held:
+            failed = None
+            try:
+                if par.is_main:
+                    held.enter_context(DirLock(out, "run directory"))
+            except Exception as e:  # noqa: BLE001 (re-raised by agree, here and on the other ranks)
+                failed = e
+            par.agree(failed, TrainError)
+            return _train_locked(run, out, ds, device, amp, why, total, limit, resume, stop_at, progress, log,
+                                 notes, par)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _check_parallel(run: RunConfig, par: Parallel) -> None:
+    """Phase 1: the launch fits ``train.parallel``, and the batch and tables divide over the ranks."""
+    t, ranks = run.train, par.ranks
+    launched = runtime.world_size_from_env()
+    if t.parallel == "none" and launched > 1:
+        raise TrainError(f"launched on {launched} ranks with train.parallel=none: every rank would train its own "
+                         "copy into the same run directory; add --set train.parallel=ddp (or fsdp)")
+    if t.parallel != "none" and not torch.distributed.is_initialized():
+        raise TrainError(f"train.parallel={t.parallel} needs a process group: launch with `torchrun "
+                         "--nproc_per_node=P -m peerlm train ...`, or set train.parallel=none for one process")
+    if t.batch_size % ranks:
+        raise TrainError(f"train.batch_size {t.batch_size} is the global batch and must be a multiple of the "
+                         f"{ranks} ranks (each takes batch_size / ranks rows); change one of them")
+    if t.shard_experts and run.model.dim % ranks:
+        raise TrainError(f"train.shard_experts gives every rank model.dim / ranks columns of each table, but "
+                         f"dim {run.model.dim} is not a multiple of {ranks} ranks")
+    if t.parallel == "fsdp" or t.shard_experts:
+        raise TrainError("train.parallel=fsdp and train.shard_experts need distributed checkpoints "
+                         "(torch.distributed.checkpoint), which peerlm does not write yet; use "
+                         "train.parallel=ddp with shard_experts=false")
 
 
 def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.device, amp: torch.dtype | None,
                   why: str, total: int, limit: str, resume: bool, stop_at: int | None, progress: bool,
-                  log: Callable[[str], None], notes: Sequence[str]) -> dict[str, Any]:
+                  log: Callable[[str], None], notes: Sequence[str], par: Parallel | None = None) -> dict[str, Any]:
     t, cfg = run.train, run.model
+    par = par or Parallel()
     found: list[str] = []
     ckpt = _resume_point(run, out, resume, ds, found)
     T = cfg.context_length
@@ -515,7 +431,7 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
     tokens_per_step = t.batch_size * t.grad_accum * T
 
     _seed_everything(t.seed)
-    model, opt = build_for_training(cfg, t, device)
+    model, opt = build_for_training(cfg, t, device, par)
     step, history, offset = 0, [], None
     if ckpt is not None:
         configured = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
@@ -524,21 +440,31 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
             g["base_lr"], g["weight_decay"] = base_lr, wd
         step, offset = state["step"], state["train"]["metrics_offset"]
         history = state["train"].get("validations", [])
-    _check_room(out, model)
-    _commit_run_dir(run, out, ds)
+    failed = None
+    try:
+        if par.is_main:
+            _check_room(out, model)
+            _commit_run_dir(run, out, ds)
+    except Exception as e:  # noqa: BLE001 (re-raised by agree, here and on the other ranks)
+        failed = e
+    par.agree(failed, TrainError)
+    module = runtime.ddp(model, par, device) if par.mode == "ddp" else model
     for note in [*found, *notes]:
         log(note)
     if ckpt is not None:
         log(f"resumed from {ckpt} at step {step}")
-    metrics = MetricsLog(out / "metrics.jsonl", truncate_to=offset)
-    tb = _tensorboard(out, step + 1 if ckpt is not None else None, log) if t.tensorboard else None
+    metrics = MetricsLog(out / "metrics.jsonl", truncate_to=offset) if par.is_main else None
+    tb = _tensorboard(out, step + 1 if ckpt is not None else None, log) if t.tensorboard and par.is_main else None
     end = total if stop_at is None else min(total, stop_at)
-    log(f"device {why}; {model.num_params():,} params; {total} steps ({limit}) of {tokens_per_step:,} tokens "
+    ranks = f" x {par.ranks} ranks ({par.mode}{', experts sharded' if t.shard_experts else ''})" if par.active else ""
+    log(f"device {why}{ranks}; {model.num_params():,} params; {total} steps ({limit}) of {tokens_per_step:,} tokens "
         f"= {total * tokens_per_step:,} tokens, {total * tokens_per_step * flops_per_token:.3g} FLOPs")
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     params = [p for g in opt.param_groups for p in g["params"]]
 
     def checkpoint(at: int) -> None:
+        if not par.is_main:  # DDP: every rank holds the same weights and optimizer state
+            return
         state = {"validations": history, "metrics_offset": metrics.offset(), "data_step": at,
                  "tokens": at * tokens_per_step}
         save_checkpoint(out / "checkpoints", at, model, run.to_dict(), opt, state, keep=t.keep)
@@ -548,6 +474,8 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
             return
         rec = {"step": at, **validate(model, ds, run, device, amp)}
         history.append(rec)
+        if metrics is None:
+            return
         metrics.write(rec)
         usage = "".join(f" | {name} usage {u['usage']:.1%} unev {u['unevenness']:.2f}"
                         for name, u in rec.get("usage", {}).items())
@@ -565,8 +493,19 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
         with _deterministic(device), _StopSignals() as stop:
             while step < end:
                 t0 = time.time()
-                loss_val, ce_val, norm, factor = _train_step(model, opt, params, ds, run, step, total, device,
-                                                     autocast)
+                try:
+                    loss_val, ce_val, norm, factor, stopping = _train_step(
+                        model, opt, params, ds, run, step, total, device, autocast, par, module,
+                        stop.received is not None)
+                except (torch.distributed.DistError, RuntimeError) as e:
+                    if not par.active or not _lost_rank(e):
+                        raise
+                    kept = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").is_dir() else None
+                    where = f"; the last checkpoint {kept} is intact, continue with --resume" if kept else ""
+                    raise TrainError(f"rank {par.rank}: a collective failed at step {step + 1}, most likely "
+                                     f"because another rank died (see its log): {_one_line(e)}{where}") from None
+                if stopping and stop.received is None:
+                    stop.received = "SIGTERM"  # another rank was signalled: stop with it, at this step
                 step += 1
                 if not math.isfinite(loss_val):
                     raise TrainError(f"loss is {loss_val} at step {step}; lower train.lr or raise warmup")
@@ -581,7 +520,8 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
                            "tok_s": tokens_per_step / dt, "tokens": step * tokens_per_step,
                            "epochs": ds.epochs_seen(step * tokens_per_step, T),
                            "flops": step * tokens_per_step * flops_per_token}
-                    metrics.write(rec)
+                    if metrics is not None:
+                        metrics.write(rec)
                     aux = f" (ce {ce_val:.4f})" if abs(loss_val - ce_val) > 1e-12 else ""
                     log(f"step {step:>6}/{total} | loss {loss_val:.4f}{aux} | lr {lr:.2e} | dt {dt * 1000:.0f}ms "
                         f"| tok/s {rec['tok_s']:,.0f} | ep {rec['epochs']:.2f} | eta {_fmt_time(eta)}")
@@ -597,7 +537,8 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
                     raise TrainInterrupted(stop.received, step, total, out)
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         if tb is not None:
             tb.close()
     elapsed = time.time() - start_time

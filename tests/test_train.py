@@ -317,3 +317,21 @@ def test_a_signal_ends_training_with_a_checkpoint_and_the_resume_command(data_di
     assert main(_cli_train(data_dir, out, step + 2, resume=True)[3:]) == 0
     assert f"resumed from {out / 'checkpoints' / f'step_{step:08d}'}" in capsys.readouterr().out
     assert list(losses(out)) == list(range(1, step + 3))
+
+
+def test_parallel_settings_are_checked(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="parallel"):
+        TrainConfig(parallel="tp")
+    with pytest.raises(ValueError, match="train.parallel=ddp"):
+        TrainConfig(shard_experts=True)
+    with pytest.raises(ValueError, match="has none"):
+        make_run(data_dir, "tiny", parallel="ddp", shard_experts=True)
+    with pytest.raises(TrainError, match="torchrun"):  # one process, no process group
+        train(make_run(data_dir, parallel="ddp"), tmp_path / "r", progress=False, log=lambda s: None)
+    assert not (tmp_path / "r").exists()
+
+
+def test_python_dash_m_peerlm_runs():
+    res = subprocess.run([sys.executable, "-m", "peerlm", "train", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and "--preset" in res.stdout
