@@ -49,7 +49,8 @@ from peerlm.fileio import atomic_write_text, fsync_dir, sha256_file, umask
 __all__ = [
     "CheckpointError", "CheckpointDamaged", "CheckpointWriteError", "save_checkpoint", "latest_checkpoint",
     "find_checkpoint", "list_checkpoints", "checkpoint_step", "verify_checkpoint", "read_config",
-    "load_weights", "load_checkpoint", "capture_rng", "restore_rng", "WEIGHT_FILES",
+    "load_weights", "load_checkpoint", "capture_rng", "restore_rng", "WEIGHT_FILES", "is_distributed",
+    "is_distributed_model",
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -211,22 +212,15 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, model: nn.Module, c
         final = _write_checkpoint(root, name, step, model, config, optimizer, state)
         atomic_write_text(root / "latest", name + "\n")
     except (OSError, _SafetensorError) as e:
-        kept = f"; the previous checkpoint {previous} is as it was" if previous else ""
-        raise CheckpointWriteError(f"cannot write checkpoint {root / name} ({_reason(e)}){kept}",
-                                   previous) from None
-    for old in list_checkpoints(root)[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+        raise write_error(root, name, e, previous) from None
+    prune(root, keep, final)
     return final
 
 
 def _write_checkpoint(root: Path, name: str, step: int, model: nn.Module, config: dict[str, Any],
                       optimizer: Any, state: dict[str, Any] | None) -> Path:
     """Write ``root/name`` atomically (not yet pointed to by ``latest``)."""
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".step_*.tmp"):  # left by a write that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    tmp = new_temp_dir(root, name)
     try:
         full_state = {"step": step, "train": state or {}, "rng": capture_rng()}
         if optimizer is not None:
@@ -239,26 +233,60 @@ def _write_checkpoint(root: Path, name: str, step: int, model: nn.Module, config
         _write_text(tmp / "state.json", json.dumps(encoded) + "\n")
         for f in ("model.safetensors", "state.safetensors"):
             _fsync_file(tmp / f)
-        for f in _FILES:
-            os.chmod(tmp / f, 0o666 & ~umask())
-        manifest = {"step": step, "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
-                                            for f in _FILES}}
-        _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~umask())
-        fsync_dir(tmp)
-        final = root / name
-        if final.exists():  # saving the same step again: move the old one aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", suffix=".tmp", dir=root))
-            os.replace(final, old / name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
+        final = publish(root, name, tmp, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def new_temp_dir(root: Path, name: str) -> Path:
+    """A fresh hidden directory under ``root`` to write checkpoint ``name`` into; stale ones left by a
+    killed write are removed first."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+
+
+def publish(root: Path, name: str, tmp: Path, step: int, fmt: str | None = None) -> Path:
+    """Write the manifest of every file under ``tmp`` (written and fsynced already), then rename
+    ``tmp`` to ``root/name`` in one step; ``latest`` is not touched. ``fmt`` is recorded in the
+    manifest (``"dcp"``: a distributed checkpoint, see ``peerlm.parallel.dcp``)."""
+    files = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
+    for d in [tmp, *(d for d in tmp.rglob("*") if d.is_dir())]:
+        os.chmod(d, 0o777 & ~umask())
+    for f in files:
+        os.chmod(tmp / f, 0o666 & ~umask())
+    manifest: dict[str, Any] = {"step": step}
+    if fmt is not None:
+        manifest["format"] = fmt
+    manifest["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
+    _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    for d in [*(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
+        fsync_dir(d)
+    final = root / name
+    if final.exists():  # saving the same step again: move the old one aside first
+        old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", suffix=".tmp", dir=root))
+        os.replace(final, old / name)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
+    return final
+
+
+def prune(root: Path, keep: int, final: Path) -> None:
+    """Delete all but the newest ``keep`` checkpoints under ``root`` (never ``final``)."""
+    for old in list_checkpoints(root)[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_error(root: Path, name: str, e: BaseException, previous: Path | None) -> CheckpointWriteError:
+    kept = f"; the previous checkpoint {previous} is as it was" if previous else ""
+    return CheckpointWriteError(f"cannot write checkpoint {root / name} ({_reason(e)}){kept}", previous)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -309,7 +337,12 @@ def find_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None
 def _problem(ckpt: Path, files: tuple[str, ...]) -> str | None:
     """What is wrong with ``files`` of ``ckpt`` against its manifest; None when they verify."""
     try:
-        listed = json.loads((ckpt / "manifest.json").read_text("utf-8"))["files"]
+        manifest = json.loads((ckpt / "manifest.json").read_text("utf-8"))
+        listed = manifest["files"]
+        if manifest.get("format") == "dcp":  # each .safetensors file is a DCP directory of the same stem
+            files = tuple(f for n in files for f in (
+                [m for m in listed if m.startswith(n.split(".")[0] + "/")] or [n.split(".")[0] + "/.metadata"]
+                if n.endswith(".safetensors") else [n]))
         entries = {n: (int(listed[n]["bytes"]), str(listed[n]["sha256"])) for n in files if n in listed}
     except FileNotFoundError:
         return f"{ckpt} is incomplete (no manifest.json); it was not fully written"
@@ -372,6 +405,28 @@ def _load_tensors(f: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{f} is corrupt ({type(e).__name__}: {detail})") from None
 
 
+def _check_model_config(ckpt: Path, expected_model: dict[str, Any] | None) -> None:
+    if expected_model is not None:
+        saved = read_config(ckpt).get("model")
+        diffs = _diff(saved, expected_model)
+        if diffs:
+            shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+            raise CheckpointError(f"{ckpt} was saved for a different model (saved vs this run: {shown})")
+
+
+def is_distributed(ckpt: str | os.PathLike[str]) -> bool:
+    """Whether ``ckpt`` was written with ``torch.distributed.checkpoint`` (``peerlm.parallel.dcp``)."""
+    return (Path(ckpt) / "model" / ".metadata").is_file()
+
+
+def is_distributed_model(model: nn.Module) -> bool:
+    """Whether ``model`` holds parts of tensors (FSDP2 DTensors, column-sharded tables), and so needs a
+    distributed checkpoint (``peerlm.parallel.dcp``; not imported here, it is slow to import)."""
+    from peerlm.parallel.shard import sharded_parameter_names
+
+    return bool(sharded_parameter_names(model)) or any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 def load_weights(ckpt: str | os.PathLike[str], model: nn.Module, expected_model: dict[str, Any] | None = None,
                  verify: bool = True) -> None:
     """Load a checkpoint's weights into ``model``; ``expected_model`` (a ModelConfig dict) must match
@@ -379,12 +434,12 @@ def load_weights(ckpt: str | os.PathLike[str], model: nn.Module, expected_model:
     ckpt = Path(ckpt)
     if verify:
         verify_checkpoint(ckpt, WEIGHT_FILES)
-    if expected_model is not None:
-        saved = read_config(ckpt).get("model")
-        diffs = _diff(saved, expected_model)
-        if diffs:
-            shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
-            raise CheckpointError(f"{ckpt} was saved for a different model (saved vs this run: {shown})")
+    _check_model_config(ckpt, expected_model)
+    if is_distributed(ckpt):
+        from peerlm.parallel import dcp
+
+        dcp.load_model(ckpt, model)
+        return
     tensors = _load_tensors(ckpt / "model.safetensors")
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
@@ -407,6 +462,11 @@ def load_checkpoint(ckpt: str | os.PathLike[str], model: nn.Module, optimizer: A
     ckpt = Path(ckpt)
     if verify:
         verify_checkpoint(ckpt)
+    if is_distributed(ckpt) or is_distributed_model(model):
+        from peerlm.parallel import dcp
+
+        _check_model_config(ckpt, expected_model)
+        return dcp.load_checkpoint(ckpt, model, optimizer, rng)
     load_weights(ckpt, model, expected_model, verify=False)
     tensors = _load_tensors(ckpt / "state.safetensors")
     try:

@@ -36,19 +36,19 @@ finish (with its validation, if due), writes a checkpoint and raises ``TrainInte
 signal stops at once (every write is atomic, so that is safe too).
 
 Several processes (``torchrun --nproc_per_node=P -m peerlm train ...``; ``peerlm.parallel.runtime``):
-``parallel`` "ddp" or "fsdp" trains one model on P ranks. ``batch_size`` stays the global batch:
-rank r takes rows r::P of every micro-batch, gradients are averaged over ranks, the logged loss and
-the gradient norm (clipping included) are those of the whole batch, and query-norm statistics are
-the whole batch's, so a run's losses do not depend on P (to rounding; MoE capacity and expert-choice
-routing still act within a rank's rows). ``shard_experts`` column-shards the PEER / PKM tables over
-the ranks (``peerlm.parallel.shard``). Rank 0 alone takes the run-directory lock, logs and writes;
-a check that fails on one rank fails the run on all; every rank runs the same validation windows (a
-sharded layer's forward needs every rank). A dead rank makes the others' next collective fail
-(within ``dist_timeout`` seconds at worst); the run then stops with ``TrainError`` and the last
-checkpoint stays as it was. DDP runs write the one-process checkpoint (every rank holds the same
-weights), so they resume on any number of ranks and load in ``peerlm eval`` / ``generate``.
-FSDP and sharded tables need distributed checkpoints (``torch.distributed.checkpoint``), not yet
-written: such runs are refused by ``train`` for now (their step runs and is tested).
+``parallel`` "ddp" or "fsdp" trains one model on P ranks. ``batch_size`` stays the global batch: rank r
+takes rows r::P of every micro-batch, gradients are averaged over ranks, the logged loss and the
+gradient norm (clipping included) are those of the whole batch, and query-norm statistics are the whole
+batch's, so a run's losses do not depend on P (to rounding; MoE capacity and expert-choice routing still
+act within a rank's rows). ``shard_experts`` column-shards the PEER / PKM tables over the ranks
+(``peerlm.parallel.shard``). Rank 0 alone takes the run-directory lock, logs and writes (but for the
+shards of a distributed checkpoint); a check that fails on one rank fails the run on all; every rank
+runs the same validation windows (a sharded layer's forward needs every rank). A dead rank makes the
+others' next collective fail (within ``dist_timeout`` seconds at worst); the run then stops with
+``TrainError`` and the last checkpoint stays as it was. DDP runs write the one-process checkpoint (every
+rank holds the same weights); FSDP and sharded tables write distributed checkpoints
+(``peerlm.parallel.dcp``, every rank its part). Either kind resumes on any number of ranks and loads in
+``peerlm eval`` / ``generate``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from peerlm.checkpoint import latest_checkpoint, load_checkpoint, read_config, save_checkpoint, verify_checkpoint
+from peerlm.checkpoint import (
+    is_distributed_model,
+    latest_checkpoint,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from peerlm.config import ModelConfig, to_dict
 from peerlm.data import TokenDataset
 from peerlm.evaluate import check_same_tokenizer, evaluate_tokens, memory_usage, tracking_usage
@@ -413,10 +420,6 @@ def _check_parallel(run: RunConfig, par: Parallel) -> None:
     if t.shard_experts and run.model.dim % ranks:
         raise TrainError(f"train.shard_experts gives every rank model.dim / ranks columns of each table, but "
                          f"dim {run.model.dim} is not a multiple of {ranks} ranks")
-    if t.parallel == "fsdp" or t.shard_experts:
-        raise TrainError("train.parallel=fsdp and train.shard_experts need distributed checkpoints "
-                         "(torch.distributed.checkpoint), which peerlm does not write yet; use "
-                         "train.parallel=ddp with shard_experts=false")
 
 
 def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.device, amp: torch.dtype | None,
@@ -462,12 +465,17 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     params = [p for g in opt.param_groups for p in g["params"]]
 
+    sharded_state = par.active and is_distributed_model(model)
+
     def checkpoint(at: int) -> None:
-        if not par.is_main:  # DDP: every rank holds the same weights and optimizer state
-            return
-        state = {"validations": history, "metrics_offset": metrics.offset(), "data_step": at,
-                 "tokens": at * tokens_per_step}
-        save_checkpoint(out / "checkpoints", at, model, run.to_dict(), opt, state, keep=t.keep)
+        state = None if metrics is None else {"validations": history, "metrics_offset": metrics.offset(),
+                                              "data_step": at, "tokens": at * tokens_per_step}
+        if sharded_state:  # FSDP / sharded tables: every rank writes its part (collective)
+            from peerlm.parallel import dcp
+
+            dcp.save_checkpoint(out / "checkpoints", at, model, run.to_dict(), opt, state, t.keep, par.stats_group)
+        elif par.is_main:  # DDP: every rank holds the same weights and optimizer state
+            save_checkpoint(out / "checkpoints", at, model, run.to_dict(), opt, state, keep=t.keep)
 
     def run_validation(at: int) -> None:
         if ds.num_tokens("val") < 2:

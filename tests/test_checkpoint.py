@@ -184,3 +184,33 @@ def test_missing_and_bad_pointers(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     (tmp_path / "latest").write_text("step_00000009\n")  # a pointer to a vanished checkpoint
     assert latest_checkpoint(tmp_path).name == "step_00000001"
+
+
+def test_distributed_checkpoint_round_trip_and_atomic_failure_in_one_process(tmp_path, monkeypatch):
+    from peerlm.checkpoint import is_distributed, verify_checkpoint
+    from peerlm.parallel import dcp
+
+    cfg, model, opt = _trained(sparse=True)
+    first = dcp.save_checkpoint(tmp_path, 2, model, _config(cfg), opt, {"pos": 2})
+    assert is_distributed(first) and latest_checkpoint(tmp_path) == first
+    verify_checkpoint(first)
+    _, model2, opt2 = _trained(sparse=True, steps=1)
+    state = load_checkpoint(first, model2, opt2, expected_model=to_dict(cfg))
+    assert state["step"] == 2 and state["train"] == {"pos": 2}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, model2.state_dict()[k]), k
+    for o, o2 in zip(opt.optimizers, opt2.optimizers):
+        for p, p2 in zip([p for g in o.param_groups for p in g["params"]],
+                         [p for g in o2.param_groups for p in g["params"]]):
+            for key, v in o.state[p].items():
+                assert torch.equal(v, o2.state[p2][key]), key
+    load_weights(first, build_model(cfg), expected_model=to_dict(cfg))
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp, "publish", fail)  # the shards are written, the manifest is not
+    with pytest.raises(ckpt_mod.CheckpointWriteError, match="No space left.*as it was"):
+        dcp.save_checkpoint(tmp_path, 4, model, _config(cfg), opt, {"pos": 4})
+    assert latest_checkpoint(tmp_path) == first and list_checkpoints(tmp_path) == [first]
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -8,6 +8,8 @@
   model's PEER and PKM layers in place; DTensor ``Shard(1)`` views of the shards in state dicts, for
   distributed checkpoints.
 - ``launch``: run a function on P local processes (tests, benchmarks).
+- ``dcp``: distributed checkpoints (``torch.distributed.checkpoint``) of FSDP2 and sharded-table runs,
+  which reshard to any number of ranks or one process (imported by ``peerlm.checkpoint``, not here).
 - ``runtime``: what the training loop needs to run on P ranks: the process group from torchrun's
   environment, DDP / FSDP2 around the trunk, each rank's rows of a batch, synchronised query norms
   (imported by ``peerlm.train``, not here).

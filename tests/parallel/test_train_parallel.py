@@ -1,6 +1,8 @@
 """Data-parallel training through ``peerlm.train``: 2 gloo ranks train like one process on the same
 global batch (DDP; the expert tables sharded, under DDP and FSDP2), a 2-rank checkpoint resumes on one
-process, and a killed rank fails the run within a bounded time.
+process, and a killed rank fails the run within a bounded time. FSDP2 + sharded-table runs write
+distributed checkpoints that resume 2 -> 1, 1 -> 2 and 2 -> 2 ranks with the losses of an uninterrupted
+run, load in ``peerlm eval`` in one process, and are found damaged when a shard is.
 
 Tolerance: losses agree to 1e-5 and parameters to 1e-4 (the ranks' sums are split in two halves, so
 rounding differs from one process; the loss itself is computed in fp32).
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from peerlm.checkpoint import load_checkpoint
 from peerlm.data import TokenDataset, prepare
 from peerlm.parallel.launch import spawn
 from peerlm.parallel.runtime import Parallel
@@ -145,3 +148,82 @@ def test_a_killed_rank_fails_the_run_promptly(data_dir, tmp_path):
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert (out / "checkpoints" / latest / "manifest.json").is_file()  # the last checkpoint is intact
     json.loads((out / "checkpoints" / latest / "manifest.json").read_text())
+
+
+# ---------------------------------------------------------------- distributed checkpoints (FSDP2, sharded tables)
+
+
+def _sharded_worker(rank: int, ranks: int, data: str, out: str, stop_at: int | None, resume: bool,
+                    sparse: bool) -> dict:
+    run = make_run(Path(data), "tiny-peer", parallel="fsdp", shard_experts=True, sparse_optimizer=sparse,
+                   max_steps=6, eval_every=3, ckpt_every=3)
+    return train(run, out, resume=resume, stop_at=stop_at, progress=False, log=lambda s: None)
+
+
+def _one_process(data_dir: Path, sparse: bool, **kw):
+    return make_run(data_dir, "tiny-peer", sparse_optimizer=sparse, max_steps=6, eval_every=3, ckpt_every=3, **kw)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_sharded_two_rank_checkpoint_resumes_on_one_process(data_dir, tmp_path, sparse):
+    spawn(_sharded_worker, 2, args=(str(data_dir), str(tmp_path / "full"), None, False, sparse))
+    spawn(_sharded_worker, 2, args=(str(data_dir), str(tmp_path / "two"), 3, False, sparse))
+    ckpt = tmp_path / "two" / "checkpoints" / "step_00000003"
+    assert (tmp_path / "two" / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    assert json.loads((ckpt / "manifest.json").read_text())["format"] == "dcp"
+    assert (ckpt / "model" / ".metadata").is_file() and (ckpt / "state" / ".metadata").is_file()
+    assert not list((tmp_path / "two" / "checkpoints").glob(".*.tmp"))
+    # the moments of both column halves of a table, resharded into one whole table
+    run = _one_process(data_dir, sparse)
+    model, opt = build_for_training(run.model, run.train)
+    load_checkpoint(ckpt, model, opt)
+    table = model.blocks[0].ffn.w_down
+    state = next(o.state[table] for o in opt.optimizers if table in o.state)
+    half = table.shape[1] // 2
+    assert state["exp_avg"].shape == table.shape
+    assert state["exp_avg"][:, :half].abs().sum() > 0 and state["exp_avg"][:, half:].abs().sum() > 0
+    if sparse:  # per-row step counts
+        assert state["step"].shape == (table.shape[0],) and int(state["step"].max()) == 3
+    train(run, tmp_path / "two", resume=True, progress=False, log=lambda s: None)
+    assert list(losses(tmp_path / "two").values()) == pytest.approx(list(losses(tmp_path / "full").values()),
+                                                                    abs=1e-5)
+
+
+def test_a_one_process_checkpoint_resumes_on_two_sharded_ranks(data_dir, tmp_path):
+    train(_one_process(data_dir, False), tmp_path / "one", progress=False, log=lambda s: None)
+    train(_one_process(data_dir, False), tmp_path / "two", stop_at=2, progress=False, log=lambda s: None)
+    spawn(_sharded_worker, 2, args=(str(data_dir), str(tmp_path / "two"), 4, True, False))  # 1 -> 2 ranks
+    spawn(_sharded_worker, 2, args=(str(data_dir), str(tmp_path / "two"), None, True, False))  # 2 -> 2
+    assert list(losses(tmp_path / "two").values()) == pytest.approx(list(losses(tmp_path / "one").values()),
+                                                                    abs=1e-5)
+    final = tmp_path / "two" / "checkpoints" / "step_00000006"
+    assert (final / "model" / ".metadata").is_file()  # the ranks wrote a distributed checkpoint
+
+
+def test_a_distributed_checkpoint_loads_in_one_process_and_damage_is_detected(data_dir, tmp_path):
+    from peerlm.checkpoint import CheckpointDamaged, verify_checkpoint
+    from peerlm.evaluate import load_run
+
+    train(_one_process(data_dir, False), tmp_path / "one", progress=False, log=lambda s: None)
+    spawn(_sharded_worker, 2, args=(str(data_dir), str(tmp_path / "two"), None, False, False))
+    model, config = load_run(tmp_path / "two")  # one process, no process group
+    assert config["checkpoint_step"] == 6
+    own = model.state_dict()
+    ref = final_weights(tmp_path / "one")
+    assert own.keys() == ref.keys()
+    for k in ref:
+        assert torch.allclose(own[k], ref[k], atol=1e-4), k
+    # the CLI reads it too
+    done = subprocess.run([sys.executable, "-m", "peerlm", "eval", str(tmp_path / "two"), "--data", str(data_dir)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    shard = next((tmp_path / "two" / "checkpoints" / "step_00000006" / "model").glob("__1_*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointDamaged, match="step_00000003 is intact") as e:
+        verify_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000006")
+    assert "__1_" in str(e.value)
+    with pytest.raises(CheckpointDamaged):
+        load_run(tmp_path / "two")
+    verify_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000003")
