@@ -33,7 +33,7 @@ from peerlm.data import EVAL_CORPORA, Corpus, DataError, prepare
 from peerlm.evaluate import evaluate_run
 from peerlm.fileio import atomic_write_text
 from peerlm.flops import model_cost
-from peerlm.train import RunConfig, TrainConfig, build_for_training, data_info, plan_steps, train
+from peerlm.train import RunConfig, TrainConfig, build_for_training, data_info, plan_steps, time_train_steps, train
 
 __all__ = ["run_demo", "DEFAULT_FLOPS", "PRESETS"]
 
@@ -79,15 +79,8 @@ def calibrate(minutes: float, data: Path) -> float:
         cfg, t = _model(preset), recipe(1.0, preset.startswith("peer"))
         torch.manual_seed(0)
         model, opt = build_for_training(cfg, t)
-        times = []
-        for step in range(4):
-            x, y = ds.train_batch(t.batch_size, cfg.context_length, step, seed=123)
-            t0 = time.time()
-            _, loss = model(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.time() - t0)
+        times = time_train_steps(model, opt, (ds.train_batch(t.batch_size, cfg.context_length, step, seed=123)
+                                              for step in range(4)))
         step_flops = model_cost(cfg)["flops_train"] * t.batch_size * cfg.context_length
         seconds_per_flop += sorted(times[1:])[1] / step_flops
     budget = max(minutes * 60 - OVERHEAD_S, 30.0) / seconds_per_flop

@@ -63,7 +63,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -356,6 +356,20 @@ def build_for_training(cfg: ModelConfig, t: TrainConfig, device: torch.device | 
                           t.expert_weight_decay, sparse_experts=t.sparse_optimizer,
                           routing_lr=t.lr * t.routing_lr_ratio)
     return model, opt
+
+
+def time_train_steps(model: Transformer, opt: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """Seconds of each plain training step (forward, backward, optimizer step) over ``batches``, for
+    calibrations that size budgets or estimate run times."""
+    times = []
+    for x, y in batches:
+        t0 = time.time()
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.time() - t0)
+    return times
 
 
 def _seed_everything(seed: int) -> None:

@@ -56,7 +56,7 @@ from peerlm.study.design import (
     RunSpec,
     initial_window,
 )
-from peerlm.train import RunConfig, build_for_training, data_info, plan_steps, train
+from peerlm.train import RunConfig, build_for_training, data_info, plan_steps, time_train_steps, train
 
 __all__ = ["Study", "EVAL_TOKENS"]
 
@@ -285,14 +285,7 @@ class Study:
                 continue
             model, opt = build_for_training(spec.model(), spec.train())
             x = torch.randint(0, VOCAB, (BATCH, CONTEXT))
-            times = []
-            for _ in range(steps + 1):
-                t0 = time.time()
-                _, loss = model(x, x)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                times.append(time.time() - t0)
+            times = time_train_steps(model, opt, [(x, x)] * (steps + 1))
             out[key] = sorted(times[1:])[len(times[1:]) // 2]
         return out
 
