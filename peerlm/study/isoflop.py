@@ -197,6 +197,29 @@ class Study:
                     progress=False)
         return d
 
+    @staticmethod
+    def data_fingerprint(data: Path) -> dict[str, Any]:
+        """What identifies the prepared data across machines: the tokenizer's sha256 and every split's
+        token count (the directory is left out: it differs between machines, the text does not)."""
+        info = data_info(data)
+        return {"tokenizer_sha256": info["tokenizer_sha256"],
+                "tokens": {n: v["tokens"] for n, v in sorted(info["splits"].items())}}
+
+    def check_data(self, data: Path) -> dict[str, Any]:
+        """The fingerprint of ``data``, after checking that every record that carries one (records
+        written before fingerprints were kept carry none) was trained and evaluated on the same data:
+        records from other data would be compared as if they were not."""
+        fp = self.data_fingerprint(data)
+        for run_id, rec in self.records().items():
+            if rec.get("data") not in (None, fp):
+                raise ValueError(
+                    f"the prepared data in {data} differs from the data of the record {run_id} in "
+                    f"{self.runs_dir} (tokenizer sha256 {fp['tokenizer_sha256'][:12]} against "
+                    f"{rec['data']['tokenizer_sha256'][:12]}; tokens {fp['tokens']} against "
+                    f"{rec['data']['tokens']}); prepare the data again into a new directory with the "
+                    "study's settings, or start the study in a new --results directory")
+        return fp
+
     def run_config(self, spec: RunSpec, data: Path) -> RunConfig:
         return RunConfig(spec.model(), spec.train(), data_info(data))
 
@@ -204,6 +227,7 @@ class Study:
         """Train (or resume) and evaluate one run, write its record atomically, and return it."""
         torch.set_num_threads(self.threads)
         data = self.data_dir()
+        fingerprint = self.check_data(data)
         run = self.run_config(spec, data)
         out = self.work / spec.run_id
         steps, _ = plan_steps(run)
@@ -225,7 +249,7 @@ class Study:
                      "sparse_optimizer": spec.sparse_optimizer}
             | ({"overrides": list(spec.overrides)} if spec.overrides else {})
             | ({"tokens": spec.tokens} if spec.tokens is not None else {}),
-            "model": to_dict(run.model), "train": to_dict(run.train),
+            "model": to_dict(run.model), "train": to_dict(run.train), "data": fingerprint,
             "params": cost["params"], "active_params": cost["active_params"],
             "expert_params": cost["expert_params"], "flops_train_per_token": cost["flops_train"],
             "steps": summary["step"], "train_tokens": summary["tokens"], "flops": summary["flops"],

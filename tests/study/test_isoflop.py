@@ -179,6 +179,23 @@ def test_a_run_trains_resumes_and_is_recorded_once(tmp_path, tiny_data):
     on_disk = json.loads((study.runs_dir / f"{spec.run_id}.json").read_text())
     assert on_disk["eval"]["val"]["loss"] == rec["eval"]["val"]["loss"]
     assert spec.run_id not in {s.run_id for s in study.pending()}  # a recorded run is not run again
+    assert on_disk["data"] == Study.data_fingerprint(tiny_data)
+    assert on_disk["data"]["tokens"]["train"] == data_info(tiny_data)["splits"]["train"]["tokens"]
+
+
+def test_a_run_on_other_data_than_the_records_is_refused_before_training(tmp_path, tiny_data):
+    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(3e10,), methods=("peer",), log=lambda s: None)
+    study.data_dir = lambda: tiny_data
+    old = RunSpec("ladder", 3e10, "peer", "L1d32")
+    rec = fake_record(old, 3.0) | {"data": {**Study.data_fingerprint(tiny_data), "tokenizer_sha256": "0" * 64}}
+    study.runs_dir.mkdir(parents=True)
+    (study.runs_dir / f"{old.run_id}.json").write_text(json.dumps(rec))
+    spec = RunSpec("ladder", 3e10, "peer", "L1d48")
+    with pytest.raises(ValueError, match=f"differs from the data of the record {old.run_id}"):
+        study.run_one(spec)
+    assert not (study.work / spec.run_id).exists()  # nothing was trained
+    (study.runs_dir / f"{old.run_id}.json").write_text(json.dumps(fake_record(old, 3.0)))  # no fingerprint
+    assert study.check_data(tiny_data) == Study.data_fingerprint(tiny_data)  # older records are accepted
 
 
 def test_cli_plan_and_bad_input(tmp_path, capsys):
