@@ -4,6 +4,7 @@
     peerlm study isoflop                        # run them all (resumes; skips runs that have a record)
     peerlm study isoflop --max-runs 1           # one run, e.g. to commit its record before the next
     peerlm study isoflop --report               # summary.json, table.md and plots from the records
+    peerlm study isoflop --time-steps           # time every recorded model under one load, then --report
     peerlm study experts --plan                 # an ablation (experts, active, querynorm, expert-lr), from the
                                                 # isoFLOP study's compute-optimal PEER model; results/<name>/
 """
@@ -38,6 +39,9 @@ def _cmd_isoflop(args: argparse.Namespace) -> int:
 
     study = Study(args.results, work=args.work, budgets=tuple(args.budget or BUDGETS),
                   methods=tuple(args.method or METHODS), threads=args.threads, log=main_log)
+    if args.time_steps:
+        print(f"wrote {study.time_steps()}")
+        args.report = True
     return _drive(study, write_report, args)
 
 
@@ -75,6 +79,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--budget", action="append", type=real(0, lo_open=True, example="2e12"), metavar="FLOPS",
                    help=f"training FLOP budget (repeatable; default: {', '.join(f'{b:.0e}' for b in BUDGETS)})")
     q.add_argument("--method", action="append", choices=METHODS, help="only these methods (repeatable)")
+    q.add_argument("--time-steps", action="store_true",
+                   help="time every recorded model's training step back to back (timing.json, for the "
+                        "comparison at equal wall time), then write the reports; run on an idle machine")
     _common(q)
     q.set_defaults(func=_cmd_isoflop)
     from peerlm.study.ablations import ABLATIONS

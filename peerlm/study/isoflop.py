@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -58,7 +59,7 @@ from peerlm.study.design import (
 )
 from peerlm.train import RunConfig, build_for_training, data_info, plan_steps, time_train_steps, train
 
-__all__ = ["Study", "EVAL_TOKENS"]
+__all__ = ["Study", "EVAL_TOKENS", "timing_key", "spec_of"]
 
 EVAL_TOKENS = 65536
 
@@ -298,20 +299,50 @@ class Study:
 
     # -------------------------------------------------------------------------------- estimates
 
-    def calibrate(self, steps: int = 3) -> dict[tuple, float]:
-        """Seconds per training step of every (method, size, overrides) the plan uses, from ``steps``
-        timed steps."""
+    def _time_specs(self, specs: list[RunSpec], steps: int) -> dict[str, float]:
+        """Median seconds per training step (after one untimed step) of every distinct ``timing_key``
+        among ``specs``, one model after another in this process."""
         torch.set_num_threads(self.threads)
-        out: dict[tuple[str, str], float] = {}
-        for spec in self.pending():
-            key = (spec.method, spec.size, spec.overrides)
+        out: dict[str, float] = {}
+        for spec in specs:
+            key = timing_key(spec)
             if key in out:
                 continue
             model, opt = build_for_training(spec.model(), spec.train())
             x = torch.randint(0, VOCAB, (BATCH, CONTEXT))
-            times = time_train_steps(model, opt, [(x, x)] * (steps + 1))
-            out[key] = sorted(times[1:])[len(times[1:]) // 2]
+            out[key] = statistics.median(time_train_steps(model, opt, [(x, x)] * (steps + 1))[1:])
         return out
+
+    def calibrate(self, steps: int = 3) -> dict[str, float]:
+        """Seconds per training step of every model the plan uses, from ``steps`` timed steps."""
+        return self._time_specs(self.pending(), steps)
+
+    @property
+    def timing_path(self) -> Path:
+        return self.results / "timing.json"
+
+    def time_steps(self, steps: int = 10) -> Path:
+        """Time the training step of every model that has a record, back to back in one process, and
+        write ``timing.json``. The runs' own step times depend on what else the machine ran meanwhile
+        (the study runs for hours, beside other work); the report's comparison at equal wall time
+        multiplies these timings by each run's steps instead, so that it compares models under one
+        load. Run it on an otherwise idle machine."""
+        recs = self.records()
+        if not recs:
+            raise ValueError(f"{self.runs_dir} holds no run records yet; run `peerlm study isoflop` first")
+        specs = sorted({spec_of(r) for r in recs.values()}, key=timing_key)
+        self.log(f"study: timing {len({timing_key(s) for s in specs})} models, {steps} steps each")
+        t0 = time.time()
+        seconds = self._time_specs(specs, steps)
+        meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+                "threads": self.threads, "steps": steps, "git_revision": _git_revision(),
+                "seconds": round(time.time() - t0, 1), "batch": [BATCH, CONTEXT]}
+        atomic_write_text(self.timing_path, json.dumps({"meta": meta, "step_seconds": seconds}, indent=1) + "\n")
+        return self.timing_path
+
+    def timing(self) -> dict[str, Any] | None:
+        """``timing.json`` as written by ``time_steps``, or None."""
+        return json.loads(self.timing_path.read_text("utf-8")) if self.timing_path.is_file() else None
 
     def format_plan(self, calibrate: bool = True) -> str:
         pending = self.pending()
@@ -324,7 +355,7 @@ class Study:
             c = model_cost(cfg)
             steps = (spec.tokens if spec.tokens is not None else int(spec.budget // c["flops_train"])) // (
                 BATCH * CONTEXT)
-            est = steps * per_step.get((spec.method, spec.size, spec.overrides), float("nan")) / 60
+            est = steps * per_step.get(timing_key(spec), float("nan")) / 60
             total += est if est == est else 0.0
             lines.append(f"{spec.phase:<10}{spec.run_id:<{width}}{c['params'] / 1e6:>9.2f}M"
                          f"{steps * BATCH * CONTEXT:>12,}{steps:>7}{est:>10.1f}")
@@ -333,6 +364,18 @@ class Study:
                      f"at {self.threads} thread(s){'' if per_step else ' (not calibrated)'}; later phases "
                      "(ladder extensions, seeds) appear as the records decide them")
         return "\n".join(lines)
+
+
+def timing_key(spec: RunSpec) -> str:
+    """What a training step's time depends on: the model and the optimizer mode (not LR or seed)."""
+    return " ".join((spec.method, spec.size, *spec.overrides, *(["sparse"] if spec.sparse_optimizer else [])))
+
+
+def spec_of(rec: dict[str, Any]) -> RunSpec:
+    """The RunSpec a record was trained from."""
+    s = rec["spec"]
+    return RunSpec(rec["phase"], s["budget"], s["method"], s["size"], s["lr_mult"], s["expert_ratio"], s["seed"],
+                   s["sparse_optimizer"], tuple(s.get("overrides", ())), s.get("tokens"))
 
 
 def main_log(msg: str) -> None:

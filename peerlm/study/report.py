@@ -7,6 +7,9 @@
   every run.
 - ``isoflop.png``: validation perplexity against parameters (log x), one curve per method, one panel
   per budget; ``walltime.png``: validation perplexity against training seconds, every ladder run.
+
+Training seconds at equal wall time come from ``timing.json`` (``Study.time_steps``: every model's
+step timed back to back under one load) when it exists, else from the runs' own step times.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 from peerlm.fileio import atomic_write_bytes, atomic_write_text
 from peerlm.study.design import METHODS
 
-__all__ = ["compute_optimal", "summary_records", "format_table", "write_report"]
+__all__ = ["compute_optimal", "summary_records", "format_table", "write_report", "train_seconds"]
 
 EVAL_ORDER = ("val", "wiki", "news", "fiction", "web")
 
@@ -91,19 +94,41 @@ def _fmt(mean: float, spread: float) -> str:
     return f"{mean:.2f}" if math.isnan(spread) else f"{mean:.2f} ± {spread:.2f}"
 
 
+def train_seconds(rec: dict[str, Any], timing: dict[str, Any] | None) -> float:
+    """A run's training seconds: its steps times the step time of ``timing.json`` (all models timed
+    back to back under one load) where that has the model, else the run's own summed step times."""
+    from peerlm.study.isoflop import spec_of, timing_key
+
+    per_step = (timing or {}).get("step_seconds", {}).get(timing_key(spec_of(rec)))
+    return rec["steps"] * per_step if per_step is not None else rec["train_seconds"]
+
+
+def _timing_note(timing: dict[str, Any] | None) -> str:
+    if timing is None:
+        return ("Training time here is each run's own summed step times, measured under whatever else the "
+                "machine ran meanwhile (`peerlm study isoflop --time-steps` times every model under one load "
+                "and replaces them).")
+    m = timing["meta"]
+    return (f"Training time here is each run's steps times its model's median step time from "
+            f"`peerlm study isoflop --time-steps` ({m['steps']} steps per model, back to back, {m['threads']} "
+            f"thread(s), {m['machine']}, {m['date'][:10]}).")
+
+
 def _equal_wall_time(recs: dict[str, dict[str, Any]], study) -> list[str]:
     """For each budget: each method's best validation perplexity among its ladder runs that trained no
     longer than the dense compute-optimal run did (on this machine, at the same thread count)."""
     lines = []
     opt = compute_optimal(study, recs)
+    timing = study.timing()
     for budget in study.budgets:
         dense = opt.get((budget, "dense"))
         if not dense or not dense["runs"]:
             continue
-        limit = dense["runs"][0]["train_seconds"]
+        limit = train_seconds(dense["runs"][0], timing)
         cells = []
         for method in study.methods:
-            pool = [r for b in study.budgets for r in _ladder_runs(recs, b, method) if r["train_seconds"] <= limit]
+            pool = [r for b in study.budgets for r in _ladder_runs(recs, b, method)
+                    if train_seconds(r, timing) <= limit]
             if pool:
                 best = min(pool, key=lambda r: r["eval"]["val"]["loss"])
                 cells.append(f"{best['eval']['val']['perplexity']:.2f} ({best['spec']['size']}, "
@@ -162,7 +187,8 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
     wall = _equal_wall_time(recs, study)
     if wall:
         lines += ["", "At equal training time on this machine (1 thread): best validation perplexity of any "
-                  "ladder run that trained no longer than dense's compute-optimal run:", "", *wall]
+                  "ladder run that trained no longer than dense's compute-optimal run. "
+                  + _timing_note(study.timing()), "", *wall]
     lines += ["", "## Every run", "",
               "| phase | run | params | active | train FLOPs/token | tokens | epochs | val ppl | usage (unevenness) "
               "| train min | tokens/s |", "|" + "---|" * 11]
@@ -205,13 +231,14 @@ def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     fig.tight_layout()
     written.append(_save(fig, out / "isoflop.png"))
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    timing = study.timing()
     for method in study.methods:
         runs = [r for b in study.budgets for r in _ladder_runs(recs, b, method)]
         if runs:
-            ax.scatter([r["train_seconds"] / 60 for r in runs], [r["eval"]["val"]["perplexity"] for r in runs],
+            ax.scatter([train_seconds(r, timing) / 60 for r in runs], [r["eval"]["val"]["perplexity"] for r in runs],
                        label=method, s=18)
     ax.set_xscale("log")
-    ax.set_xlabel("training minutes on this machine (1 thread)")
+    ax.set_xlabel("training minutes on this machine (1 thread" + (", timed together)" if timing else ")"))
     ax.set_ylabel("validation perplexity")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -241,7 +268,8 @@ def write_report(study, command: str | None = None) -> list[Path]:
     rows = summary_records(compute_optimal(study, recs))
     meta = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "runs": len(recs), "git_revisions": sorted({r["git_revision"] for r in recs.values()}),
-            "machine": sorted({r["machine"] for r in recs.values()})}
+            "machine": sorted({r["machine"] for r in recs.values()}),
+            "timing": (study.timing() or {}).get("meta")}
     atomic_write_text(out / "summary.json", json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
     atomic_write_text(out / "table.md", format_table(study, recs, command))
     return [out / "summary.json", out / "table.md", *_plots(study, recs, out)]

@@ -24,7 +24,8 @@ from peerlm.study.design import (
     recipe,
     size,
 )
-from peerlm.study.report import compute_optimal, summary_records, write_report
+from peerlm.study.isoflop import spec_of, timing_key
+from peerlm.study.report import compute_optimal, format_table, summary_records, train_seconds, write_report
 from peerlm.train import RunConfig, data_info, plan_steps, train
 
 B0, B1 = 2e12, 8e12
@@ -37,7 +38,7 @@ def fake_record(spec: RunSpec, loss: float, seconds: float = 60.0) -> dict:
     return {"run_id": spec.run_id, "phase": spec.phase, "model": to_dict(spec.model()), "train": to_dict(spec.train()),
             "spec": {"budget": spec.budget, "method": spec.method, "size": spec.size, "lr_mult": spec.lr_mult,
                      "expert_ratio": spec.expert_ratio, "seed": spec.seed, "sparse_optimizer": spec.sparse_optimizer},
-            "params": cost["params"], "active_params": cost["active_params"], "train_tokens": 10**6,
+            "params": cost["params"], "active_params": cost["active_params"], "train_tokens": 10**6, "steps": 488,
             "epochs": 0.1, "flops_train_per_token": cost["flops_train"], "train_seconds": seconds,
             "tokens_per_second": 10**6 / seconds, "eval": ev, "git_revision": "abc", "machine": "test"}
 
@@ -151,6 +152,27 @@ def test_report_files_from_records(tmp_path):
     assert f"| moe (2e+12) | {ratio:.3f} |" in table  # perplexity ratio to dense on val
     summary = json.loads((study.results / "summary.json").read_text())
     assert summary["meta"]["runs"] == len(study.records())
+
+
+def test_equal_wall_time_uses_the_timing_pass(tmp_path):
+    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(B0,), methods=("dense", "moe"),
+                  log=lambda s: None)
+    names = [s.name for s in SIZES]
+    finish_pending(study, lambda s: 3.0 + 0.05 * (names.index(s.size) - 2) ** 2 - 0.1 * (s.method == "moe"))
+    recs = study.records()
+    before = format_table(study, recs, "cmd")  # every run's own step times sum to 60 s: all count
+    assert "own summed step times" in before and "no run that short" not in before
+    path = study.time_steps(steps=1)
+    timing = json.loads(path.read_text())
+    assert set(timing["step_seconds"]) == {timing_key(spec_of(r)) for r in recs.values()}
+    assert all(v > 0 for v in timing["step_seconds"].values())
+    r = next(iter(recs.values()))
+    assert train_seconds(r, timing) == r["steps"] * timing["step_seconds"][timing_key(spec_of(r))] != r["train_seconds"]
+    timing["step_seconds"] = {k: (1e-4 if k.startswith("dense") else 1.0) for k in timing["step_seconds"]}
+    path.write_text(json.dumps(timing))  # dense far faster per step than any MoE: no MoE run is that short
+    table = format_table(study, recs, "cmd")
+    assert "| dense | moe |" in table and "no run that short |" in table
+    assert "`peerlm study isoflop --time-steps` (1 steps per model" in table
 
 
 @pytest.fixture(scope="module")
