@@ -227,6 +227,7 @@ class Study:
     def run_one(self, spec: RunSpec, progress: bool = False) -> dict[str, Any]:
         """Train (or resume) and evaluate one run, write its record atomically, and return it."""
         torch.set_num_threads(self.threads)
+        revision = _git_revision()  # of the code that runs, read before a long run lets the tree move on
         data = self.data_dir()
         fingerprint = self.check_data(data)
         run = self.run_config(spec, data)
@@ -260,7 +261,7 @@ class Study:
             "eval": {k: {f: v[f] for f in ("loss", "perplexity", "bits_per_byte", "tokens") if f in v}
                      | ({"usage": v["usage"]} if v.get("usage") else {}) for k, v in results.items()},
             "last_train_loss": self._last_loss(out),
-            "git_revision": _git_revision(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git_revision": revision, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), "threads": self.threads,
         }
         self.runs_dir.mkdir(parents=True, exist_ok=True)
