@@ -5,8 +5,8 @@
 - ``table.md``: the paper's Table 1 layout (rows method x budget, columns held-out sets), each
   method's ratio to dense, the comparison at equal wall time on this machine, the tuning sweeps and
   every run.
-- ``isoflop.png``: validation perplexity against parameters (log x), one curve per method, one panel
-  per budget; ``walltime.png``: validation perplexity against training seconds, every ladder run.
+- ``isoflop.png``: validation perplexity against parameters (log x; total in the top row, active per
+  token in the bottom row), one curve per method, one panel per budget; ``walltime.png``: validation perplexity against training seconds, every ladder run.
 
 Training seconds at equal wall time come from ``timing.json`` (``Study.time_steps``: every model's
 step timed back to back under one load) when it exists, else from the runs' own step times.
@@ -210,24 +210,30 @@ def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    fig, axes = plt.subplots(1, len(study.budgets), figsize=(5.5 * len(study.budgets), 4.2), squeeze=False)
-    for ax, budget in zip(axes[0], study.budgets):
-        for method in study.methods:
-            runs = sorted(_ladder_runs(recs, budget, method), key=lambda r: r["params"])
-            runs = [r for r in runs if r["spec"]["lr_mult"] == study.choices(recs)["lr_mult"]
-                    and r["spec"]["expert_ratio"] == study.choices(recs)["expert_ratio"].get(method, 1.0)]
-            if runs:
-                ax.plot([r["params"] for r in runs], [r["eval"]["val"]["perplexity"] for r in runs], "o-",
-                        label=method)
-        if not ax.lines:
-            ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters (total)")
-        ax.set_ylabel("validation perplexity")
-        ax.set_title(f"{budget:.0e} training FLOPs")
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+    ch = study.choices(recs)
+    # top row: total parameters (the paper's axis); bottom row: parameters used per token, where the
+    # memory methods' curves sit on the same trunks as dense and MoE
+    axis = (("params", "parameters (total)"), ("active_params", "parameters active per token"))
+    fig, axes = plt.subplots(len(axis), len(study.budgets), figsize=(5.5 * len(study.budgets), 4.0 * len(axis)),
+                             squeeze=False)
+    for row, (key, label) in enumerate(axis):
+        for ax, budget in zip(axes[row], study.budgets):
+            for method in study.methods:
+                runs = sorted(_ladder_runs(recs, budget, method), key=lambda r: r[key])
+                runs = [r for r in runs if r["spec"]["lr_mult"] == ch["lr_mult"]
+                        and r["spec"]["expert_ratio"] == ch["expert_ratio"].get(method, 1.0)]
+                if runs:
+                    ax.plot([r[key] for r in runs], [r["eval"]["val"]["perplexity"] for r in runs], "o-",
+                            label=method)
+            if not ax.lines:
+                ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("validation perplexity")
+            ax.set_title(f"{budget:.0e} training FLOPs")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
     fig.tight_layout()
     written.append(_save(fig, out / "isoflop.png"))
     fig, ax = plt.subplots(figsize=(6, 4.2))
