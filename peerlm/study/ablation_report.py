@@ -3,7 +3,8 @@
 ``summary.json`` holds one record per (run, eval set) with the keys the ablation varies
 (``num_experts``, ``heads``, ``topk``, ``query_norm``, ``expert_lr_ratio``) and ``method``, ``seed``,
 ``eval_set``, ``perplexity``, ``bits_per_byte``, ``usage``, ``unevenness``, ``train_tokens``,
-``train_seconds``. The table averages seeds (± half their range) per variant.
+``train_seconds`` (steps times ``timing.json``'s step time where ``--time-steps`` wrote one, else the
+run's own summed step times). The table averages seeds (± half their range) per variant.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from peerlm.fileio import atomic_write_text
-from peerlm.study.report import EVAL_ORDER, _save
+from peerlm.study.report import EVAL_ORDER, _save, _timing_note, train_seconds
 
 __all__ = ["ablation_rows", "write_ablation_report"]
 
@@ -31,7 +32,7 @@ def _settings(rec: dict[str, Any]) -> dict[str, Any]:
 
 def ablation_rows(ablation) -> list[dict[str, Any]]:
     """One row per (planned run with a record, eval set)."""
-    recs = ablation.records()
+    recs, timing = ablation.records(), ablation.timing()
     rows = []
     for spec in ablation.plan():
         rec = recs.get(spec.run_id)
@@ -45,7 +46,7 @@ def ablation_rows(ablation) -> list[dict[str, Any]]:
             rows.append({**_settings(rec), "seed": spec.seed, "eval_set": name, "perplexity": ev["perplexity"],
                          "bits_per_byte": ev["bits_per_byte"], "usage": usage.get("usage"),
                          "unevenness": usage.get("unevenness"), "train_tokens": rec["train_tokens"],
-                         "train_seconds": rec["train_seconds"], "run_id": rec["run_id"]})
+                         "train_seconds": train_seconds(rec, timing), "run_id": rec["run_id"]})
     return rows
 
 
@@ -75,9 +76,10 @@ def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) ->
              f"(trunk {base.size}, LR x{base.lr_mult:g}, expert LR ratio {base.expert_ratio:g}) and trains for "
              f"its {rec['train_tokens']:,} tokens. Perplexity on the whole validation split and the first 65,536 "
              "tokens of each held-out set; usage (share of slots with gate mass) and unevenness (KL from "
-             "uniform) over the whole validation split; ± is half the range over two seeds.", "",
+             "uniform) over the whole validation split; ± is half the range over two seeds. "
+             + _timing_note(ablation.timing()).replace("peerlm study isoflop", f"peerlm study {ablation.name}"), "",
              "| method | N | h | k | h*k | query norm | expert LR | " + " | ".join(EVAL_ORDER)
-             + " | usage | unevenness | train min |", "|" + "---|" * (10 + len(EVAL_ORDER))]
+             + " | usage | unevenness | train time |", "|" + "---|" * (10 + len(EVAL_ORDER))]
     for key, by_set in _grouped(rows).items():
         method, n, h, k, qn, ratio = key
         cells = [_cell(by_set.get(name, []), "perplexity", ".2f") for name in EVAL_ORDER]

@@ -25,6 +25,9 @@ def _drive(study, write: Callable, args: argparse.Namespace) -> int:
     if args.plan:
         print(study.format_plan(calibrate=not args.no_calibrate))
         return 0
+    if args.time_steps:
+        print(f"wrote {study.time_steps()}")
+        args.report = True
     if not args.report:
         study.run(max_runs=args.max_runs, progress=not args.quiet)
     if args.report or not study.pending():
@@ -39,9 +42,6 @@ def _cmd_isoflop(args: argparse.Namespace) -> int:
 
     study = Study(args.results, work=args.work, budgets=tuple(args.budget or BUDGETS),
                   methods=tuple(args.method or METHODS), threads=args.threads, log=main_log)
-    if args.time_steps:
-        print(f"wrote {study.time_steps()}")
-        args.report = True
     return _drive(study, write_report, args)
 
 
@@ -61,6 +61,9 @@ def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--plan", action="store_true", help="print the runs still to do and an estimated time")
     q.add_argument("--no-calibrate", action="store_true", help="with --plan: skip the timing of a few steps")
     q.add_argument("--report", action="store_true", help="only write the reports from the records")
+    q.add_argument("--time-steps", action="store_true",
+                   help="time every recorded model's training step back to back (timing.json: the wall "
+                        "times the reports compare), then write the reports; run on an idle machine")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -79,9 +82,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--budget", action="append", type=real(0, lo_open=True, example="2e12"), metavar="FLOPS",
                    help=f"training FLOP budget (repeatable; default: {', '.join(f'{b:.0e}' for b in BUDGETS)})")
     q.add_argument("--method", action="append", choices=METHODS, help="only these methods (repeatable)")
-    q.add_argument("--time-steps", action="store_true",
-                   help="time every recorded model's training step back to back (timing.json, for the "
-                        "comparison at equal wall time), then write the reports; run on an idle machine")
     _common(q)
     q.set_defaults(func=_cmd_isoflop)
     from peerlm.study.ablations import ABLATIONS

@@ -6,7 +6,8 @@
   method's ratio to dense, the comparison at equal wall time on this machine, the tuning sweeps and
   every run.
 - ``isoflop.png``: validation perplexity against parameters (log x; total in the top row, active per
-  token in the bottom row), one curve per method, one panel per budget; ``walltime.png``: validation perplexity against training seconds, every ladder run.
+  token in the bottom row), one curve per method, one panel per budget; ``walltime.png``: validation
+  perplexity against training seconds, every ladder run.
 
 Training seconds at equal wall time come from ``timing.json`` (``Study.time_steps``: every model's
 step timed back to back under one load) when it exists, else from the runs' own step times.

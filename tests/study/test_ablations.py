@@ -13,6 +13,7 @@ from peerlm.study import Study
 from peerlm.study.ablation_report import write_ablation_report
 from peerlm.study.ablations import ABLATIONS, Ablation, StudyNotReady
 from peerlm.study.design import SIZES
+from peerlm.study.isoflop import spec_of, timing_key
 
 NAMES = [s.name for s in SIZES]
 
@@ -74,5 +75,28 @@ def test_ablation_report_from_records(iso, tmp_path, capsys):
         (n, q) for n in (128**2, 256**2) for q in ("batchnorm", "running", "none")}
     table = (tmp_path / "qn" / "table.md").read_text()
     assert "| peer | 65536 | 8 | 16 | 128 | none |" in table and " ± " in table  # two seeds there
+    assert "own summed step times" in table
+
+
+def test_time_steps_feed_an_ablations_train_seconds(iso, tmp_path, monkeypatch, capsys):
+    ab = Ablation("querynorm", tmp_path / "qn", iso)
+    finish_pending(ab, lambda s: 3.0 + 0.01 * s.seed)
+    timed = []
+
+    def fake_time(self, specs, steps):  # the real timing is tested in test_isoflop
+        timed.extend(specs)
+        return {timing_key(s): 0.5 for s in specs}
+
+    monkeypatch.setattr(Study, "_time_specs", fake_time)
+    assert main(["study", "querynorm", "--results", str(tmp_path / "qn"), "--isoflop-results", str(iso.results),
+                 "--work", str(iso.work), "--time-steps"]) == 0
+    assert "timing.json" in capsys.readouterr().out
+    assert {timing_key(s) for s in timed} == {timing_key(spec_of(r)) for r in ab.records().values()}
+    rows = json.loads((tmp_path / "qn" / "summary.json").read_text())["records"]
+    assert rows and all(r["train_seconds"] == 488 * 0.5 for r in rows)
+    assert "`peerlm study querynorm --time-steps` (10 steps per model" in (tmp_path / "qn" / "table.md").read_text()
+
+
+def test_bad_ablation_input(tmp_path, capsys):
     assert main(["study", "querynorm", "--isoflop-results", str(tmp_path / "none"), "--plan"]) == 2
     assert "not bracketed" in capsys.readouterr().err
