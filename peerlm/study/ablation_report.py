@@ -1,7 +1,8 @@
 """Reports of an ablation from its records: ``summary.json``, ``table.md`` and ``<ablation>.png``.
 
 ``summary.json`` holds one record per (run, eval set) with the keys the ablation varies
-(``num_experts``, ``heads``, ``topk``, ``query_norm``, ``expert_lr_ratio``) and ``method``, ``seed``,
+(``num_experts``, ``heads``, ``topk``, ``query_norm``, ``expert_lr_ratio``, ``blocks``: the memory's
+block ids) and ``method``, ``seed``,
 ``eval_set``, ``perplexity``, ``bits_per_byte``, ``usage``, ``unevenness``, ``train_tokens``,
 ``train_seconds`` (steps times ``timing.json``'s step time where ``--time-steps`` wrote one, else the
 run's own summed step times). The table averages seeds (± half their range) per variant.
@@ -17,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from peerlm.config import ModelConfig
+from peerlm.configio import from_dict
 from peerlm.fileio import atomic_write_text
 from peerlm.study.report import EVAL_ORDER, _save, _timing_note, train_seconds
 
@@ -26,8 +29,10 @@ __all__ = ["ablation_rows", "write_ablation_report"]
 def _settings(rec: dict[str, Any]) -> dict[str, Any]:
     ffn = rec["model"]["ffn"]
     slots = ffn.get("num_experts", ffn.get("num_keys"))
+    blocks = from_dict(ModelConfig, rec["model"]).sparse_blocks()
     return {"method": rec["spec"]["method"], "num_experts": slots, "heads": ffn["heads"], "topk": ffn["topk"],
-            "query_norm": ffn["query_norm"], "expert_lr_ratio": rec["train"]["expert_lr_ratio"]}
+            "query_norm": ffn["query_norm"], "expert_lr_ratio": rec["train"]["expert_lr_ratio"],
+            "blocks": ",".join(map(str, blocks))}
 
 
 def ablation_rows(ablation) -> list[dict[str, Any]]:
@@ -51,7 +56,7 @@ def ablation_rows(ablation) -> list[dict[str, Any]]:
 
 
 def _grouped(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[dict[str, Any]]]]:
-    keys = ("method", "num_experts", "heads", "topk", "query_norm", "expert_lr_ratio")
+    keys = ("method", "num_experts", "heads", "topk", "query_norm", "expert_lr_ratio", "blocks")
     out: dict[tuple, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         out[tuple(r[k] for k in keys)][r["eval_set"]].append(r)
@@ -78,14 +83,14 @@ def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) ->
              "tokens of each held-out set; usage (share of slots with gate mass) and unevenness (KL from "
              "uniform) over the whole validation split; ± is half the range over two seeds. "
              + _timing_note(ablation.timing()).replace("peerlm study isoflop", f"peerlm study {ablation.name}"), "",
-             "| method | N | h | k | h*k | query norm | expert LR | " + " | ".join(EVAL_ORDER)
-             + " | usage | unevenness | train time |", "|" + "---|" * (10 + len(EVAL_ORDER))]
+             "| method | blocks | N | h | k | h*k | query norm | expert LR | " + " | ".join(EVAL_ORDER)
+             + " | usage | unevenness | train time |", "|" + "---|" * (11 + len(EVAL_ORDER))]
     for key, by_set in _grouped(rows).items():
-        method, n, h, k, qn, ratio = key
+        method, n, h, k, qn, ratio, blocks = key
         cells = [_cell(by_set.get(name, []), "perplexity", ".2f") for name in EVAL_ORDER]
         val = by_set.get("val", [])
         usage = _cell([dict(r, usage=100 * r["usage"]) if r["usage"] is not None else r for r in val], "usage", ".1f")
-        lines.append(f"| {method} | {n} | {h} | {k} | {h * k} | {qn} | {ratio:g} | " + " | ".join(cells)
+        lines.append(f"| {method} | {blocks} | {n} | {h} | {k} | {h * k} | {qn} | {ratio:g} | " + " | ".join(cells)
                      + f" | {usage}{'%' if usage else ''} | {_cell(val, 'unevenness', '.2f')} | "
                      f"{_cell(val, 'train_seconds', '.0f')} s |")
     return "\n".join(lines) + "\n"
@@ -101,7 +106,9 @@ def _plot(ablation, rows: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     xlabel = {"experts": "number of experts N", "active": "active experts h*k",
-              "querynorm": "number of experts N", "expert-lr": "expert-table LR ratio"}[ablation.name]
+              "querynorm": "number of experts N", "expert-lr": "expert-table LR ratio",
+              "placement": "blocks holding the memory"}[ablation.name]
+    places = sorted({r["blocks"] for r in val}, key=lambda b: (len(b), b))
     for r in val:
         if ablation.name == "experts":
             label, x = "PEER h8 k16", r["num_experts"]
@@ -109,6 +116,8 @@ def _plot(ablation, rows: list[dict[str, Any]], path: Path) -> Path:
             label, x = f"h = {r['heads']}", r["heads"] * r["topk"]
         elif ablation.name == "querynorm":
             label, x = f"query norm {r['query_norm']}", r["num_experts"]
+        elif ablation.name == "placement":
+            label, x = r["method"], places.index(r["blocks"])
         else:
             label, x = r["method"], r["expert_lr_ratio"]
         series[label].append((x, r["perplexity"]))
@@ -119,7 +128,10 @@ def _plot(ablation, rows: list[dict[str, Any]], path: Path) -> Path:
         xs = sorted(by_x)
         ax.errorbar(xs, [statistics.fmean(by_x[x]) for x in xs],
                     yerr=[(max(by_x[x]) - min(by_x[x])) / 2 for x in xs], fmt="o-", capsize=3, label=label)
-    ax.set_xscale("log", base=2 if ablation.name in ("experts", "active", "querynorm") else 10)
+    if ablation.name == "placement":
+        ax.set_xticks(range(len(places)), [f"block {b}" if "," not in b else f"blocks {b}" for b in places])
+    else:
+        ax.set_xscale("log", base=2 if ablation.name in ("experts", "active", "querynorm") else 10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation perplexity")
     ax.set_title(f"ablation: {ablation.name}")

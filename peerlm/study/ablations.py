@@ -11,6 +11,10 @@ retrieval (which grows with sqrt(N) and h) does not change the data seen.
   and 256^2; usage and unevenness over the whole validation split, laid out like Table 2.
 - ``expert-lr``: the expert-table LR ratio {1, 3, 10} for PEER and for PKM (PKM on the same trunk,
   its own study settings).
+- ``placement``: which block holds the memory, PEER and PKM each: the first block (the study's
+  "middle" of two), the second, or both, on the smallest two-block trunk of the study's ladder
+  (L2 d64) with each method's own study settings; every variant trains for the tokens of that
+  method's ladder run there (the one-block variant is that run, so both blocks cost more FLOPs).
 
 The runs at the ends of each sweep (the points a conclusion rests on) get a second seed. Records go
 to ``results/<ablation>/runs/`` and are resumable exactly like the study's (``Study.run``).
@@ -21,18 +25,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from peerlm.study.design import RunSpec, model_config, size
+from peerlm.study.design import SIZES, RunSpec, model_config, size
 from peerlm.study.isoflop import Study
 
 __all__ = ["ABLATIONS", "Ablation", "StudyNotReady"]
 
-ABLATIONS = ("experts", "active", "querynorm", "expert-lr")
+ABLATIONS = ("experts", "active", "querynorm", "expert-lr", "placement")
 EXPERTS = (128**2, 256**2, 512**2, 1024**2)
 ACTIVE = {32: ((2, 16), (8, 4)), 64: ((4, 16), (8, 8)), 128: ((8, 16), (16, 8)), 256: ((8, 32), (16, 16)),
           512: ((16, 32), (32, 16))}
 QUERY_NORMS = ("batchnorm", "running", "none")
 QUERY_NORM_EXPERTS = (128**2, 256**2)
 EXPERT_RATIOS = (1.0, 3.0, 10.0)
+PLACEMENTS = ("[1]", "all")  # besides the study's own placement ("middle": block 0 of two)
 
 
 class StudyNotReady(ValueError):
@@ -65,15 +70,26 @@ class Ablation(Study):
         return spec, recs[spec.run_id]
 
     def records(self) -> dict[str, dict[str, Any]]:
-        """This ablation's records, plus the study's record of the base run (a variant that changes
-        nothing is that run)."""
+        """This ablation's records, plus the study's records of the runs it reuses (the base run: a
+        variant that changes nothing is that run; for ``placement``, the two ladder runs)."""
         out = super().records()
         try:
             spec, rec = self.base()
         except StudyNotReady:
             return out
         out.setdefault(spec.run_id, rec)
+        if self.name == "placement":
+            iso = self.isoflop.records()
+            for ref in self._placement_refs():
+                if ref.run_id in iso:
+                    out.setdefault(ref.run_id, iso[ref.run_id])
         return out
+
+    def _placement_refs(self) -> list[RunSpec]:
+        """The study's ladder runs (one per memory method) on the two-block trunk at the smaller budget."""
+        trunk = next(s.name for s in SIZES if s.n_layers == 2)
+        ch = self.isoflop.choices(self.isoflop.records())
+        return [self.isoflop._ladder_spec(self.isoflop.budgets[0], m, trunk, ch) for m in ("peer", "pkm")]
 
     def _variant(self, base: RunSpec, spec: RunSpec, tokens: int, method: str = "peer", seed: int = 0,
                  **changes: Any) -> RunSpec:
@@ -101,6 +117,17 @@ class Ablation(Study):
         elif self.name == "querynorm":
             points = [dict(num_experts=n, query_norm=q) for n in QUERY_NORM_EXPERTS for q in QUERY_NORMS]
             ends = [dict(num_experts=QUERY_NORM_EXPERTS[-1], query_norm=q) for q in ("batchnorm", "none")]
+        elif self.name == "placement":
+            iso = self.isoflop.records()
+            for ref in self._placement_refs():
+                if ref.run_id not in iso:  # the study's ladder runs it; its tokens decide the variants'
+                    raise StudyNotReady(f"the isoFLOP study has no record of {ref.run_id} yet "
+                                        f"({self.isoflop.runs_dir}); run `peerlm study isoflop` first")
+                yield ref
+                for where in PLACEMENTS:
+                    yield ref.with_(phase=self.name, overrides=(f"placement={where}",),
+                                    tokens=iso[ref.run_id]["train_tokens"])
+            return
         else:
             for method in ("peer", "pkm"):
                 for r in EXPERT_RATIOS:

@@ -5,7 +5,7 @@
     peerlm study isoflop --max-runs 1           # one run, e.g. to commit its record before the next
     peerlm study isoflop --report               # summary.json, table.md and plots from the records
     peerlm study isoflop --time-steps           # time every recorded model under one load, then --report
-    peerlm study experts --plan                 # an ablation (experts, active, querynorm, expert-lr), from the
+    peerlm study experts --plan                 # an ablation (experts, active, querynorm, expert-lr, placement),
                                                 # isoFLOP study's compute-optimal PEER model; results/<name>/
 """
 
@@ -89,7 +89,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     helps = {"experts": "PEER perplexity against the number of experts N at fixed h*k",
              "active": "PEER perplexity against the active experts h*k, two (h, k) splits each",
              "querynorm": "query BatchNorm vs running norm vs none: perplexity, usage, unevenness",
-             "expert-lr": "expert-table LR ratio 1, 3, 10 for PEER and PKM"}
+             "expert-lr": "expert-table LR ratio 1, 3, 10 for PEER and PKM",
+             "placement": "PEER and PKM in the first, the second or both blocks of a two-block trunk"}
     for name in ABLATIONS:
         q = studies.add_parser(name, help=helps[name], description=f"The {name} ablation; see "
                                "peerlm/study/ablations.py. Needs the isoFLOP study's PEER ladder at its "

@@ -151,7 +151,8 @@ class RunSpec:
         parts = [f"{self.budget:.0e}".replace("+", ""), self.method, self.size, f"lr{self.lr_mult:g}"]
         if memory:
             parts.append(f"x{self.expert_ratio:g}")
-        parts += [o.removeprefix("ffn.").replace("=", "").replace("_", "") for o in self.overrides]
+        parts += [o.removeprefix("ffn.").replace("=", "").replace("_", "").replace("[", "").replace("]", "")
+                  .replace(",", "-") for o in self.overrides]
         if self.tokens is not None:
             parts.append(f"tok{self.tokens}")
         if self.sparse_optimizer:

@@ -38,7 +38,7 @@ def test_an_ablation_needs_the_bracketed_peer_ladder(tmp_path):
 def test_plans_vary_one_thing_at_equal_tokens(iso, tmp_path):
     base, rec = Ablation("experts", tmp_path / "experts", iso).base()
     assert base.size == NAMES[2]
-    for name in ABLATIONS:
+    for name in (n for n in ABLATIONS if n != "placement"):  # placement has a trunk of its own (below)
         ab = Ablation(name, tmp_path / name, iso)
         pending = ab.pending()
         assert base.run_id not in {s.run_id for s in pending}  # the unchanged point is the study's run
@@ -74,7 +74,7 @@ def test_ablation_report_from_records(iso, tmp_path, capsys):
     assert {(r["num_experts"], r["query_norm"]) for r in rows} == {
         (n, q) for n in (128**2, 256**2) for q in ("batchnorm", "running", "none")}
     table = (tmp_path / "qn" / "table.md").read_text()
-    assert "| peer | 65536 | 8 | 16 | 128 | none |" in table and " ± " in table  # two seeds there
+    assert "| peer | 0 | 65536 | 8 | 16 | 128 | none |" in table and " ± " in table  # two seeds there
     assert "own summed step times" in table
 
 
@@ -100,3 +100,29 @@ def test_time_steps_feed_an_ablations_train_seconds(iso, tmp_path, monkeypatch, 
 def test_bad_ablation_input(tmp_path, capsys):
     assert main(["study", "querynorm", "--isoflop-results", str(tmp_path / "none"), "--plan"]) == 2
     assert "not bracketed" in capsys.readouterr().err
+
+
+def test_placement_moves_the_memory_at_the_ladder_runs_tokens(tmp_path):
+    study = Study(tmp_path / "iso", work=tmp_path / "work" / "isoflop", budgets=(B0,), methods=("peer", "pkm"),
+                  log=lambda s: None)
+    ab = Ablation("placement", tmp_path / "pl", study)
+    with pytest.raises(StudyNotReady):
+        ab.pending()
+    finish_pending(study, lambda s: 3.0 + 0.05 * (NAMES.index(s.size) - 2) ** 2 + 0.01 * s.seed
+                   + 0.01 * abs(math.log(s.expert_ratio / 3)))
+    iso, ratios = study.records(), study.choices(study.records())["expert_ratio"]
+    pending = ab.pending()
+    assert len(pending) == 4 and {s.method for s in pending} == {"peer", "pkm"}
+    for spec in pending:
+        ref = iso[next(r.run_id for r in ab._placement_refs() if r.method == spec.method)]
+        assert spec.size == "L2d64" and spec.tokens == ref["train_tokens"]
+        assert spec.expert_ratio == ratios[spec.method] and spec.model().n_layers == 2
+    assert sorted(tuple(s.model().sparse_blocks()) for s in pending) == [(0, 1), (0, 1), (1,), (1,)]
+    assert all("[" not in s.run_id for s in pending)
+    finish_pending(ab, lambda s: 3.0 - 0.05 * len(s.model().sparse_blocks()))
+    write_ablation_report(ab, command="peerlm study placement --report")
+    table = (tmp_path / "pl" / "table.md").read_text()
+    for method in ("peer", "pkm"):
+        for blocks in ("0", "1", "0,1"):
+            assert f"| {method} | {blocks} | 65536 |" in table
+    assert (tmp_path / "pl" / "placement.png").stat().st_size > 0
