@@ -368,6 +368,8 @@ def time_train_steps(model: Transformer, opt: Any, batches: Iterable[tuple[torch
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)  # the step's kernels, not their launches
         times.append(time.time() - t0)
     return times
 

@@ -21,6 +21,7 @@ from typing import Any
 from peerlm.config import ModelConfig
 from peerlm.configio import from_dict
 from peerlm.fileio import atomic_write_text
+from peerlm.study.design import budget_name
 from peerlm.study.report import EVAL_ORDER, _save, _timing_note, train_seconds
 
 __all__ = ["ablation_rows", "write_ablation_report"]
@@ -75,11 +76,19 @@ def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) ->
     from peerlm.study.isoflop import machine
 
     base, rec = ablation.base()
+    if ablation.name == "placement":
+        refs = ablation._placement_refs()
+        start = (f"Each method starts from its isoFLOP ladder run on the two-block trunk {refs[0].size} at "
+                 f"{budget_name(base.budget)} FLOPs (its study settings: LR x{base.lr_mult:g}, expert LR ratio "
+                 + ", ".join(f"{r.method} {r.expert_ratio:g}" for r in refs)
+                 + "), which holds the memory in block 0, and trains every variant for that run's tokens. ")
+    else:
+        start = (f"Every run starts from the isoFLOP study's compute-optimal PEER model at {budget_name(base.budget)} "
+                 f"FLOPs (trunk {base.size}, LR x{base.lr_mult:g}, expert LR ratio {base.expert_ratio:g}) and "
+                 f"trains for its {rec['train_tokens']:,} tokens. ")
     lines = [f"# Ablation `{ablation.name}`", "", f"Command: `{command}`  ",
              f"Report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}.", "",
-             f"Every run starts from the isoFLOP study's compute-optimal PEER model at {base.budget:.0e} FLOPs "
-             f"(trunk {base.size}, LR x{base.lr_mult:g}, expert LR ratio {base.expert_ratio:g}) and trains for "
-             f"its {rec['train_tokens']:,} tokens. Perplexity on the whole validation split and the first 65,536 "
+             start, "Perplexity on the whole validation split and the first 65,536 "
              "tokens of each held-out set; usage (share of slots with gate mass) and unevenness (KL from "
              "uniform) over the whole validation split; ± is half the range over two seeds. "
              + _timing_note(ablation.timing()).replace("peerlm study isoflop", f"peerlm study {ablation.name}"), "",

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from peerlm.study.design import SIZES, RunSpec, model_config, size
+from peerlm.study.design import SIZES, RunSpec, budget_name, model_config, size
 from peerlm.study.isoflop import Study
 
 __all__ = ["ABLATIONS", "Ablation", "StudyNotReady"]
@@ -51,7 +51,8 @@ class Ablation(Study):
         if name not in ABLATIONS:
             raise ValueError(f"unknown ablation {name!r}; known: {', '.join(ABLATIONS)}")
         super().__init__(results, work=isoflop.work.parent / name, budgets=isoflop.budgets,
-                         methods=("peer", "pkm"), threads=isoflop.threads, log=isoflop.log, **kwargs)
+                         methods=("peer", "pkm"), threads=isoflop.threads, log=isoflop.log,
+                         device=str(isoflop.device), **kwargs)
         self.name, self.isoflop = name, isoflop
 
     def data_dir(self):
@@ -64,7 +65,7 @@ class Ablation(Study):
         b0 = self.isoflop.budgets[0]
         _, best = self.isoflop.ladder(b0, "peer", recs, ch)
         if best is None:
-            raise StudyNotReady(f"the isoFLOP study's PEER ladder at {b0:.0e} FLOPs is not bracketed yet "
+            raise StudyNotReady(f"the isoFLOP study's PEER ladder at {budget_name(b0)} FLOPs is not bracketed yet "
                                 f"({self.isoflop.runs_dir}); run `peerlm study isoflop` first")
         spec = self.isoflop._ladder_spec(b0, "peer", best, ch)
         return spec, recs[spec.run_id]

@@ -15,7 +15,7 @@ import argparse
 from collections.abc import Callable
 
 from peerlm.argtypes import real, whole
-from peerlm.study.design import BUDGETS, METHODS
+from peerlm.study.design import BUDGETS, METHODS, budget_name
 
 __all__ = ["add_parser"]
 
@@ -41,7 +41,7 @@ def _cmd_isoflop(args: argparse.Namespace) -> int:
     from peerlm.study.report import write_report
 
     study = Study(args.results, work=args.work, budgets=tuple(args.budget or BUDGETS),
-                  methods=tuple(args.method or METHODS), threads=args.threads, log=main_log)
+                  methods=tuple(args.method or METHODS), threads=args.threads, log=main_log, device=args.device)
     return _drive(study, write_report, args)
 
 
@@ -50,13 +50,16 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     from peerlm.study.ablations import Ablation
     from peerlm.study.isoflop import Study, main_log
 
-    iso = Study(args.isoflop_results, work=args.work, threads=args.threads, log=main_log)
+    iso = Study(args.isoflop_results, work=args.work, threads=args.threads, log=main_log, device=args.device)
     return _drive(Ablation(args.study, args.results or f"results/{args.study}", iso), write_ablation_report, args)
 
 
 def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--threads", type=whole(1), default=1,
                    help="torch CPU threads per run (default 1: step times comparable across runs)")
+    q.add_argument("--device", default="cpu", metavar="DEV",
+                   help="where runs train and evaluate: cpu (default), cuda, cuda:N or auto; records from "
+                        "different devices are comparable in loss, not in time")
     q.add_argument("--max-runs", type=whole(1), default=None, help="stop after this many runs")
     q.add_argument("--plan", action="store_true", help="print the runs still to do and an estimated time")
     q.add_argument("--no-calibrate", action="store_true", help="with --plan: skip the timing of a few steps")
@@ -80,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--work", default=None, metavar="DIR",
                    help="data and checkpoints (default: $PEERLM_CACHE/study/isoflop)")
     q.add_argument("--budget", action="append", type=real(0, lo_open=True, example="2e12"), metavar="FLOPS",
-                   help=f"training FLOP budget (repeatable; default: {', '.join(f'{b:.0e}' for b in BUDGETS)})")
+                   help=f"training FLOP budget (repeatable; default: {', '.join(budget_name(b) for b in BUDGETS)})")
     q.add_argument("--method", action="append", choices=METHODS, help="only these methods (repeatable)")
     _common(q)
     q.set_defaults(func=_cmd_isoflop)

@@ -36,7 +36,7 @@ from peerlm.config import ModelConfig, MoEConfig, PEERConfig, PKMConfig, apply_o
 from peerlm.train import TrainConfig
 
 __all__ = ["Size", "SIZES", "METHODS", "BUDGETS", "VOCAB", "CONTEXT", "model_config", "recipe", "base_lr",
-           "initial_window", "RunSpec"]
+           "budget_name", "initial_window", "RunSpec"]
 
 VOCAB = 1024
 CONTEXT = 128
@@ -95,6 +95,12 @@ def model_config(method: str, sz: Size) -> ModelConfig:
                        n_heads=sz.n_heads, ffn=ffn)
 
 
+def budget_name(flops: float) -> str:
+    """A FLOP budget as run ids and reports write it: ``2e12``, ``2.5e13`` (three significant digits, so
+    that budgets that differ do not share a name)."""
+    return f"{flops:.3g}".replace("+", "")
+
+
 def base_lr(dim: int) -> float:
     """The width rule of the peak LR (before the swept multiplier)."""
     return 4e-3 * math.sqrt(64 / dim)
@@ -148,7 +154,7 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         memory = self.method in ("pkm", "peer")
-        parts = [f"{self.budget:.0e}".replace("+", ""), self.method, self.size, f"lr{self.lr_mult:g}"]
+        parts = [budget_name(self.budget), self.method, self.size, f"lr{self.lr_mult:g}"]
         if memory:
             parts.append(f"x{self.expert_ratio:g}")
         parts += [o.removeprefix("ffn.").replace("=", "").replace("_", "").replace("[", "").replace("]", "")

@@ -24,6 +24,7 @@ the first ``EVAL_TOKENS`` tokens of each held-out set.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -57,7 +58,7 @@ from peerlm.study.design import (
     RunSpec,
     initial_window,
 )
-from peerlm.train import RunConfig, build_for_training, data_info, plan_steps, time_train_steps, train
+from peerlm.train import RunConfig, build_for_training, data_info, plan_steps, resolve_device, time_train_steps, train
 
 __all__ = ["Study", "EVAL_TOKENS", "timing_key", "spec_of"]
 
@@ -73,8 +74,10 @@ def _git_revision() -> str:
         return "unknown"
 
 
-def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}"
+def machine(device: torch.device | None = None) -> str:
+    """The machine a run used, in words (with the GPU's name for a CUDA device)."""
+    gpu = f", {torch.cuda.get_device_name(device)}" if device is not None and device.type == "cuda" else ""
+    return f"{platform.machine()} {os.cpu_count()} cores{gpu}, {platform.system()}, torch {torch.__version__}"
 
 
 class Study:
@@ -82,10 +85,11 @@ class Study:
 
     def __init__(self, results: str | os.PathLike[str], work: str | os.PathLike[str] | None = None,
                  budgets: tuple[float, ...] = BUDGETS, methods: tuple[str, ...] = METHODS, threads: int = 1,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, device: str = "cpu"):
         self.results = Path(results)
         self.work = Path(work) if work is not None else cache_dir() / "study" / "isoflop"
         self.budgets, self.methods, self.threads, self.log = tuple(sorted(budgets)), tuple(methods), threads, log
+        self.device = resolve_device(device, "fp32")[0]  # an unusable device fails here, before any work
         if len(self.budgets) < 1 or any(not b > 0 for b in self.budgets):
             raise ValueError(f"budgets must be positive FLOP counts, got {budgets}")
         bad = [m for m in self.methods if m not in METHODS]
@@ -222,7 +226,7 @@ class Study:
         return fp
 
     def run_config(self, spec: RunSpec, data: Path) -> RunConfig:
-        return RunConfig(spec.model(), spec.train(), data_info(data))
+        return RunConfig(spec.model(), dataclasses.replace(spec.train(), device=str(self.device)), data_info(data))
 
     def run_one(self, spec: RunSpec, progress: bool = False) -> dict[str, Any]:
         """Train (or resume) and evaluate one run, write its record atomically, and return it."""
@@ -240,9 +244,9 @@ class Study:
         wall = time.time() - t0
         wall_total = self._step_seconds(out)
         t1 = time.time()
-        results = evaluate_run(out, splits=["val"], batch_size=16)
+        results = evaluate_run(out, splits=["val"], batch_size=16, device=self.device)
         held = [n for n in TokenDataset(data).splits if n in EVAL_CORPORA]
-        results.update(evaluate_run(out, splits=held, batch_size=16, max_tokens=EVAL_TOKENS))
+        results.update(evaluate_run(out, splits=held, batch_size=16, max_tokens=EVAL_TOKENS, device=self.device))
         cost = model_cost(run.model)
         rec = {
             "run_id": spec.run_id, "phase": spec.phase,
@@ -262,7 +266,7 @@ class Study:
                      | ({"usage": v["usage"]} if v.get("usage") else {}) for k, v in results.items()},
             "last_train_loss": self._last_loss(out),
             "git_revision": revision, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(), "threads": self.threads,
+            "machine": machine(self.device), "threads": self.threads,
         }
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.runs_dir / f"{spec.run_id}.json", json.dumps(rec, indent=1) + "\n")
@@ -309,8 +313,8 @@ class Study:
             key = timing_key(spec)
             if key in out:
                 continue
-            model, opt = build_for_training(spec.model(), spec.train())
-            x = torch.randint(0, VOCAB, (BATCH, CONTEXT))
+            model, opt = build_for_training(spec.model(), spec.train(), device=self.device)
+            x = torch.randint(0, VOCAB, (BATCH, CONTEXT), device=self.device)
             out[key] = statistics.median(time_train_steps(model, opt, [(x, x)] * (steps + 1))[1:])
         return out
 
@@ -335,7 +339,7 @@ class Study:
         self.log(f"study: timing {len({timing_key(s) for s in specs})} models, {steps} steps each")
         t0 = time.time()
         seconds = self._time_specs(specs, steps)
-        meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(self.device),
                 "threads": self.threads, "steps": steps, "git_revision": _git_revision(),
                 "seconds": round(time.time() - t0, 1), "batch": [BATCH, CONTEXT]}
         atomic_write_text(self.timing_path, json.dumps({"meta": meta, "step_seconds": seconds}, indent=1) + "\n")

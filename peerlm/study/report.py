@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from peerlm.fileio import atomic_write_bytes, atomic_write_text
-from peerlm.study.design import METHODS
+from peerlm.study.design import METHODS, budget_name
 
 __all__ = ["compute_optimal", "summary_records", "format_table", "write_report", "train_seconds"]
 
@@ -133,10 +133,10 @@ def _equal_wall_time(recs: dict[str, dict[str, Any]], study) -> list[str]:
             if pool:
                 best = min(pool, key=lambda r: r["eval"]["val"]["loss"])
                 cells.append(f"{best['eval']['val']['perplexity']:.2f} ({best['spec']['size']}, "
-                             f"{best['spec']['budget']:.0e} FLOPs)")
+                             f"{budget_name(best['spec']['budget'])} FLOPs)")
             else:
                 cells.append("no run that short")
-        lines.append(f"| {limit / 60:.1f} min (dense optimum at {budget:.0e}) | " + " | ".join(cells) + " |")
+        lines.append(f"| {limit / 60:.1f} min (dense optimum at {budget_name(budget)}) | " + " | ".join(cells) + " |")
     if not lines:
         return []
     head = "| training time | " + " | ".join(study.methods) + " |"
@@ -173,7 +173,7 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
             cells = [_fmt(by[budget, method, n]["perplexity"], by[budget, method, n]["perplexity_spread"])
                      if (budget, method, n) in by else "" for n in EVAL_ORDER]
             mark = "" if r["bracketed"] else "*"
-            lines.append(f"| {method} ({budget:.0e}) | {r['size']}{mark} | {r['params'] / 1e6:.2f}M | "
+            lines.append(f"| {method} ({budget_name(budget)}) | {r['size']}{mark} | {r['params'] / 1e6:.2f}M | "
                          f"{r['train_tokens'] / 1e6:.2f}M ({r['epochs']:.2f}) | " + " | ".join(cells) + " |")
     lines += ["", "Ratio of perplexity to dense's at the same budget (the paper: PEER/dense 0.87 at 6e18, 0.90 at "
               "2e19 on C4):", "", "| method (budget) | " + " | ".join(EVAL_ORDER) + " |",
@@ -184,7 +184,7 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
                 continue
             cells = [f"{by[budget, method, n]['perplexity'] / by[budget, 'dense', n]['perplexity']:.3f}"
                      if (budget, method, n) in by and (budget, "dense", n) in by else "" for n in EVAL_ORDER]
-            lines.append(f"| {method} ({budget:.0e}) | " + " | ".join(cells) + " |")
+            lines.append(f"| {method} ({budget_name(budget)}) | " + " | ".join(cells) + " |")
     wall = _equal_wall_time(recs, study)
     if wall:
         lines += ["", "At equal training time on this machine (1 thread): best validation perplexity of any "
@@ -231,7 +231,7 @@ def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
             ax.set_xscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel("validation perplexity")
-            ax.set_title(f"{budget:.0e} training FLOPs")
+            ax.set_title(f"{budget_name(budget)} training FLOPs")
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()

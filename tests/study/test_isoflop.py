@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from peerlm.cli import main
 from peerlm.config import to_dict
@@ -19,6 +20,7 @@ from peerlm.study.design import (
     METHODS,
     SIZES,
     RunSpec,
+    budget_name,
     initial_window,
     model_config,
     recipe,
@@ -75,6 +77,11 @@ def test_methods_share_the_trunk_and_differ_in_the_middle_block():
     assert base.expert_lr_ratio == 1.0 and mem.expert_lr_ratio == 3.0
     assert {k: v for k, v in vars(base).items() if "ratio" not in k} == {
         k: v for k, v in vars(mem).items() if "ratio" not in k}
+
+
+def test_budget_names_keep_budgets_apart():
+    assert [budget_name(b) for b in (2e12, 8e12, 2.5e13, 1e14, 1.2e14)] == ["2e12", "8e12", "2.5e13", "1e14", "1.2e14"]
+    assert RunSpec("ladder", 1.2e14, "dense", "L2d64").run_id == "1.2e14_dense_L2d64_lr1_s0"
 
 
 def test_initial_window_is_four_consecutive_sizes_around_the_rule_of_thumb():
@@ -146,10 +153,10 @@ def test_report_files_from_records(tmp_path):
     assert {p.name for p in paths} == {"summary.json", "table.md", "isoflop.png", "walltime.png"}
     assert all(p.stat().st_size > 0 for p in paths)
     table = (study.results / "table.md").read_text()
-    assert "| dense (2e+12) |" in table and "| moe (2e+12) |" in table
+    assert "| dense (2e12) |" in table and "| moe (2e12) |" in table
     assert "peerlm study isoflop --report" in table
     ratio = math.exp(-0.1)
-    assert f"| moe (2e+12) | {ratio:.3f} |" in table  # perplexity ratio to dense on val
+    assert f"| moe (2e12) | {ratio:.3f} |" in table  # perplexity ratio to dense on val
     summary = json.loads((study.results / "summary.json").read_text())
     assert summary["meta"]["runs"] == len(study.records())
 
@@ -202,6 +209,7 @@ def test_a_run_trains_resumes_and_is_recorded_once(tmp_path, tiny_data):
     assert on_disk["eval"]["val"]["loss"] == rec["eval"]["val"]["loss"]
     assert spec.run_id not in {s.run_id for s in study.pending()}  # a recorded run is not run again
     assert on_disk["data"] == Study.data_fingerprint(tiny_data)
+    assert on_disk["train"]["device"] == "cpu" and "cores" in on_disk["machine"]
     assert on_disk["data"]["tokens"]["train"] == data_info(tiny_data)["splits"]["train"]["tokens"]
 
 
@@ -228,6 +236,11 @@ def test_cli_plan_and_bad_input(tmp_path, capsys):
     assert main(["study", "isoflop", "--budget", "-1", "--plan"]) == 2
     assert "--budget: expected a number > 0" in capsys.readouterr().err
     assert main(["study", "isoflop", "--max-runs", "0"]) == 2
+    if not torch.cuda.is_available():  # an unusable device fails before any work, with the way out
+        assert main(["study", "isoflop", "--results", str(tmp_path / "r"), "--device", "cuda", "--plan"]) == 2
+        assert "CUDA is not available; use device=cpu" in capsys.readouterr().err
+    assert main(["study", "querynorm", "--device", "gpu0", "--plan"]) == 2
+    assert "is not a device name" in capsys.readouterr().err
     assert main(["study", "isoflop", "--results", str(tmp_path / "r"), "--report"]) == 2
     assert "no run records" in capsys.readouterr().err
 
