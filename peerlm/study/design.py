@@ -7,7 +7,8 @@ feed-forward swapped for MoE, PKM or PEER, and compares the compute-optimal mode
 - Trunks: depth and width grow together (``SIZES``); vocabulary 1024 and context 128, so that at
   1e12-1e13 FLOPs the compute-optimal dense models (a few hundred thousand parameters, about 20
   tokens per parameter) are not dominated by the output head (2 D V FLOPs per token) and the
-  training text (12.6M tokens at this vocabulary) is seen less than once.
+  training text (12.6M tokens at this vocabulary) is seen less than once by them (the smallest rungs
+  of a ladder may see it more: each record says how many epochs).
 - Methods: ``dense``; ``moe`` (the paper's baseline: 8 experts the size of the dense MLP, expert
   choice, capacity factor 1, so it costs what the MLP costs); ``moe-fine`` (token choice, 32 experts
   a quarter of the MLP each, top-4: the fine-grained MoE of Krajewski et al. 2024, same FLOPs and

@@ -29,6 +29,16 @@ from peerlm.study.design import METHODS, budget_name
 __all__ = ["compute_optimal", "summary_records", "format_table", "write_report", "train_seconds"]
 
 EVAL_ORDER = ("val", "wiki", "news", "fiction", "web")
+HELDOUT = EVAL_ORDER[1:]
+HELDOUT_MEAN = "heldout"  # the pseudo-set of the tables: geometric mean perplexity over HELDOUT
+TABLE_SETS = EVAL_ORDER + (HELDOUT_MEAN,)
+
+
+def heldout_loss(rec: dict[str, Any]) -> float | None:
+    """Mean loss over the held-out sets (log of their geometric-mean perplexity); None if one is missing.
+    Text from corpora the model never trained on, unlike val (which holds tails of training books)."""
+    losses = [rec["eval"][n]["loss"] for n in HELDOUT if n in rec["eval"]]
+    return statistics.fmean(losses) if len(losses) == len(HELDOUT) else None
 
 
 def _ladder_runs(recs: dict[str, dict[str, Any]], budget: float, method: str) -> list[dict[str, Any]]:
@@ -88,7 +98,31 @@ def summary_records(opt: dict[tuple[float, str], dict[str, Any]]) -> list[dict[s
                 "usage": {k: v["usage"] for k, v in usage.items()},
                 "unevenness": {k: v["unevenness"] for k, v in usage.items()},
             })
+        runs = [r for r in (o["runs"] or [first]) if heldout_loss(r) is not None]
+        if runs:
+            ppl, ppl_spread = _mean_spread([math.exp(heldout_loss(r)) for r in runs])
+            bpb, bpb_spread = _mean_spread([statistics.fmean(r["eval"][n]["bits_per_byte"] for n in HELDOUT)
+                                            for r in runs])
+            rows.append({**rows[-1], "eval_set": HELDOUT_MEAN, "perplexity": ppl, "perplexity_spread": ppl_spread,
+                         "bits_per_byte": bpb, "bits_per_byte_spread": bpb_spread,
+                         "seeds": [r["spec"]["seed"] for r in runs],
+                         "eval_tokens": sum(runs[0]["eval"][n]["tokens"] for n in HELDOUT),
+                         "usage": {}, "unevenness": {}})
     return rows
+
+
+def _selection_check(opt: dict[tuple[float, str], dict[str, Any]]) -> str:
+    """Whether choosing each compute-optimal size by the held-out sets instead of val changes it."""
+    moved = []
+    for (budget, method), o in sorted(opt.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]))):
+        ladder = [r for r in o["ladder"] if heldout_loss(r) is not None]
+        if ladder:
+            by_heldout = min(ladder, key=heldout_loss)["spec"]["size"]
+            if by_heldout != o["size"]:
+                moved.append(f"{method} at {budget_name(budget)}: {by_heldout} instead of {o['size']}")
+    return ("Chosen by the held-out sets' mean loss instead of val, every compute-optimal size stays the same."
+            if not moved else "Chosen by the held-out sets' mean loss instead of val, sizes change for "
+            + "; ".join(moved) + ".")
 
 
 def _fmt(mean: float, spread: float) -> str:
@@ -154,36 +188,40 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
              f"Command: `{command}`  ", f"Report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on "
              f"{machine()}; runs at git revisions {', '.join(revs)}; {len(recs)} run records.", "",
              "Perplexity (per token of the study's 1024-token BPE) of each method's compute-optimal model on the "
-             "whole validation split and on the first 65,536 tokens of each held-out set; ± is half the range "
-             "over seeds (where a second seed has finished). A size marked * is not yet bracketed by smaller "
-             "and larger runs.", "",
+             "whole validation split and on the first 65,536 tokens of each held-out set; `heldout` is their "
+             "geometric mean. ± is half the range over seeds (where a second seed has finished). A size marked "
+             "* is not yet bracketed by smaller and larger runs. Sizes, the LR multiplier and the table LR "
+             "ratios are chosen on val, which is in-distribution (part of it is the last pages of the training "
+             "books); the held-out sets are other corpora. " + _selection_check(opt), "",
              "Conventions: FLOPs from `peerlm.flops` (a multiply-add is 2 FLOPs; attention is charged the full "
              "context of 128 positions per token; the output head's 2 D V is counted, embedding lookups are "
              "free; training = 3 x forward, except PEER/PKM sub-key scoring, which runs without autograd and is "
              "charged once, its k-winner re-scoring 3 x). Every PEER and PKM table is trained by torch's dense "
-             "AdamW, as the trunk is, except in runs named `sparse` (the row-sparse, lazy AdamW). Training "
-             "seconds are the sum of step times at one CPU thread; validation and checkpoints are excluded.", "",
-             "| model (budget) | size | params | tokens (epochs) | " + " | ".join(EVAL_ORDER) + " |",
-             "|" + "---|" * (4 + len(EVAL_ORDER))]
+             "AdamW, as the trunk is, except in runs named `sparse` (the row-sparse, lazy AdamW), at their own "
+             "swept LR ratio and without weight decay; MoE experts train like the trunk (its LR, weight decay "
+             "0.1). Training seconds are the sum of step times at one CPU thread; validation and checkpoints "
+             "are excluded.", "",
+             "| model (budget) | size | params | tokens (epochs) | " + " | ".join(TABLE_SETS) + " |",
+             "|" + "---|" * (4 + len(TABLE_SETS))]
     for budget in study.budgets:
         for method in study.methods:
             r = by.get((budget, method, "val"))
             if r is None:
                 continue
             cells = [_fmt(by[budget, method, n]["perplexity"], by[budget, method, n]["perplexity_spread"])
-                     if (budget, method, n) in by else "" for n in EVAL_ORDER]
+                     if (budget, method, n) in by else "" for n in TABLE_SETS]
             mark = "" if r["bracketed"] else "*"
             lines.append(f"| {method} ({budget_name(budget)}) | {r['size']}{mark} | {r['params'] / 1e6:.2f}M | "
                          f"{r['train_tokens'] / 1e6:.2f}M ({r['epochs']:.2f}) | " + " | ".join(cells) + " |")
     lines += ["", "Ratio of perplexity to dense's at the same budget (the paper: PEER/dense 0.87 at 6e18, 0.90 at "
-              "2e19 on C4):", "", "| method (budget) | " + " | ".join(EVAL_ORDER) + " |",
-              "|" + "---|" * (1 + len(EVAL_ORDER))]
+              "2e19 on C4):", "", "| method (budget) | " + " | ".join(TABLE_SETS) + " |",
+              "|" + "---|" * (1 + len(TABLE_SETS))]
     for budget in study.budgets:
         for method in study.methods:
             if method == "dense" or (budget, method, "val") not in by:
                 continue
             cells = [f"{by[budget, method, n]['perplexity'] / by[budget, 'dense', n]['perplexity']:.3f}"
-                     if (budget, method, n) in by and (budget, "dense", n) in by else "" for n in EVAL_ORDER]
+                     if (budget, method, n) in by and (budget, "dense", n) in by else "" for n in TABLE_SETS]
             lines.append(f"| {method} ({budget_name(budget)}) | " + " | ".join(cells) + " |")
     wall = _equal_wall_time(recs, study)
     if wall:

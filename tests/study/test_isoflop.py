@@ -159,6 +159,19 @@ def test_report_files_from_records(tmp_path):
     assert f"| moe (2e12) | {ratio:.3f} |" in table  # perplexity ratio to dense on val
     summary = json.loads((study.results / "summary.json").read_text())
     assert summary["meta"]["runs"] == len(study.records())
+    held = {r["method"]: r for r in summary["records"] if r["eval_set"] == "heldout"}
+    val = {r["method"]: r for r in summary["records"] if r["eval_set"] == "val"}
+    for method in ("dense", "moe"):  # fake records: held-out losses are val's + 0.3, 0.4, 0.2, 0.5
+        assert held[method]["perplexity"] == pytest.approx(val[method]["perplexity"] * math.exp(0.35))
+    assert "| heldout |" in table and "every compute-optimal size stays the same" in table
+    best = held["moe"]["size"]
+    other = next(r for r in study.records().values() if r["spec"]["method"] == "moe" and r["spec"]["size"] != best
+                 and r["phase"] == "ladder")
+    for name in ("wiki", "news", "fiction", "web"):  # a neighbour that is worse on val but best held out
+        other["eval"][name]["loss"] = 0.0
+    (study.runs_dir / f"{other['run_id']}.json").write_text(json.dumps(other))
+    table = format_table(study, study.records(), "cmd")
+    assert f"sizes change for moe at 2e12: {other['spec']['size']} instead of {best}" in table
 
 
 def test_equal_wall_time_uses_the_timing_pass(tmp_path):
