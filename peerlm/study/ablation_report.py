@@ -124,7 +124,7 @@ def _plot(ablation, rows: list[dict[str, Any]], path: Path) -> Path:
         elif ablation.name == "active":
             label, x = f"h = {r['heads']}", r["heads"] * r["topk"]
         elif ablation.name == "querynorm":
-            label, x = f"query norm {r['query_norm']}", r["num_experts"]
+            label, x = f"{r['method']}, query norm {r['query_norm']}", r["num_experts"]
         elif ablation.name == "placement":
             label, x = r["method"], places.index(r["blocks"])
         else:

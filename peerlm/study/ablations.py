@@ -8,7 +8,9 @@ retrieval (which grows with sqrt(N) and h) does not change the data seen.
 - ``experts``: N in {128^2, 256^2, 512^2, 1024^2} at h 8, k 16 (h*k = 128).
 - ``active``: h*k in {32, 64, 128, 256, 512} at the study's N, two (h, k) splits per product.
 - ``querynorm``: query BatchNorm (the paper) vs the causal-safe running norm vs none, at N = 128^2
-  and 256^2; usage and unevenness over the whole validation split, laid out like Table 2.
+  and 256^2; usage and unevenness over the whole validation split, laid out like Table 2. PKM (its
+  study settings, same trunk and tokens) with BatchNorm and without, so that what the norm does to
+  PEER can be told from what it does to product-key retrieval in general.
 - ``expert-lr``: the expert-table LR ratio {1, 3, 10} for PEER and for PKM (PKM on the same trunk,
   its own study settings).
 - ``placement``: which block holds the memory, PEER and PKM each: the first block (the study's
@@ -141,3 +143,7 @@ class Ablation(Study):
             yield v(base, T, **p)
         for p in ends:
             yield v(base, T, seed=1, **p)
+        if self.name == "querynorm":
+            pkm = base.with_(expert_ratio=self.isoflop.choices(self.isoflop.records())["expert_ratio"]["pkm"])
+            for q in ("batchnorm", "none"):
+                yield v(pkm, T, "pkm", query_norm=q)

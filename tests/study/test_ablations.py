@@ -55,8 +55,13 @@ def test_plans_vary_one_thing_at_equal_tokens(iso, tmp_path):
         products.setdefault(s.model().ffn.heads * s.model().ffn.topk, set()).add(s.model().ffn.heads)
     assert sorted(products) == [32, 64, 128, 256, 512] and all(len(h) == 2 for p, h in products.items() if p != 128)
     qn = Ablation("querynorm", tmp_path / "qn", iso).pending()
-    assert {(s.model().ffn.num_experts, s.model().ffn.query_norm) for s in qn if s.seed == 0} == {
+    peer = [s for s in qn if s.method == "peer" and s.seed == 0]
+    assert {(s.model().ffn.num_experts, s.model().ffn.query_norm) for s in peer} == {
         (128**2, "batchnorm"), (128**2, "running"), (128**2, "none"), (256**2, "running"), (256**2, "none")}
+    pkm = [s for s in qn if s.method == "pkm"]  # with and without the norm: its own ratio, same trunk and tokens
+    assert sorted(s.model().ffn.query_norm for s in pkm) == ["batchnorm", "none"]
+    assert all(s.expert_ratio == iso.choices(iso.records())["expert_ratio"]["pkm"] and s.size == base.size
+               and s.tokens == rec["train_tokens"] for s in pkm)
     lr = Ablation("expert-lr", tmp_path / "lr", iso).pending()
     assert {(s.method, s.expert_ratio) for s in lr if s.seed == 0} == {
         ("peer", 1.0), ("peer", 10.0), ("pkm", 1.0), ("pkm", 3.0), ("pkm", 10.0)}
