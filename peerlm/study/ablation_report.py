@@ -3,7 +3,8 @@
 ``summary.json`` holds one record per (run, eval set) with the keys the ablation varies
 (``num_experts``, ``heads``, ``topk``, ``query_norm``, ``expert_lr_ratio``, ``blocks``: the memory's
 block ids) and ``method``, ``seed``,
-``eval_set``, ``perplexity``, ``bits_per_byte``, ``usage``, ``unevenness``, ``train_tokens``,
+``eval_set``, ``perplexity``, ``bits_per_byte``, ``usage``, ``unevenness`` (the mean over the memory
+blocks where there are several), ``train_tokens``,
 ``train_seconds`` (steps times ``timing.json``'s step time where ``--time-steps`` wrote one, else the
 run's own summed step times). The table averages seeds (± half their range) per variant.
 """
@@ -48,7 +49,8 @@ def ablation_rows(ablation) -> list[dict[str, Any]]:
             ev = rec["eval"].get(name)
             if ev is None:
                 continue
-            usage = next(iter(ev.get("usage", {}).values()), {})
+            layers = list(ev.get("usage", {}).values())  # one entry per memory block: their mean
+            usage = {k: statistics.fmean(u[k] for u in layers) for k in ("usage", "unevenness")} if layers else {}
             rows.append({**_settings(rec), "seed": spec.seed, "eval_set": name, "perplexity": ev["perplexity"],
                          "bits_per_byte": ev["bits_per_byte"], "usage": usage.get("usage"),
                          "unevenness": usage.get("unevenness"), "train_tokens": rec["train_tokens"],
