@@ -93,7 +93,7 @@ def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) ->
              start, "Perplexity on the whole validation split and the first 65,536 "
              "tokens of each held-out set; usage (share of slots with gate mass) and unevenness (KL from "
              "uniform) over the whole validation split; ± is half the range over two seeds. "
-             + _timing_note(ablation.timing()).replace("peerlm study isoflop", f"peerlm study {ablation.name}"), "",
+             + _timing_note(ablation.timing(), ablation.name), "",
              "| method | blocks | N | h | k | h*k | query norm | expert LR | " + " | ".join(EVAL_ORDER)
              + " | usage | unevenness | train time |", "|" + "---|" * (11 + len(EVAL_ORDER))]
     for key, by_set in _grouped(rows).items():

@@ -138,23 +138,22 @@ def train_seconds(rec: dict[str, Any], timing: dict[str, Any] | None) -> float:
     return rec["steps"] * per_step if per_step is not None else rec["train_seconds"]
 
 
-def _timing_note(timing: dict[str, Any] | None) -> str:
+def _timing_note(timing: dict[str, Any] | None, study_name: str = "isoflop") -> str:
+    command = f"`peerlm study {study_name} --time-steps`"
     if timing is None:
         return ("Training time here is each run's own summed step times, measured under whatever else the "
-                "machine ran meanwhile (`peerlm study isoflop --time-steps` times every model under one load "
-                "and replaces them).")
+                f"machine ran meanwhile ({command} times every model under one load and replaces them).")
     m = timing["meta"]
-    return (f"Training time here is each run's steps times its model's median step time from "
-            f"`peerlm study isoflop --time-steps` ({m['steps']} steps per model, back to back, {m['threads']} "
-            f"thread(s), {m['machine']}, {m['date'][:10]}).")
+    return (f"Training time here is each run's steps times its model's median step time from {command} "
+            f"({m['steps']} steps per model, back to back, {m['threads']} thread(s), {m['machine']}, "
+            f"{m['date'][:10]}).")
 
 
-def _equal_wall_time(recs: dict[str, dict[str, Any]], study) -> list[str]:
+def _equal_wall_time(recs: dict[str, dict[str, Any]], study, timing: dict[str, Any] | None) -> list[str]:
     """For each budget: each method's best validation perplexity among its ladder runs that trained no
     longer than the dense compute-optimal run did (on this machine, at the same thread count)."""
     lines = []
     opt = compute_optimal(study, recs)
-    timing = study.timing()
     for budget in study.budgets:
         dense = opt.get((budget, "dense"))
         if not dense or not dense["runs"]:
@@ -223,11 +222,12 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
             cells = [f"{by[budget, method, n]['perplexity'] / by[budget, 'dense', n]['perplexity']:.3f}"
                      if (budget, method, n) in by and (budget, "dense", n) in by else "" for n in TABLE_SETS]
             lines.append(f"| {method} ({budget_name(budget)}) | " + " | ".join(cells) + " |")
-    wall = _equal_wall_time(recs, study)
+    timing = study.timing()
+    wall = _equal_wall_time(recs, study, timing)
     if wall:
         lines += ["", "At equal training time on this machine (1 thread): best validation perplexity of any "
                   "ladder run that trained no longer than dense's compute-optimal run. "
-                  + _timing_note(study.timing()), "", *wall]
+                  + _timing_note(timing), "", *wall]
     lines += ["", "## Every run", "",
               "| phase | run | params | active | train FLOPs/token | tokens | epochs | val ppl | usage (unevenness) "
               "| train min | tokens/s |", "|" + "---|" * 11]
