@@ -19,16 +19,19 @@ retrieval (which grows with sqrt(N) and h) does not change the data seen.
   method's ladder run there (the one-block variant is that run, so both blocks cost more FLOPs).
 
 The runs at the ends of each sweep (the points a conclusion rests on) get a second seed. Records go
-to ``results/<ablation>/runs/`` and are resumable exactly like the study's (``Study.run``).
+to ``results/<ablation>/runs/`` and are resumable exactly like the study's (``Study.run``); a run
+that another ablation in the same results folder has recorded is read from there, not trained again.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
+from peerlm.config import to_dict
 from peerlm.study.design import SIZES, RunSpec, budget_name, model_config, size
-from peerlm.study.isoflop import Study
+from peerlm.study.isoflop import Study, spec_of
 
 __all__ = ["ABLATIONS", "Ablation", "StudyNotReady"]
 
@@ -86,6 +89,28 @@ class Ablation(Study):
             for ref in self._placement_refs():
                 if ref.run_id in iso:
                     out.setdefault(ref.run_id, iso[ref.run_id])
+        return out | self._shared_records({s.run_id for s in self.plan(out)} - out.keys())
+
+    def _shared_records(self, run_ids: set[str]) -> dict[str, dict[str, Any]]:
+        """Records of ``run_ids`` that another ablation beside this one has already trained: the same
+        run id is the same model, recipe, tokens and seed (the phase only names the ablation), so the
+        run is trained once (the PKM run with BatchNorm of ``querynorm`` is the 10x point of
+        ``expert-lr``; its N = 128^2 run with BatchNorm a point of ``experts``). A record is reused
+        only when the config it holds is the one this code derives from its run id."""
+        out: dict[str, dict[str, Any]] = {}
+        for other in ABLATIONS:
+            runs = self.results.parent / other / "runs"
+            if other == self.name or not runs.is_dir() or runs.resolve() == self.runs_dir.resolve():
+                continue
+            for run_id in sorted(run_ids - out.keys()):
+                f = runs / f"{run_id}.json"
+                if f.is_file():
+                    rec = json.loads(f.read_text("utf-8"))
+                    spec = spec_of(rec)
+                    train = {k: v for k, v in rec["train"].items() if k != "device"}
+                    if (rec["model"] == to_dict(spec.model())
+                            and train == {k: v for k, v in to_dict(spec.train()).items() if k != "device"}):
+                        out[run_id] = rec
         return out
 
     def _placement_refs(self) -> list[RunSpec]:

@@ -67,6 +67,27 @@ def test_plans_vary_one_thing_at_equal_tokens(iso, tmp_path):
         ("peer", 1.0), ("peer", 10.0), ("pkm", 1.0), ("pkm", 3.0), ("pkm", 10.0)}
 
 
+def test_a_run_two_ablations_share_is_trained_once(iso, tmp_path):
+    qn = Ablation("querynorm", tmp_path / "querynorm", iso)
+    finish_pending(qn, lambda s: 3.0 + 0.01 * s.seed)
+    shared = {"expert-lr": [s for s in qn.plan() if s.method == "pkm" and s.model().ffn.query_norm == "batchnorm"],
+              "experts": [s for s in qn.plan() if s.method == "peer" and s.model().ffn.num_experts == 128**2
+                          and s.model().ffn.query_norm == "batchnorm" and s.seed == 0]}
+    for name, runs in shared.items():
+        assert len(runs) == 1
+        ab = Ablation(name, tmp_path / name, iso)
+        assert runs[0].run_id in {s.run_id for s in ab.plan()}  # a point of this sweep too...
+        assert runs[0].run_id not in {s.run_id for s in ab.pending()}  # ...read from querynorm's record
+        assert ab.records()[runs[0].run_id]["phase"] == "querynorm"
+    # a record whose config is not what its run id gives now (older code, edited by hand) is not reused
+    f = qn.runs_dir / f"{shared['expert-lr'][0].run_id}.json"
+    rec = json.loads(f.read_text())
+    rec["train"]["lr"] *= 2
+    f.write_text(json.dumps(rec))
+    again = Ablation("expert-lr", tmp_path / "expert-lr", iso).pending()
+    assert shared["expert-lr"][0].run_id in {s.run_id for s in again}
+
+
 def test_ablation_report_from_records(iso, tmp_path, capsys):
     ab = Ablation("querynorm", tmp_path / "qn", iso)
     finish_pending(ab, lambda s: 3.0 + 0.1 * (s.model().ffn.query_norm == "none") + 0.01 * s.seed)
