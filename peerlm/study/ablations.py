@@ -45,6 +45,11 @@ EXPERT_RATIOS = (1.0, 3.0, 10.0)
 PLACEMENTS = ("[1]", "all")  # besides the study's own placement ("middle": block 0 of two)
 
 
+def _but_device(train: dict[str, Any]) -> dict[str, Any]:
+    """A train config's fields but the device (a run on another device is the same run)."""
+    return {k: v for k, v in train.items() if k != "device"}
+
+
 class StudyNotReady(ValueError):
     """The isoFLOP study has not yet decided what an ablation starts from."""
 
@@ -107,9 +112,8 @@ class Ablation(Study):
                 if f.is_file():
                     rec = json.loads(f.read_text("utf-8"))
                     spec = spec_of(rec)
-                    train = {k: v for k, v in rec["train"].items() if k != "device"}
-                    if (rec["model"] == to_dict(spec.model())
-                            and train == {k: v for k, v in to_dict(spec.train()).items() if k != "device"}):
+                    if rec["model"] == to_dict(spec.model()) and _but_device(rec["train"]) == _but_device(
+                            to_dict(spec.train())):
                         out[run_id] = rec
         return out
 
