@@ -301,10 +301,11 @@ def evaluate_run(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[st
 def format_table(results: dict[str, dict[str, Any]], title: str | None = None) -> str:
     """A terminal table: one row per set with tokens, bytes, loss, perplexity, bits/byte, usage."""
     head = (f"{'set':<14}{'tokens':>10}{'bytes':>11}{'loss':>8}{'ppl':>10}{'bits/byte':>11}"
-            "  usage / unevenness")
+            "  usage / unevenness / distinct / effective")
     rows = ([title] if title else []) + [head, "-" * len(head)]
     for name, r in results.items():
         usage = ", ".join(f"{layer.removeprefix('blocks.')} {u['usage']:.1%}/{u['unevenness']:.2f}"
+                          + (f"/{u['distinct']:.1%}/{u['effective']:.1f}" if "distinct" in u else "")
                           for layer, u in r.get("usage", {}).items())
         rows.append(f"{name:<14}{r['tokens']:>10,}{r.get('bytes', 0):>11,}{r['loss']:>8.3f}"
                     f"{r['perplexity']:>10.2f}{r.get('bits_per_byte', float('nan')):>11.4f}  {usage}")

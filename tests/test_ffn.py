@@ -522,6 +522,7 @@ def test_pkm_usage_tracking():
     u = pkm.usage()
     assert u["usage"] == pytest.approx(ids.unique().numel() / 64)
     assert 0 <= u["unevenness"] <= math.log(64)
+    assert u["distinct"] == pytest.approx(sum(len(set(t.flatten().tolist())) / t.numel() for t in ids) / len(ids))
     mass = pkm.usage_mass.clone()
     assert mass.sum().item() == pytest.approx(50 * 2)  # softmax gates sum to 1 per head
     pkm.reset_usage()

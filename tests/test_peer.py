@@ -184,6 +184,7 @@ def test_usage_metrics_hand_computed():
     assert stats["usage"] == 0.5
     expect = math.log(4) + 0.75 * math.log(0.75) + 0.25 * math.log(0.25)
     assert stats["unevenness"] == pytest.approx(expect)
+    assert stats["effective"] == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
     layer.reset_usage()
     with pytest.raises(RuntimeError, match="no usage recorded"):
         layer.usage()
@@ -200,7 +201,27 @@ def test_usage_tracked_in_forward():
     assert set(mass.nonzero().flatten().tolist()) == set(ids.flatten().tolist())
     uniform = PEER(dim=4, num_experts=4, heads=1, topk=2, dim_key=2, track_usage=True)
     uniform._accumulate_usage(torch.arange(4), torch.ones(4))
-    assert uniform.usage() == {"usage": 1.0, "unevenness": pytest.approx(0.0, abs=1e-12)}
+    assert uniform.usage() == {"usage": 1.0, "unevenness": pytest.approx(0.0, abs=1e-12), "distinct": 1.0,
+                              "effective": 1.0}
+
+
+def test_distinct_and_effective_experts_per_token():
+    layer = PEER(dim=4, num_experts=16, heads=2, topk=2, dim_key=2, track_usage=True)
+    ids = torch.tensor([[[0, 1], [1, 2]],    # expert 1 picked by both heads: 3 distinct of 4
+                        [[0, 1], [2, 3]]])   # 4 of 4
+    layer._accumulate_usage(ids, torch.full(ids.shape, 0.5))
+    assert layer.usage()["distinct"] == pytest.approx((3 / 4 + 4 / 4) / 2)
+    assert layer.usage()["effective"] == pytest.approx(4.0)  # four equal gates per token
+    layer.reset_usage()
+    torch.manual_seed(0)
+    layer = PEER(**SMALL, track_usage=True)
+    x = torch.randn(30, SMALL["dim"])
+    layer(x)
+    _, ids = layer.retrieve(x)
+    brute = [len(set(t.flatten().tolist())) / t.numel() for t in ids]
+    assert layer.usage()["distinct"] == pytest.approx(sum(brute) / len(brute))
+    hk = SMALL["heads"] * SMALL["topk"]
+    assert 1 <= layer.usage()["effective"] <= hk
 
 
 def test_accounting():

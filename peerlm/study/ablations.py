@@ -6,7 +6,10 @@ thing; every run trains for the same number of tokens as that model did, so that
 retrieval (which grows with sqrt(N) and h) does not change the data seen.
 
 - ``experts``: N in {128^2, 256^2, 512^2, 1024^2} at h 8, k 16 (h*k = 128).
-- ``active``: h*k in {32, 64, 128, 256, 512} at the study's N, two (h, k) splits per product.
+- ``active``: h*k in {32, 64, 128, 256, 512} at the study's N, two (h, k) splits per product, then a
+  third with half the heads of the first (``ACTIVE_FEWER_HEADS``), so that the best head count of
+  each product is bracketed from below wherever the split with fewer heads wins (the paper's claim
+  is about that best head count).
 - ``querynorm``: query BatchNorm (the paper) vs the causal-safe running norm vs none, at N = 128^2
   and 256^2; usage and unevenness over the whole validation split, laid out like Table 2. PKM (its
   study settings, same trunk and tokens) with BatchNorm and without, so that what the norm does to
@@ -39,6 +42,7 @@ ABLATIONS = ("experts", "active", "querynorm", "expert-lr", "placement")
 EXPERTS = (128**2, 256**2, 512**2, 1024**2)
 ACTIVE = {32: ((2, 16), (8, 4)), 64: ((4, 16), (8, 8)), 128: ((8, 16), (16, 8)), 256: ((8, 32), (16, 16)),
           512: ((16, 32), (32, 16))}
+ACTIVE_FEWER_HEADS = {32: (1, 32), 64: (2, 32), 128: (4, 32), 256: (4, 64), 512: (8, 64)}
 QUERY_NORMS = ("batchnorm", "running", "none")
 QUERY_NORM_EXPERTS = (128**2, 256**2)
 EXPERT_RATIOS = (1.0, 3.0, 10.0)
@@ -172,6 +176,9 @@ class Ablation(Study):
             yield v(base, T, **p)
         for p in ends:
             yield v(base, T, seed=1, **p)
+        if self.name == "active":
+            for h, k in ACTIVE_FEWER_HEADS.values():
+                yield v(base, T, heads=h, topk=k)
         if self.name == "querynorm":
             pkm = base.with_(expert_ratio=self.isoflop.choices(self.isoflop.records())["expert_ratio"]["pkm"])
             for q in ("batchnorm", "none"):

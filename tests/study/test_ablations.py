@@ -11,7 +11,7 @@ from test_isoflop import B0, finish_pending
 from peerlm.cli import main
 from peerlm.study import Study
 from peerlm.study.ablation_report import write_ablation_report
-from peerlm.study.ablations import ABLATIONS, Ablation, StudyNotReady
+from peerlm.study.ablations import ABLATIONS, ACTIVE, Ablation, StudyNotReady
 from peerlm.study.design import SIZES
 from peerlm.study.isoflop import spec_of, timing_key
 
@@ -53,7 +53,10 @@ def test_plans_vary_one_thing_at_equal_tokens(iso, tmp_path):
     products = {}
     for s in active:
         products.setdefault(s.model().ffn.heads * s.model().ffn.topk, set()).add(s.model().ffn.heads)
-    assert sorted(products) == [32, 64, 128, 256, 512] and all(len(h) == 2 for p, h in products.items() if p != 128)
+    assert sorted(products) == [32, 64, 128, 256, 512]
+    # three splits per product (the base run, h 8 k 16, is the study's), the third with half the fewest heads
+    assert all(len(h) == (2 if p == 128 else 3) for p, h in products.items())
+    assert all(min(h) * 2 == min(hk[0] for hk in ACTIVE[p]) for p, h in products.items())
     qn = Ablation("querynorm", tmp_path / "qn", iso).pending()
     peer = [s for s in qn if s.method == "peer" and s.seed == 0]
     assert {(s.model().ffn.num_experts, s.model().ffn.query_norm) for s in peer} == {
