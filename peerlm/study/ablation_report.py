@@ -3,8 +3,10 @@
 ``summary.json`` holds one record per (run, eval set) with the keys the ablation varies
 (``num_experts``, ``heads``, ``topk``, ``query_norm``, ``expert_lr_ratio``, ``blocks``: the memory's
 block ids) and ``method``, ``seed``,
-``eval_set``, ``perplexity``, ``bits_per_byte``, ``usage``, ``unevenness`` (the mean over the memory
-blocks where there are several), ``train_tokens``,
+``eval_set``, ``perplexity``, ``bits_per_byte``, ``usage``, ``unevenness``, ``distinct`` and
+``effective`` (per token: the share of distinct slots among its h*k and its gates' exp-entropy; null
+in records written before they were measured), each the mean over the memory blocks where there are
+several, ``train_tokens``,
 ``train_seconds`` (steps times ``timing.json``'s step time where ``--time-steps`` wrote one, else the
 run's own summed step times). The table averages seeds (± half their range) per variant.
 """
@@ -26,6 +28,8 @@ from peerlm.study.design import budget_name
 from peerlm.study.report import EVAL_ORDER, _save, _timing_note, train_seconds
 
 __all__ = ["ablation_rows", "write_ablation_report"]
+
+USAGE_KEYS = ("usage", "unevenness", "distinct", "effective")  # see peerlm.usage
 
 
 def _settings(rec: dict[str, Any]) -> dict[str, Any]:
@@ -50,10 +54,11 @@ def ablation_rows(ablation) -> list[dict[str, Any]]:
             if ev is None:
                 continue
             layers = list(ev.get("usage", {}).values())  # one entry per memory block: their mean
-            usage = {k: statistics.fmean(u[k] for u in layers) for k in ("usage", "unevenness")} if layers else {}
+            usage = {k: statistics.fmean(u[k] for u in layers) for k in USAGE_KEYS
+                     if layers and all(k in u for u in layers)}  # distinct, effective: newer records only
             rows.append({**_settings(rec), "seed": spec.seed, "eval_set": name, "perplexity": ev["perplexity"],
-                         "bits_per_byte": ev["bits_per_byte"], "usage": usage.get("usage"),
-                         "unevenness": usage.get("unevenness"), "train_tokens": rec["train_tokens"],
+                         "bits_per_byte": ev["bits_per_byte"], **{k: usage.get(k) for k in USAGE_KEYS},
+                         "train_tokens": rec["train_tokens"],
                          "train_seconds": train_seconds(rec, timing), "run_id": rec["run_id"]})
     return rows
 
@@ -92,17 +97,21 @@ def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) ->
              f"Report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}.", "",
              start, "Perplexity on the whole validation split and the first 65,536 "
              "tokens of each held-out set; usage (share of slots with gate mass) and unevenness (KL from "
-             "uniform) over the whole validation split; ± is half the range over two seeds. "
+             "uniform) over the whole validation split, and per token there: distinct (share of distinct "
+             "slots among its h*k) and effective (exp of its gates' entropy: h*k when they are equal; blank "
+             "where the record predates these two); ± is half the range over two seeds. "
              + _timing_note(ablation.timing(), ablation.name), "",
              "| method | blocks | N | h | k | h*k | query norm | expert LR | " + " | ".join(EVAL_ORDER)
-             + " | usage | unevenness | train time |", "|" + "---|" * (11 + len(EVAL_ORDER))]
+             + " | usage | unevenness | distinct | effective | train time |", "|" + "---|" * (13 + len(EVAL_ORDER))]
     for key, by_set in _grouped(rows).items():
         method, n, h, k, qn, ratio, blocks = key
         cells = [_cell(by_set.get(name, []), "perplexity", ".2f") for name in EVAL_ORDER]
         val = by_set.get("val", [])
-        usage = _cell([dict(r, usage=100 * r["usage"]) if r["usage"] is not None else r for r in val], "usage", ".1f")
+        usage, distinct = (_cell([dict(r, **{key: 100 * r[key]}) if r[key] is not None else r for r in val], key, ".1f")
+                           for key in ("usage", "distinct"))
         lines.append(f"| {method} | {blocks} | {n} | {h} | {k} | {h * k} | {qn} | {ratio:g} | " + " | ".join(cells)
                      + f" | {usage}{'%' if usage else ''} | {_cell(val, 'unevenness', '.2f')} | "
+                     f"{distinct}{'%' if distinct else ''} | {_cell(val, 'effective', '.1f')} | "
                      f"{_cell(val, 'train_seconds', '.0f')} s |")
     return "\n".join(lines) + "\n"
 

@@ -150,14 +150,21 @@ def test_placement_moves_the_memory_at_the_ladder_runs_tokens(tmp_path):
     assert all("[" not in s.run_id for s in pending)
     finish_pending(ab, lambda s: 3.0 - 0.05 * len(s.model().sparse_blocks()))
     both = next(r for r in ab.records().values() if r["run_id"].endswith(f"placementall_tok{r['train_tokens']}_s0"))
-    both["eval"]["val"]["usage"] = {"blocks.0.ffn": {"usage": 0.5, "unevenness": 1.0},
-                                    "blocks.1.ffn": {"usage": 0.9, "unevenness": 2.0}}
+    both["eval"]["val"]["usage"] = {"blocks.0.ffn": {"usage": 0.5, "unevenness": 1.0, "distinct": 1.0, "effective": 60.0},
+                                    "blocks.1.ffn": {"usage": 0.9, "unevenness": 2.0, "distinct": 0.9, "effective": 50.0}}
     (ab.runs_dir / f"{both['run_id']}.json").write_text(json.dumps(both))
+    older = next(r for r in ab.records().values() if r["run_id"].endswith(f"placement1_tok{r['train_tokens']}_s0"))
+    older["eval"]["val"]["usage"] = {"blocks.1.ffn": {"usage": 0.5, "unevenness": 1.0}}  # before distinct, effective
+    (ab.runs_dir / f"{older['run_id']}.json").write_text(json.dumps(older))
     write_ablation_report(ab, command="peerlm study placement --report")
     rows = json.loads((tmp_path / "pl" / "summary.json").read_text())["records"]
     row = next(r for r in rows if r["run_id"] == both["run_id"] and r["eval_set"] == "val")
     assert row["usage"] == pytest.approx(0.7) and row["unevenness"] == pytest.approx(1.5)  # mean over blocks
+    assert row["distinct"] == pytest.approx(0.95) and row["effective"] == pytest.approx(55.0)
+    old = next(r for r in rows if r["run_id"] == older["run_id"] and r["eval_set"] == "val")
+    assert old["usage"] == 0.5 and old["distinct"] is None and old["effective"] is None
     table = (tmp_path / "pl" / "table.md").read_text()
+    assert "| 95.0% | 55.0 |" in table
     for method in ("peer", "pkm"):
         for blocks in ("0", "1", "0,1"):
             assert f"| {method} | {blocks} | 65536 |" in table
