@@ -150,8 +150,9 @@ def test_placement_moves_the_memory_at_the_ladder_runs_tokens(tmp_path):
     assert all("[" not in s.run_id for s in pending)
     finish_pending(ab, lambda s: 3.0 - 0.05 * len(s.model().sparse_blocks()))
     both = next(r for r in ab.records().values() if r["run_id"].endswith(f"placementall_tok{r['train_tokens']}_s0"))
-    both["eval"]["val"]["usage"] = {"blocks.0.ffn": {"usage": 0.5, "unevenness": 1.0, "distinct": 1.0, "effective": 60.0},
-                                    "blocks.1.ffn": {"usage": 0.9, "unevenness": 2.0, "distinct": 0.9, "effective": 50.0}}
+    both["eval"]["val"]["usage"] = {
+        "blocks.0.ffn": {"usage": 0.5, "unevenness": 1.0, "distinct": 1.0, "effective": 60.0},
+        "blocks.1.ffn": {"usage": 0.9, "unevenness": 2.0, "distinct": 0.9, "effective": 50.0}}
     (ab.runs_dir / f"{both['run_id']}.json").write_text(json.dumps(both))
     older = next(r for r in ab.records().values() if r["run_id"].endswith(f"placement1_tok{r['train_tokens']}_s0"))
     older["eval"]["val"]["usage"] = {"blocks.1.ffn": {"usage": 0.5, "unevenness": 1.0}}  # before distinct, effective
