@@ -52,7 +52,7 @@ from peerlm.usage import UsageTracking
 __all__ = ["PEER", "peer_cost"]
 
 IMPLS = ("auto", "reference", "fused", "triton")
-GATES = ("softmax", "sigmoid")
+GATES = ("softmax", "sigmoid", "softmax-token")
 _OPTIONS = (
     "heads", "topk", "dim_key", "activation", "gate", "query_norm", "impl", "sparse_grad",
     "shared_keys", "track_usage", "device", "dtype",
@@ -127,7 +127,9 @@ class PEER(UsageTracking, nn.Module):
         topk: k experts per head, at most sqrt(N).
         dim_key: query / key width (even: two halves).
         activation: "gelu", "relu" or "silu".
-        gate: "softmax" over each head's k scores (paper) or "sigmoid" of each score.
+        gate: "softmax" over each head's k scores (paper), "sigmoid" of each score, or
+            "softmax-token" over all h*k scores of a token (gates sum to 1 per token, not per head,
+            so the output's scale does not grow with h at fixed h*k).
         query_norm: "batchnorm" (paper), "running" (causal-safe) or "none".
         impl: "auto", "reference", "fused" or "triton" (see the module docstring).
         sparse_grad: expert tables get row-sparse COO gradients holding only retrieved rows.
@@ -218,6 +220,8 @@ class PEER(UsageTracking, nn.Module):
     def _gates(self, scores_THK: Tensor) -> Tensor:
         if self.gate == "softmax":
             return F.softmax(scores_THK, dim=-1)  # scores are fp32 (or fp64) already
+        if self.gate == "softmax-token":
+            return F.softmax(scores_THK.flatten(-2), dim=-1).view(scores_THK.shape)
         return torch.sigmoid(scores_THK)
 
     def resolved_impl(self) -> str:

@@ -32,6 +32,7 @@ def dense(g):
         {},
         {"activation": "relu"},
         {"activation": "silu", "gate": "sigmoid"},
+        {"gate": "softmax-token"},
         {"query_norm": "running"},
         {"query_norm": "none", "shared_keys": False},
         {"sparse_grad": True},
@@ -55,6 +56,19 @@ def test_fused_equals_reference(kw):
         torch.testing.assert_close(dense(pf.grad), dense(pr.grad), msg=name)
         names.discard(name)
     assert not names
+
+
+def test_token_softmax_gates_sum_to_one_per_token():
+    torch.manual_seed(0)
+    head, token = (PEER(**SMALL, gate=g) for g in ("softmax", "softmax-token"))
+    token.load_state_dict(head.state_dict())
+    x = torch.randn(9, SMALL["dim"])
+    scores, _ = token.retrieve(x)
+    g_head, g_token = head._gates(scores), token._gates(scores)
+    torch.testing.assert_close(g_head.sum(-1), torch.ones(9, SMALL["heads"]))
+    torch.testing.assert_close(g_token.sum((-2, -1)), torch.ones(9))
+    # the same scores, one normalisation across heads: the ratio within a head is unchanged
+    torch.testing.assert_close(g_token / g_token.sum(-1, keepdim=True), g_head)
 
 
 def test_gradcheck_fused_function():

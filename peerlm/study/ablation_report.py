@@ -37,7 +37,8 @@ def _settings(rec: dict[str, Any]) -> dict[str, Any]:
     slots = ffn.get("num_experts", ffn.get("num_keys"))
     blocks = from_dict(ModelConfig, rec["model"]).sparse_blocks()
     return {"method": rec["spec"]["method"], "num_experts": slots, "heads": ffn["heads"], "topk": ffn["topk"],
-            "query_norm": ffn["query_norm"], "expert_lr_ratio": rec["train"]["expert_lr_ratio"],
+            "query_norm": ffn["query_norm"], "gate": ffn.get("gate", "softmax"),
+            "expert_lr_ratio": rec["train"]["expert_lr_ratio"],
             "blocks": ",".join(map(str, blocks))}
 
 
@@ -64,7 +65,7 @@ def ablation_rows(ablation) -> list[dict[str, Any]]:
 
 
 def _grouped(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[dict[str, Any]]]]:
-    keys = ("method", "num_experts", "heads", "topk", "query_norm", "expert_lr_ratio", "blocks")
+    keys = ("method", "num_experts", "heads", "topk", "query_norm", "gate", "expert_lr_ratio", "blocks")
     out: dict[tuple, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         out[tuple(r[k] for k in keys)][r["eval_set"]].append(r)
@@ -101,15 +102,16 @@ def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) ->
              "slots among its h*k) and effective (exp of its gates' entropy: h*k when they are equal; blank "
              "where the record predates these two); ± is half the range over two seeds. "
              + _timing_note(ablation.timing(), ablation.name), "",
-             "| method | blocks | N | h | k | h*k | query norm | expert LR | " + " | ".join(EVAL_ORDER)
-             + " | usage | unevenness | distinct | effective | train time |", "|" + "---|" * (13 + len(EVAL_ORDER))]
+             "| method | blocks | N | h | k | h*k | query norm | gate | expert LR | " + " | ".join(EVAL_ORDER)
+             + " | usage | unevenness | distinct | effective | train time |", "|" + "---|" * (14 + len(EVAL_ORDER))]
     for key, by_set in _grouped(rows).items():
-        method, n, h, k, qn, ratio, blocks = key
+        method, n, h, k, qn, gate, ratio, blocks = key
         cells = [_cell(by_set.get(name, []), "perplexity", ".2f") for name in EVAL_ORDER]
         val = by_set.get("val", [])
         usage, distinct = (_cell([dict(r, **{key: 100 * r[key]}) if r[key] is not None else r for r in val], key, ".1f")
                            for key in ("usage", "distinct"))
-        lines.append(f"| {method} | {blocks} | {n} | {h} | {k} | {h * k} | {qn} | {ratio:g} | " + " | ".join(cells)
+        lines.append(f"| {method} | {blocks} | {n} | {h} | {k} | {h * k} | {qn} | {gate} | {ratio:g} | "
+                     + " | ".join(cells)
                      + f" | {usage}{'%' if usage else ''} | {_cell(val, 'unevenness', '.2f')} | "
                      f"{distinct}{'%' if distinct else ''} | {_cell(val, 'effective', '.1f')} | "
                      f"{_cell(val, 'train_seconds', '.0f')} s |")
@@ -133,7 +135,8 @@ def _plot(ablation, rows: list[dict[str, Any]], path: Path) -> Path:
         if ablation.name == "experts":
             label, x = "PEER h8 k16", r["num_experts"]
         elif ablation.name == "active":
-            label, x = f"h = {r['heads']}", r["heads"] * r["topk"]
+            label, x = f"h = {r['heads']}" + (f", gate {r['gate']}" if r["gate"] != "softmax" else ""), \
+                r["heads"] * r["topk"]
         elif ablation.name == "querynorm":
             label, x = f"{r['method']}, query norm {r['query_norm']}", r["num_experts"]
         elif ablation.name == "placement":

@@ -9,7 +9,10 @@ retrieval (which grows with sqrt(N) and h) does not change the data seen.
 - ``active``: h*k in {32, 64, 128, 256, 512} at the study's N, two (h, k) splits per product, then a
   third with half the heads of the first (``ACTIVE_FEWER_HEADS``), so that the best head count of
   each product is bracketed from below wherever the split with fewer heads wins (the paper's claim
-  is about that best head count).
+  is about that best head count). Last, the two splits of the smallest product with the gates
+  normalised over a token's h*k scores instead of each head's k (``gate="softmax-token"``): with
+  per-head softmax the output's scale grows with h at fixed h*k, and this tells that apart from
+  what the (h, k) split does to retrieval.
 - ``querynorm``: query BatchNorm (the paper) vs the causal-safe running norm vs none, at N = 128^2
   and 256^2; usage and unevenness over the whole validation split, laid out like Table 2. PKM (its
   study settings, same trunk and tokens) with BatchNorm and without, so that what the norm does to
@@ -179,6 +182,8 @@ class Ablation(Study):
         if self.name == "active":
             for h, k in ACTIVE_FEWER_HEADS.values():
                 yield v(base, T, heads=h, topk=k)
+            for h, k in ACTIVE[min(ACTIVE)]:  # is it the output's scale (it grows with h at fixed h*k)?
+                yield v(base, T, heads=h, topk=k, gate="softmax-token")
         if self.name == "querynorm":
             pkm = base.with_(expert_ratio=self.isoflop.choices(self.isoflop.records())["expert_ratio"]["pkm"])
             for q in ("batchnorm", "none"):

@@ -57,6 +57,8 @@ def test_plans_vary_one_thing_at_equal_tokens(iso, tmp_path):
     # three splits per product (the base run, h 8 k 16, is the study's), the third with half the fewest heads
     assert all(len(h) == (2 if p == 128 else 3) for p, h in products.items())
     assert all(min(h) * 2 == min(hk[0] for hk in ACTIVE[p]) for p, h in products.items())
+    token = {(s.model().ffn.heads, s.model().ffn.topk) for s in active if s.model().ffn.gate == "softmax-token"}
+    assert token == set(ACTIVE[32])  # the smallest product's two splits again, gates normalised per token
     qn = Ablation("querynorm", tmp_path / "qn", iso).pending()
     peer = [s for s in qn if s.method == "peer" and s.seed == 0]
     assert {(s.model().ffn.num_experts, s.model().ffn.query_norm) for s in peer} == {
