@@ -4,7 +4,8 @@
 # user cache let it resume on the same machine). The first argument names the study (isoflop, the
 # default, or an ablation: experts, active, querynorm, expert-lr); the rest go to `peerlm study`.
 # When every planned run has a record, the reports (table.md, summary.json, plots) are written and
-# committed too. Two studies may run side by side (one thread each): commits take turns.
+# committed too. Two studies, or two lanes of one study, may run side by side (one thread each): each
+# run is claimed while it trains, a lane takes the next run nobody holds, and commits take turns.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 study=isoflop
@@ -27,5 +28,8 @@ while true; do
     if printf '%s\n' "$out" | grep -q "every planned run has a record"; then
         commit "$study study: reports from the finished records"
         break
+    fi
+    if printf '%s\n' "$out" | grep -q "every pending run is being run by another process"; then
+        break  # the lane that finishes last writes the reports
     fi
 done

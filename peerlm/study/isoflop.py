@@ -44,6 +44,7 @@ from peerlm.data import EVAL_CORPORA, TRAIN_CORPORA, Corpus, TokenDataset, cache
 from peerlm.evaluate import evaluate_run
 from peerlm.fileio import atomic_write_text
 from peerlm.flops import model_cost
+from peerlm.study.claims import RunClaimed, claim
 from peerlm.study.design import (
     BATCH,
     BUDGETS,
@@ -229,7 +230,15 @@ class Study:
         return RunConfig(spec.model(), dataclasses.replace(spec.train(), device=str(self.device)), data_info(data))
 
     def run_one(self, spec: RunSpec, progress: bool = False) -> dict[str, Any]:
-        """Train (or resume) and evaluate one run, write its record atomically, and return it."""
+        """Train (or resume) and evaluate one run, write its record atomically, and return it; the run
+        is claimed meanwhile (``peerlm.study.claims``): ``RunClaimed`` if another process holds it."""
+        with claim(self.work / "claims" / f"{spec.run_id}.json", spec.run_id):
+            done = self.runs_dir / f"{spec.run_id}.json"
+            if done.is_file():  # the process that held the claim has just recorded it
+                return json.loads(done.read_text("utf-8"))
+            return self._run_one(spec, progress)
+
+    def _run_one(self, spec: RunSpec, progress: bool) -> dict[str, Any]:
         torch.set_num_threads(self.threads)
         revision = _git_revision()  # of the code that runs, read before a long run lets the tree move on
         data = self.data_dir()
@@ -291,15 +300,25 @@ class Study:
         return ce[-1] if ce else None
 
     def run(self, max_runs: int | None = None, progress: bool = False) -> int:
-        """Run pending runs in plan order (at most ``max_runs``); returns how many were run."""
+        """Run pending runs in plan order (at most ``max_runs``), skipping those another process holds;
+        returns how many were run."""
         count = 0
         while max_runs is None or count < max_runs:
             pending = self.pending()
             if not pending:
                 self.log("study: every planned run has a record")
                 break
-            self.run_one(pending[0], progress)
-            count += 1
+            for spec in pending:
+                try:
+                    self.run_one(spec, progress)
+                except RunClaimed as e:
+                    self.log(f"study: skipped: {e}")
+                    continue
+                count += 1
+                break
+            else:
+                self.log("study: every pending run is being run by another process")
+                break
         return count
 
     # -------------------------------------------------------------------------------- estimates
