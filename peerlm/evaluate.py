@@ -143,7 +143,8 @@ def tracking_usage(model: torch.nn.Module) -> Iterator[None]:
 
 
 def memory_usage(model: torch.nn.Module) -> dict[str, dict[str, float]]:
-    """Usage and unevenness of every PEER/PKM layer since tracking began (layers that saw nothing skipped)."""
+    """``usage()`` (usage, unevenness, distinct, effective) of every PEER/PKM layer since tracking began
+    (layers that saw nothing skipped)."""
     out = {}
     for name, m in (model.memory_layers() if hasattr(model, "memory_layers") else []):
         if m.usage_mass is not None and float(m.usage_mass.sum()) > 0:

@@ -307,12 +307,11 @@ class PKM(UsageTracking, nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"PKM expects input of shape (..., {self.dim}), got {tuple(x.shape)}")
         x_SD = x.reshape(-1, self.dim)
-        S = x_SD.shape[0]
         scores_SHK, ids_SHK = self._route(x_SD, differentiable=False)
         g_SHK = scores_SHK.softmax(dim=-1)  # fp32
         if self.track_usage:
             self._accumulate_usage(ids_SHK, g_SHK)
-        ids_SM, g_SM = ids_SHK.view(S, -1), g_SHK.view(S, -1)  # M = H*K slots, summed over heads
+        ids_SM, g_SM = ids_SHK.flatten(1), g_SHK.flatten(1)  # M = H*K slots, summed over heads
         y_SD = F.embedding_bag(ids_SM, self.values, per_sample_weights=g_SM.to(self.values.dtype), mode="sum",
                                sparse=self.sparse_grad)
         return y_SD.to(x.dtype).view(x.shape)

@@ -2,9 +2,9 @@
 
 A PEER layer replaces a feed-forward block with N = n^2 one-neuron experts e_i(x) = act(u_i . x) v_i.
 Each of h heads projects x to a query, retrieves its exact top-k experts from ONE shared pool through
-product keys (``peerlm.retrieval``), gates them with a softmax over its k scores, and the head outputs
-are summed: f(x) = sum_h sum_{i in I_h} g_{h,i}(x) e_i(x). It is an MLP with h*k hidden neurons
-assembled per token.
+product keys (``peerlm.retrieval``), gates them with a softmax over its k scores (``gate``: or over a
+token's h*k scores, or a sigmoid per score), and the head outputs are summed:
+f(x) = sum_h sum_{i in I_h} g_{h,i}(x) e_i(x). It is an MLP with h*k hidden neurons assembled per token.
 
 Four ways to compute the experts, behind ``impl=``:
 - ``"reference"``: the paper's Algorithm 1: gather u and v rows, einsum, act, gate, einsum. Keeps two
@@ -25,8 +25,9 @@ Choices the paper leaves open (documented defaults):
   per-head keys).
 - init: u_i ~ N(0, 1/d) so that u_i . x has unit variance for unit-variance x; v_i ~ N(0, 1/d), which
   with softmax gates (summing to 1 per head) gives output RMS about sqrt(h * E[act(z)^2] / (k * d))
-  times the input RMS at init (0.02 for d=512, h=8, k=16, GELU): small next to the residual stream, as
-  for the down-scaled output projections of GPT-2. Sub-keys ~ N(0, 2/d_key), so that unit-variance
+  times the input RMS at init (0.02 for d=512, h=8, k=16, GELU; 1/h of that with
+  ``gate="softmax-token"``): small next to the residual stream, as for the down-scaled output
+  projections of GPT-2. Sub-keys ~ N(0, 2/d_key), so that unit-variance
   normalised queries give unit-variance scores. Query projection ~ N(0, 1/d), unit-variance queries
   for unit-variance x (as PKM's), so that the scores, and hence the gate temperature, start alike
   with and without the query norm.
@@ -242,16 +243,15 @@ class PEER(UsageTracking, nn.Module):
         g_THK = self._gates(scores_THK)
         if self.track_usage:
             self._accumulate_usage(ids_THK, g_THK)
-        T = x_TD.shape[0]
         if impl == "reference":
             y_TD = self._experts_reference(x_TD, ids_THK, g_THK)
         elif impl == "triton":
             from peerlm.kernels import peer_experts_triton  # imports Triton on first use
 
-            y_TD = peer_experts_triton(x_TD, ids_THK.view(T, -1), g_THK.view(T, -1), self.w_down, self.w_up,
+            y_TD = peer_experts_triton(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
                                        self.activation, self.sparse_grad)
         else:
-            y_TD = peer_experts(x_TD, ids_THK.view(T, -1), g_THK.view(T, -1), self.w_down, self.w_up,
+            y_TD = peer_experts(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
                                 self.activation, self.sparse_grad)
         return y_TD.view(x.shape)
 

@@ -525,6 +525,7 @@ def test_pkm_usage_tracking():
     assert u["distinct"] == pytest.approx(sum(len(set(t.flatten().tolist())) / t.numel() for t in ids) / len(ids))
     mass = pkm.usage_mass.clone()
     assert mass.sum().item() == pytest.approx(50 * 2)  # softmax gates sum to 1 per head
+    assert pkm(torch.zeros(0, D)).shape == (0, D) and pkm.usage() == u  # an empty batch changes nothing
     pkm.reset_usage()
     assert pkm.usage_mass.sum() == 0
     pkm.track_usage = False

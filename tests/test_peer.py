@@ -214,7 +214,7 @@ def test_usage_tracked_in_forward():
     _, ids = layer.retrieve(x)
     assert set(mass.nonzero().flatten().tolist()) == set(ids.flatten().tolist())
     uniform = PEER(dim=4, num_experts=4, heads=1, topk=2, dim_key=2, track_usage=True)
-    uniform._accumulate_usage(torch.arange(4), torch.ones(4))
+    uniform._accumulate_usage(torch.arange(4).view(4, 1, 1), torch.ones(4, 1, 1))
     assert uniform.usage() == {"usage": 1.0, "unevenness": pytest.approx(0.0, abs=1e-12), "distinct": 1.0,
                               "effective": 1.0}
 
@@ -225,7 +225,14 @@ def test_distinct_and_effective_experts_per_token():
                         [[0, 1], [2, 3]]])   # 4 of 4
     layer._accumulate_usage(ids, torch.full(ids.shape, 0.5))
     assert layer.usage()["distinct"] == pytest.approx((3 / 4 + 4 / 4) / 2)
-    assert layer.usage()["effective"] == pytest.approx(4.0)  # four equal gates per token
+    # token 0 mixes 3 experts with mass 1/4, 1/2, 1/4; token 1 four with 1/4 each
+    first = math.exp(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)))
+    assert layer.usage()["effective"] == pytest.approx((first + 4.0) / 2)
+    layer.reset_usage()
+    layer._accumulate_usage(torch.tensor([[[5, 6], [6, 5]]]), torch.tensor([[[0.9, 0.1], [0.9, 0.1]]]))
+    assert layer.usage()["distinct"] == 0.5 and layer.usage()["effective"] == pytest.approx(2.0)  # 1 each
+    layer._accumulate_usage(torch.zeros(0, 2, 2, dtype=torch.long), torch.zeros(0, 2, 2))  # no tokens: no change
+    assert layer.usage()["distinct"] == 0.5
     layer.reset_usage()
     torch.manual_seed(0)
     layer = PEER(**SMALL, track_usage=True)

@@ -161,12 +161,11 @@ class ShardedPEER(_ColumnSharded, PEER):
         # no early return for an empty input: this rank still takes part in the collectives
         self._check_input(x)
         x_TD = x.reshape(-1, self.dim)
-        T = x_TD.shape[0]
         scores_THK, ids_THK = self._route(x_TD, differentiable=False)
         g_THK = self._gates(scores_THK)
         if self.track_usage:
             self._accumulate_usage(ids_THK, g_THK)
-        y_TD = column_sharded_experts(x_TD, ids_THK.view(T, -1), g_THK.view(T, -1), self.w_down, self.w_up,
+        y_TD = column_sharded_experts(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
                                       self.shard, self.activation, self.sparse_grad, self.grad_reduction)
         return y_TD.view(x.shape)
 
@@ -194,12 +193,11 @@ class ShardedPKM(_ColumnSharded, PKM):
         if x.shape[-1] != self.dim:
             raise ValueError(f"PKM expects input of shape (..., {self.dim}), got {tuple(x.shape)}")
         x_SD = x.reshape(-1, self.dim)
-        S = x_SD.shape[0]
         scores_SHK, ids_SHK = self._route(x_SD, differentiable=False)
         g_SHK = scores_SHK.softmax(dim=-1)
         if self.track_usage:
             self._accumulate_usage(ids_SHK, g_SHK)
-        y_SD = column_sharded_memory(ids_SHK.view(S, -1), g_SHK.view(S, -1), self.values, self.shard,
+        y_SD = column_sharded_memory(ids_SHK.flatten(1), g_SHK.flatten(1), self.values, self.shard,
                                      self.sparse_grad, self.grad_reduction, out_dtype=x.dtype)
         return y_SD.view(x.shape)
 

@@ -1,8 +1,8 @@
 """Reports of an ablation from its records: ``summary.json``, ``table.md`` and ``<ablation>.png``.
 
 ``summary.json`` holds one record per (run, eval set) with the keys the ablation varies
-(``num_experts``, ``heads``, ``topk``, ``query_norm``, ``expert_lr_ratio``, ``blocks``: the memory's
-block ids) and ``method``, ``seed``,
+(``num_experts``, ``heads``, ``topk``, ``query_norm``, ``gate``, ``expert_lr_ratio``, ``blocks``: the
+memory's block ids) and ``method``, ``seed``,
 ``eval_set``, ``perplexity``, ``bits_per_byte``, ``usage``, ``unevenness``, ``distinct`` and
 ``effective`` (per token: the share of distinct slots among its h*k and its gates' exp-entropy; null
 in records written before they were measured), each the mean over the memory blocks where there are

@@ -1,15 +1,18 @@
-"""One process per run: a claim file taken before a run trains and removed after it, so that several
+"""One process per run: a claim taken before a run trains and dropped after it, so that several
 processes can work through one study's plan side by side (each takes the next run nobody holds).
 
-A claim is ``<work>/claims/<run_id>.json`` with the holder's pid and host, created atomically (a hard
-link of a finished temporary file, which fails if the claim exists). A claim whose process has died on
-this host is stale and is taken over; a claim from another host (a work directory on a shared
-filesystem) is respected, because its process cannot be seen from here.
+A claim is an exclusive ``flock`` on ``<dir>/<run_id>.claim``, held while the run lasts. The kernel
+drops it when its process ends, however it ends, so a crashed lane leaves nothing to clean up and
+there is no stale claim to judge. The file holds the holder's pid, host and start time, for the
+message others get. A process that already holds a claim may take it again (nested use). Claims
+rely on ``flock`` reaching every process that may run the study: processes on one machine, or on
+machines whose shared filesystem supports it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -19,63 +22,52 @@ from pathlib import Path
 
 __all__ = ["RunClaimed", "claim"]
 
+_HELD: set[Path] = set()  # claims this process holds (nested claim() calls pass through)
+
 
 class RunClaimed(RuntimeError):
-    """Another live process holds the claim of a run."""
+    """Another process holds the claim of a run."""
 
 
-def _alive(pid: int) -> bool:
+def _holder(path: Path) -> str:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _holder(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}  # unreadable: treated as held, see _held
-
-
-def _held(holder: dict) -> bool:
-    if holder.get("host") != socket.gethostname():
-        return True
-    pid = holder.get("pid")
-    return not isinstance(pid, int) or (pid != os.getpid() and _alive(pid))
+        h = json.loads(path.read_text("utf-8"))
+        age = time.time() - float(h["since"])
+        return f"pid {h['pid']} on {h['host']}, for {age / 60:.0f} min"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its details yet"
 
 
 @contextlib.contextmanager
 def claim(path: Path, what: str) -> Iterator[None]:
-    """Hold the claim ``path`` (for the run ``what``) while the block runs; ``RunClaimed`` if another
-    live process holds it."""
+    """Hold the claim ``path`` (for the run ``what``) while the block runs; ``RunClaimed`` at once if
+    another process holds it."""
+    path = path.absolute()
+    if path in _HELD:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(me), "utf-8")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunClaimed(f"{what} is being run by {_holder(path)} (claim {path}); a lane takes another "
+                             "run meanwhile, or wait for that process to end") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed the file after we opened it: take the new one
     try:
-        for _ in range(2):  # a second try after clearing a stale claim
-            try:
-                os.link(tmp, path)
-                break
-            except FileExistsError:
-                holder = _holder(path)
-                if holder is not None and _held(holder):
-                    raise RunClaimed(
-                        f"{what} is being run by pid {holder.get('pid')} on {holder.get('host')} (claim "
-                        f"{path}); wait for it, or delete the claim if that process is gone") from None
-                path.unlink(missing_ok=True)  # stale: its process is gone (or it is ours)
-        else:
-            raise RunClaimed(f"{what}: could not take the claim {path}; another process is taking it too")
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        _HELD.add(path)
         yield
     finally:
-        if (_holder(path) or {}).get("pid") == os.getpid():
-            path.unlink(missing_ok=True)
+        _HELD.discard(path)
+        path.unlink(missing_ok=True)  # while still locked: a process waiting on this inode retries
+        os.close(fd)

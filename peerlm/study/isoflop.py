@@ -230,13 +230,21 @@ class Study:
         return RunConfig(spec.model(), dataclasses.replace(spec.train(), device=str(self.device)), data_info(data))
 
     def run_one(self, spec: RunSpec, progress: bool = False) -> dict[str, Any]:
-        """Train (or resume) and evaluate one run, write its record atomically, and return it; the run
-        is claimed meanwhile (``peerlm.study.claims``): ``RunClaimed`` if another process holds it."""
-        with claim(self.work / "claims" / f"{spec.run_id}.json", spec.run_id):
-            done = self.runs_dir / f"{spec.run_id}.json"
-            if done.is_file():  # the process that held the claim has just recorded it
-                return json.loads(done.read_text("utf-8"))
-            return self._run_one(spec, progress)
+        """Train (or resume) and evaluate one run, write its record atomically, and return it. The run
+        is claimed meanwhile (``peerlm.study.claims``; claims of every study beside this one's work
+        directory, so a run two ablations share is claimed once): ``RunClaimed`` if another process
+        holds it. A run that has a record once its claim is taken (another process has just finished
+        it) is not trained again: that record is returned."""
+        return self._claimed(spec, progress)[0]
+
+    def _claimed(self, spec: RunSpec, progress: bool) -> tuple[dict[str, Any], bool]:
+        """``run_one``, and whether it trained (False: the record was there)."""
+        with claim(self.work.parent / "claims" / f"{spec.run_id}.claim", spec.run_id):
+            rec = self.records().get(spec.run_id)
+            if rec is not None:
+                self.log(f"study: {spec.run_id} has a record (from another process meanwhile); not run again")
+                return rec, False
+            return self._run_one(spec, progress), True
 
     def _run_one(self, spec: RunSpec, progress: bool) -> dict[str, Any]:
         torch.set_num_threads(self.threads)
@@ -310,11 +318,11 @@ class Study:
                 break
             for spec in pending:
                 try:
-                    self.run_one(spec, progress)
+                    _, trained = self._claimed(spec, progress)
                 except RunClaimed as e:
                     self.log(f"study: skipped: {e}")
                     continue
-                count += 1
+                count += trained
                 break
             else:
                 self.log("study: every pending run is being run by another process")

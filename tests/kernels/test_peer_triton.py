@@ -201,7 +201,7 @@ def make_layers(device, **kw):
 
 
 @pytest.mark.parametrize("kw", [{}, {"sparse_grad": True}, {"activation": "relu", "shared_keys": False,
-                                                            "query_norm": "running"}])
+                                                            "query_norm": "running"}, {"gate": "softmax-token"}])
 @pytest.mark.parametrize("reduction", ["deterministic", "atomic"])
 def test_layer_equals_reference(device, kw, reduction, monkeypatch):
     monkeypatch.setattr(peer_kernels, "_reduction", reduction)  # what set_triton_reduction sets

@@ -172,3 +172,15 @@ def test_placement_moves_the_memory_at_the_ladder_runs_tokens(tmp_path):
         for blocks in ("0", "1", "0,1"):
             assert f"| {method} | {blocks} | 65536 |" in table
     assert (tmp_path / "pl" / "placement.png").stat().st_size > 0
+
+
+def test_active_report_keeps_the_token_softmax_runs_apart(iso, tmp_path):
+    ab = Ablation("active", tmp_path / "active", iso)
+    finish_pending(ab, lambda s: 3.0 + 0.1 * (s.model().ffn.gate == "softmax-token") + 0.01 * s.seed)
+    write_ablation_report(ab, command="peerlm study active --report")
+    rows = [r for r in json.loads((tmp_path / "active" / "summary.json").read_text())["records"]
+            if r["eval_set"] == "val" and (r["heads"], r["topk"]) == (2, 16)]
+    assert sorted((r["gate"], r["seed"]) for r in rows) == [("softmax", 0), ("softmax", 1), ("softmax-token", 0)]
+    table = (tmp_path / "active" / "table.md").read_text()
+    assert "| 2 | 16 | 32 | batchnorm | softmax | 3 | 20.19 ± 0.10 |" in table  # e^3.00, e^3.01: two seeds
+    assert "| 2 | 16 | 32 | batchnorm | softmax-token | 3 | 22.20 |" in table

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from test_isoflop import write
@@ -15,66 +14,90 @@ from peerlm.study import Study
 from peerlm.study.claims import RunClaimed, claim
 
 
-def _write_claim(path, pid, host=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "since": 0}))
-
-
 @pytest.fixture
-def other_process():
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    yield p.pid
-    p.kill()
-    p.wait()
+def hold(tmp_path):
+    """Start another process that holds claims on the given paths until the test ends."""
+    procs = []
+
+    def start(*paths):
+        code = textwrap.dedent(f"""
+            import contextlib, sys, time
+            from pathlib import Path
+            from peerlm.study.claims import claim
+            with contextlib.ExitStack() as stack:
+                for p in {[str(p) for p in paths]!r}:
+                    stack.enter_context(claim(Path(p), "held"))
+                print("held", flush=True)
+                time.sleep(120)
+            """)
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+        assert p.stdout.readline().strip() == "held"
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
 
 
-def test_a_claim_is_held_for_the_block_and_removed_after(tmp_path):
-    path = tmp_path / "claims" / "r.json"
+def test_a_claim_is_held_for_the_block_nested_use_included(tmp_path):
+    path = tmp_path / "claims" / "r.claim"
     with claim(path, "r"):
-        assert json.loads(path.read_text())["pid"] == os.getpid()
-        with claim(path, "r"):  # the same process again: its own claim
+        assert path.exists()
+        with claim(path, "r"):  # the same process again: it keeps its claim
             pass
-    assert not path.exists() and list(tmp_path.joinpath("claims").iterdir()) == []
+        assert path.exists()
+    assert not path.exists()
 
 
-def test_a_live_claim_is_refused_a_dead_one_taken_over(tmp_path, other_process):
-    path = tmp_path / "claims" / "r.json"
-    _write_claim(path, other_process)
-    with pytest.raises(RunClaimed, match=f"r is being run by pid {other_process}"):
+def test_a_held_claim_is_refused_and_freed_when_its_process_dies(tmp_path, hold):
+    path = tmp_path / "claims" / "r.claim"
+    p = hold(path)
+    with pytest.raises(RunClaimed, match=f"r is being run by pid {p.pid} on .*, for 0 min"):
         with claim(path, "r"):
             raise AssertionError("must not run")
-    assert json.loads(path.read_text())["pid"] == other_process  # the holder's claim is left alone
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    _write_claim(path, int(done.stdout))  # that process has exited: the claim is stale
+    p.kill()  # no clean-up: the kernel drops the lock with the process
+    p.wait()
     with claim(path, "r"):
-        assert json.loads(path.read_text())["pid"] == os.getpid()
-    _write_claim(path, os.getpid(), host="another-host")  # a process this host cannot see
-    with pytest.raises(RunClaimed, match="another-host"):
-        with claim(path, "r"):
-            pass
+        assert path.exists()
 
 
-def test_the_driver_skips_a_run_another_process_holds(tmp_path, other_process):
+def test_the_driver_skips_a_run_another_process_holds(tmp_path, hold):
     logs = []
     study = Study(tmp_path / "res", work=tmp_path / "work", log=logs.append)
     first, second = study.pending()[:2]
-    _write_claim(study.work / "claims" / f"{first.run_id}.json", other_process)
+    p = hold(tmp_path / "claims" / f"{first.run_id}.claim")
     ran = []
     study._run_one = lambda spec, progress: ran.append(spec.run_id) or write(study, spec, 3.0)
     assert study.run(max_runs=1) == 1
     assert ran == [second.run_id] and any("skipped" in s and first.run_id in s for s in logs)
     with pytest.raises(RunClaimed):
         study.run_one(first)
-    write(study, first, 3.0)  # the holder records it; a caller that waited gets that record
-    (study.work / "claims" / f"{first.run_id}.json").unlink()
+    write(study, first, 3.0)  # the holder records it and ends; a caller that comes after gets that record
+    p.kill()
+    p.wait()
     assert study.run_one(first)["run_id"] == first.run_id and ran == [second.run_id]
 
 
-def test_the_driver_stops_when_every_pending_run_is_held(tmp_path, other_process):
+def test_the_driver_stops_when_every_pending_run_is_held(tmp_path, hold):
     logs = []
     study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(2e12,), methods=("dense",), log=logs.append)
-    for spec in study.pending():
-        _write_claim(study.work / "claims" / f"{spec.run_id}.json", other_process)
+    hold(*(tmp_path / "claims" / f"{s.run_id}.claim" for s in study.pending()))
     study._run_one = lambda spec, progress: pytest.fail("a held run was trained")
     assert study.run() == 0
     assert logs[-1] == "study: every pending run is being run by another process"
+
+
+def test_a_run_recorded_meanwhile_is_not_counted_or_trained(tmp_path):
+    logs = []
+    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(2e12,), methods=("dense",), log=logs.append)
+    first = study.pending()[0]
+    real_records = study.records
+    study.records = lambda: real_records() | {first.run_id: {"run_id": first.run_id}}  # recorded as claimed
+    plans = iter([[first], []])  # the next look at the plan finds the record
+    study.pending = lambda: next(plans)
+    study._run_one = lambda spec, progress: pytest.fail("a recorded run was trained")
+    assert study.run(max_runs=1) == 0
+    assert any("not run again" in s for s in logs)
