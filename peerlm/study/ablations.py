@@ -96,6 +96,9 @@ class Ablation(Study):
         except StudyNotReady:
             return out
         out.setdefault(spec.run_id, rec)
+        seed = self._base_seed(spec)
+        if seed is not None:
+            out.setdefault(seed.run_id, self.isoflop.records()[seed.run_id])
         if self.name == "placement":
             iso = self.isoflop.records()
             for ref in self._placement_refs():
@@ -123,6 +126,12 @@ class Ablation(Study):
                             to_dict(spec.train())):
                         out[run_id] = rec
         return out
+
+    def _base_seed(self, base: RunSpec) -> RunSpec | None:
+        """The study's second seed of the base run (its ``seed`` phase), where it has one: the base
+        point of ``experts`` and ``active`` then has two seeds like the ends of the sweep."""
+        seed = base.with_(phase="seed", seed=1)
+        return seed if self.name in ("experts", "active") and seed.run_id in self.isoflop.records() else None
 
     def _placement_refs(self) -> list[RunSpec]:
         """The study's ladder runs (one per memory method) on the two-block trunk at the smaller budget."""
@@ -177,6 +186,9 @@ class Ablation(Study):
             return
         for p in points:
             yield v(base, T, **p)
+        seed = self._base_seed(base)
+        if seed is not None and any(v(base, T, **p) == base for p in points):
+            yield seed
         for p in ends:
             yield v(base, T, seed=1, **p)
         if self.name == "active":

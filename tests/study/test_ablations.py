@@ -46,6 +46,12 @@ def test_plans_vary_one_thing_at_equal_tokens(iso, tmp_path):
         assert all(s.train().max_tokens == rec["train_tokens"] and s.train().flops is None for s in pending)
         seeds = [s for s in pending if s.seed == 1]
         assert len(seeds) == (4 if name == "expert-lr" else 2)
+    seed = base.with_(phase="seed", seed=1)  # the study's second seed of the base run is the base point's
+    for name in ("experts", "active"):
+        ab = Ablation(name, tmp_path / name, iso)
+        assert seed.run_id in iso.records() and seed.run_id in ab.records()
+        assert seed.run_id in {s.run_id for s in ab.plan()} and seed.run_id not in {s.run_id for s in ab.pending()}
+    assert seed.run_id not in {s.run_id for s in Ablation("querynorm", tmp_path / "qn", iso).plan()}
     experts = Ablation("experts", tmp_path / "experts", iso).pending()
     assert sorted({s.model().ffn.num_experts for s in experts}) == [128**2, 512**2, 1024**2]
     assert all((s.model().ffn.heads, s.model().ffn.topk) == (8, 16) for s in experts)
