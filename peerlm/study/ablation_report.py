@@ -14,6 +14,7 @@ run's own summed step times). The table averages seeds (± half their range) per
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -144,7 +145,10 @@ def _plot(ablation, rows: list[dict[str, Any]], path: Path) -> Path:
         else:
             label, x = r["method"], r["expert_lr_ratio"]
         series[label].append((x, r["perplexity"]))
-    for label, pts in sorted(series.items()):
+    def natural(item):  # "h = 2" before "h = 16"
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])]
+
+    for label, pts in sorted(series.items(), key=natural):
         by_x: dict[float, list[float]] = defaultdict(list)
         for x, y in pts:
             by_x[x].append(y)
