@@ -9,7 +9,8 @@ retrieval (which grows with sqrt(N) and h) does not change the data seen.
 - ``active``: h*k in {32, 64, 128, 256, 512} at the study's N, two (h, k) splits per product, then a
   third with half the heads of the first (``ACTIVE_FEWER_HEADS``), so that the best head count of
   each product is bracketed from below wherever the split with fewer heads wins (the paper's claim
-  is about that best head count). Last, the two splits of the smallest product with the gates
+  is about that best head count), and a fourth with half of those heads again at 128 and 256, where
+  the third won by more than the seed spread (``ACTIVE_FEWEST_HEADS``). Last, the two splits of the smallest product with the gates
   normalised over a token's h*k scores instead of each head's k (``gate="softmax-token"``): with
   per-head softmax the output's scale grows with h at fixed h*k, and this tells that apart from
   what the (h, k) split does to retrieval.
@@ -46,6 +47,7 @@ EXPERTS = (128**2, 256**2, 512**2, 1024**2)
 ACTIVE = {32: ((2, 16), (8, 4)), 64: ((4, 16), (8, 8)), 128: ((8, 16), (16, 8)), 256: ((8, 32), (16, 16)),
           512: ((16, 32), (32, 16))}
 ACTIVE_FEWER_HEADS = {32: (1, 32), 64: (2, 32), 128: (4, 32), 256: (4, 64), 512: (8, 64)}
+ACTIVE_FEWEST_HEADS = {128: (2, 64), 256: (2, 128)}  # a fourth split where the third one won, by > 1 ppl
 QUERY_NORMS = ("batchnorm", "running", "none")
 QUERY_NORM_EXPERTS = (128**2, 256**2)
 EXPERT_RATIOS = (1.0, 3.0, 10.0)
@@ -193,6 +195,8 @@ class Ablation(Study):
             yield v(base, T, seed=1, **p)
         if self.name == "active":
             for h, k in ACTIVE_FEWER_HEADS.values():
+                yield v(base, T, heads=h, topk=k)
+            for h, k in ACTIVE_FEWEST_HEADS.values():
                 yield v(base, T, heads=h, topk=k)
             for h, k in ACTIVE[min(ACTIVE)]:  # is it the output's scale (it grows with h at fixed h*k)?
                 yield v(base, T, heads=h, topk=k, gate="softmax-token")
