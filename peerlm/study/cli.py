@@ -90,7 +90,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from peerlm.study.ablations import ABLATIONS
 
     helps = {"experts": "PEER perplexity against the number of experts N at fixed h*k",
-             "active": "PEER perplexity against the active experts h*k, three (h, k) splits each",
+             "active": "PEER perplexity against the active experts h*k, three or four (h, k) splits each",
              "querynorm": "query BatchNorm vs running norm vs none: perplexity, usage, unevenness",
              "expert-lr": "expert-table LR ratio 1, 3, 10 for PEER and PKM",
              "placement": "PEER and PKM in the first, the second or both blocks of a two-block trunk"}
