@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from peerlm.checkpoint import (
     CheckpointError,
@@ -59,7 +59,7 @@ from peerlm.checkpoint import (
     write_error,
 )
 from peerlm.fileio import atomic_write_text
-from peerlm.parallel.shard import _ColumnSharded
+from peerlm.parallel.shard import ShardedTable, sharded_tables
 
 __all__ = ["is_distributed_model", "save_checkpoint", "load_model", "load_checkpoint"]
 
@@ -68,10 +68,8 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _tables(model: nn.Module) -> dict[str, _ColumnSharded]:
-    """Sharded table parameter names -> their layer."""
-    return {f"{n}.{t}" if n else t: m for n, m in model.named_modules() if isinstance(m, _ColumnSharded)
-            for t in m.TABLES}
+def _tables(model: nn.Module) -> dict[str, ShardedTable]:
+    return sharded_tables(model)
 
 
 def _named(model: nn.Module, optimizer: Any) -> list[tuple[int, str, Tensor]]:
@@ -81,14 +79,10 @@ def _named(model: nn.Module, optimizer: Any) -> list[tuple[int, str, Tensor]]:
             for g in opt.param_groups for p in g["params"]]
 
 
-def _as_global(value: Tensor, fqn: str, tables: dict[str, _ColumnSharded]) -> Tensor:
+def _as_global(value: Tensor, fqn: str, tables: dict[str, ShardedTable]) -> Tensor:
     """A sharded table's optimizer tensor of the table's local shape as its Shard(1) DTensor."""
-    layer = tables.get(fqn)
-    if layer is None or isinstance(value, DTensor) or layer.shard.group is None or value.dim() != 2:
-        return value
-    shape = layer._table_shape()
-    return DTensor.from_local(value, layer._mesh(value.device.type), [Shard(1)], run_check=False, shape=shape,
-                              stride=(shape[1], 1))
+    table = tables.get(fqn)
+    return value if table is None else table.to_dtensor(value)
 
 
 def _rng_json(state: Any) -> Any:
@@ -233,7 +227,7 @@ def _optimizer_targets(model: nn.Module, optimizer: Any, saved: dict[str, tuple[
                 continue
             if isinstance(p, DTensor) and shape == tuple(p.shape):
                 t = torch.zeros_like(p, dtype=dtype)
-            elif fqn in tables and len(shape) == 2 and shape == tuple(tables[fqn]._table_shape()):
+            elif fqn in tables and len(shape) == 2 and shape == tuple(tables[fqn].shape):
                 t = _as_global(torch.zeros(p.shape, dtype=dtype, device=p.device), fqn, tables)
             else:  # torch's AdamW keeps its scalar step on the CPU
                 t = torch.zeros(shape, dtype=dtype, device="cpu" if not shape else p.device)

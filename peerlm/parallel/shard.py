@@ -41,7 +41,8 @@ from peerlm.ffn import PKM
 from peerlm.parallel.experts import GRAD_REDUCTIONS, ColumnShard, column_sharded_experts, column_sharded_memory
 from peerlm.peer import PEER
 
-__all__ = ["ShardedPEER", "ShardedPKM", "shard_peer", "shard_pkm", "shard_experts", "sharded_parameter_names"]
+__all__ = ["ShardedPEER", "ShardedPKM", "shard_peer", "shard_pkm", "shard_experts", "sharded_parameter_names",
+           "sharded_tables", "ShardedTable"]
 
 _CHUNK_ELEMENTS = 1 << 22  # rows drawn at a time at init: 16 MiB of fp32, whatever N
 
@@ -266,3 +267,35 @@ def sharded_parameter_names(model: nn.Module) -> list[str]:
     """Fully qualified names of the column-sharded parameters (to keep them out of DDP / FSDP)."""
     return [f"{name}.{t}" if name else t for name, m in model.named_modules() if isinstance(m, _ColumnSharded)
             for t in m.TABLES]
+
+
+class ShardedTable:
+    """One column-sharded table as persistence sees it: its global ``shape`` and the Shard(1) DTensor of
+    a tensor of its local (N, D/P) shape (an optimizer moment, say). What checkpoints need to know of
+    sharding, by public names."""
+
+    def __init__(self, layer: _ColumnSharded):
+        self._layer = layer
+        self.shape = layer._table_shape()
+
+    @property
+    def sharded(self) -> bool:
+        """False for a layer sharded over no process group (one rank: the local table is the whole)."""
+        return self._layer.shard.group is not None
+
+    def to_dtensor(self, local: Tensor):
+        """``local`` (this rank's columns, table-shaped) as a DTensor of the global shape; a plain tensor
+        where the layer has no process group."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not self.sharded or isinstance(local, DTensor) or local.dim() != 2:
+            return local
+        shape = self.shape
+        return DTensor.from_local(local, self._layer._mesh(local.device.type), [Shard(1)], run_check=False,
+                                  shape=shape, stride=(shape[1], 1))
+
+
+def sharded_tables(model: nn.Module) -> dict[str, ShardedTable]:
+    """Fully qualified parameter name -> ``ShardedTable`` of every column-sharded table of ``model``."""
+    return {f"{name}.{t}" if name else t: ShardedTable(m) for name, m in model.named_modules()
+            if isinstance(m, _ColumnSharded) for t in m.TABLES}
