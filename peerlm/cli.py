@@ -83,7 +83,7 @@ def _overrides(cfg: Any, section: str, items: Sequence[tuple[str, str]]) -> Any:
 
 
 def _stored_run(path: Path) -> Any:
-    from peerlm.train import RunConfig
+    from peerlm.runconfig import RunConfig
 
     try:
         return RunConfig.from_dict(json.loads(path.read_text("utf-8")))
@@ -96,10 +96,11 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
     """The RunConfig of a `train` invocation (preset or the resumed run's config, overrides, limits),
     and notes to print about choices made for the user."""
     from peerlm.data import TokenDataset
-    from peerlm.train import RunConfig, TrainConfig, data_info
+    from peerlm.runconfig import RunConfig, TrainConfig, data_info
+    from peerlm.rundir import RunDir
 
     sets = args.set or []
-    stored = Path(args.out) / "config.json"
+    stored = RunDir(args.out).config
     notes = []
     if args.preset is None:
         if not (args.resume and stored.is_file()):
@@ -135,7 +136,8 @@ def _resume_command(out: str) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from peerlm.train import TrainInterrupted, train
+    from peerlm.runconfig import TrainInterrupted
+    from peerlm.train import train
 
     run, notes = build_run_config(args)
     try:
@@ -168,7 +170,7 @@ def _load_run(args: argparse.Namespace, device: Any = "cpu") -> tuple[Any, dict,
     """The model and config of ``args.run``, and the lines that say which checkpoint it is (and any
     fallback), for the command to print once it has done its work (a failure stays one line). A
     damaged checkpoint's error names this same command on the intact older one."""
-    from peerlm.evaluate import load_run
+    from peerlm.rundir import load_run
 
     notes: list[str] = []
     try:
@@ -184,7 +186,7 @@ def _load_run(args: argparse.Namespace, device: Any = "cpu") -> tuple[Any, dict,
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from peerlm.evaluate import evaluate_run, format_table, to_json
-    from peerlm.train import TrainError, resolve_device
+    from peerlm.runconfig import TrainError, resolve_device
 
     try:
         device, _, _ = resolve_device(args.device, "float32")
@@ -203,8 +205,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from peerlm.evaluate import run_tokenizer
     from peerlm.generate import generate
+    from peerlm.rundir import run_tokenizer
 
     model, config, said = _load_run(args)
     tok = run_tokenizer(args.run, config)
@@ -367,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `peerlm` console script; returns the exit code."""
     argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     debug = debug or os.environ.get("PEERLM_DEBUG", "") not in ("", "0")
-    from peerlm.train import TrainError, TrainInterrupted
+    from peerlm.runconfig import TrainError, TrainInterrupted
 
     try:
         args = build_parser().parse_args(argv)

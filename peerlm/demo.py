@@ -33,7 +33,8 @@ from peerlm.data import EVAL_CORPORA, Corpus, DataError, prepare
 from peerlm.evaluate import evaluate_run
 from peerlm.fileio import atomic_write_text
 from peerlm.flops import model_cost
-from peerlm.train import RunConfig, TrainConfig, build_for_training, data_info, plan_steps, time_train_steps, train
+from peerlm.runconfig import RunConfig, TrainConfig, data_info, plan_steps
+from peerlm.train import build_for_training, time_train_steps, train
 
 __all__ = ["run_demo", "DEFAULT_FLOPS", "PRESETS"]
 

@@ -17,12 +17,9 @@ Perplexity does (it is per token of this run's tokenizer).
 Expert usage (fraction of experts with non-zero gate mass) and unevenness (KL from uniform), as in
 the paper's Table 2, are accumulated over the same tokens for every PEER and PKM layer.
 
-A run is only scored on ids of its own tokenizer: the run's tokenizer fingerprint (``tokenizer_sha256``
-in its config, else the hash of its tokenizer.json) must match that of a data directory it is scored
-on and of the tokenizer that encodes a text file; another tokenizer of the same size would give
-valid-looking ids of other text, hence a plausible but meaningless perplexity. ``load_run`` verifies
-only the files it reads (weights and config), reports in ``notes`` a fallback to an older checkpoint,
-and records the step it used in the config (``checkpoint_step``).
+A run is only scored on ids of its own tokenizer (``peerlm.rundir``: the run's tokenizer fingerprint
+must match that of a data directory it is scored on and of the tokenizer that encodes a text file).
+The run's model comes from ``peerlm.rundir.load_run``.
 """
 
 from __future__ import annotations
@@ -42,23 +39,13 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from peerlm.checkpoint import (
-    WEIGHT_FILES,
-    CheckpointError,
-    checkpoint_step,
-    find_checkpoint,
-    load_weights,
-    read_config,
-    verify_checkpoint,
-)
-from peerlm.config import ModelConfig, from_dict, to_dict
-from peerlm.data import DataError, TokenDataset, encode_file, load_tokenizer
-from peerlm.fileio import sha256_file
-from peerlm.model import Transformer, build_model
+from peerlm.data import DataError, TokenDataset, encode_file
+from peerlm.model import Transformer
+from peerlm.rundir import RunDir, check_same_tokenizer, load_run, run_fingerprint, run_tokenizer
 
 __all__ = [
-    "evaluate_tokens", "memory_usage", "tracking_usage", "load_run", "head_of", "evaluate_run",
-    "format_table", "to_json", "run_fingerprint", "run_tokenizer", "check_same_tokenizer", "progress_bar",
+    "evaluate_tokens", "memory_usage", "tracking_usage", "head_of", "evaluate_run",
+    "format_table", "to_json", "progress_bar",
 ]
 
 
@@ -152,73 +139,6 @@ def memory_usage(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     return out
 
 
-def load_run(run_dir: str | os.PathLike[str], device: torch.device | str = "cpu",
-             notes: list[str] | None = None) -> tuple[Transformer, dict]:
-    """The model of a run's newest checkpoint (or a checkpoint directory), and its run config dict,
-    with ``checkpoint`` (its path) and ``checkpoint_step`` added. Only the weights and config of the
-    checkpoint are verified: that is all a model needs. ``notes``: see ``find_checkpoint``."""
-    ckpt = find_checkpoint(run_dir, notes)
-    verify_checkpoint(ckpt, WEIGHT_FILES)
-    config = read_config(ckpt)
-    try:
-        cfg = from_dict(ModelConfig, config["model"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{ckpt}/config.json has no valid model section ({e})") from None
-    model = build_model(cfg, device)
-    load_weights(ckpt, model, expected_model=to_dict(cfg), verify=False)
-    model.eval()
-    config["checkpoint"] = str(ckpt)
-    config["checkpoint_step"] = checkpoint_step(ckpt)
-    return model, config
-
-
-def _run_dirs(run_dir: Path, config: dict) -> list[Path]:
-    """The run directory itself and, for a checkpoint directory, the run it belongs to."""
-    dirs = [run_dir]
-    ckpt = Path(config.get("checkpoint", run_dir))
-    if ckpt.parent.name == "checkpoints":
-        dirs.append(ckpt.parent.parent)
-    return dirs
-
-
-def run_fingerprint(run_dir: str | os.PathLike[str], config: dict) -> str | None:
-    """The sha256 of the run's tokenizer: as its config records it, else (runs from before the
-    record) of the tokenizer.json in the run directory; None when neither is there."""
-    recorded = config.get("data", {}).get("tokenizer_sha256")
-    if recorded:
-        return recorded
-    for d in _run_dirs(Path(run_dir), config):
-        if (d / "tokenizer.json").is_file():
-            return sha256_file(d / "tokenizer.json")
-    return None
-
-
-def check_same_tokenizer(run_fp: str | None, data_fp: str | None, what: str, fix: str) -> None:
-    """DataError when both fingerprints are known and differ."""
-    if run_fp and data_fp and run_fp != data_fp:
-        raise DataError(f"{what} was prepared with another tokenizer than the run (sha256 {data_fp[:12]} vs "
-                        f"the run's {run_fp[:12]}): its token ids stand for other text; {fix}")
-
-
-def run_tokenizer(run_dir: str | os.PathLike[str], config: dict,
-                  data_dir: str | os.PathLike[str] | None = None) -> Tokenizer:
-    """The run's own tokenizer: the first tokenizer.json of the run directory, ``data_dir`` or the
-    run's recorded data directory whose fingerprint is the run's (any, for a run that records none)."""
-    expected = run_fingerprint(run_dir, config)
-    candidates = [d / "tokenizer.json" for d in _run_dirs(Path(run_dir), config)]
-    candidates += [Path(d) / "tokenizer.json" for d in (data_dir, config.get("data", {}).get("dir")) if d]
-    wrong = []
-    for f in candidates:
-        if f.is_file():
-            if expected is None or sha256_file(f) == expected:
-                return load_tokenizer(f)
-            wrong.append(str(f))
-    if wrong:
-        raise DataError(f"{run_dir}: no tokenizer of this run found ({', '.join(wrong)} is another "
-                        "tokenizer); evaluate with the run's own tokenizer.json in its directory")
-    raise DataError(f"{run_dir}: no tokenizer.json in the run or its data directory")
-
-
 def head_of(ids: np.ndarray, max_tokens: int, eot_id: int, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
     """The first ``max_tokens`` ids of a stream, cut after its last separator when there is one in the
     second half (so no document is cut), and the UTF-8 bytes of their text (decoded, separators skipped)."""
@@ -252,7 +172,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[st
     if model is None:
         model, config = load_run(run_dir, device)
     elif config is None:
-        config = json.loads((run_dir / "config.json").read_text("utf-8"))
+        config = RunDir(run_dir).read_config()
     if data_dir is None and not texts:
         data_dir = config.get("data", {}).get("dir")
         if not data_dir:

@@ -41,18 +41,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peerlm.norms import BatchNorm, RMSNorm, RunningNorm
+from peerlm.retrieval import ProductKeys
+
 __all__ = [
     "param_groups", "lr_factor", "set_lr", "RowSparseAdamW", "GroupedOptimizer", "build_optimizer",
     "clip_grad_norm",
 ]
 
-_NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.BatchNorm1d, nn.GroupNorm)
+# norms, embeddings and product keys (whose sub-keys are routing, not weights) take no weight decay
+_NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.BatchNorm1d, nn.GroupNorm, RMSNorm, RunningNorm, BatchNorm,
+                     ProductKeys)
 
 
 def _is_no_decay(module: nn.Module, name: str, p: nn.Parameter) -> bool:
-    kind = type(module).__name__
-    return (p.ndim < 2 or name.endswith("bias") or isinstance(module, _NO_DECAY_MODULES)
-            or kind in ("RMSNorm", "RunningNorm", "BatchNorm", "ProductKeys"))
+    return p.ndim < 2 or name.endswith("bias") or isinstance(module, _NO_DECAY_MODULES)
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, expert_lr: float | None = None,

@@ -1,12 +1,7 @@
 """The training loop: AdamW with expert groups, warmup + cosine, clipping, accumulation, exact resume.
 
-A run directory holds
-
-    config.json        the resolved RunConfig: model, train, and the data it was trained on
-    tokenizer.json     copied from the data directory, so eval and generate need nothing else
-    metrics.jsonl      one JSON record per logged step and per validation, appended line by line
-    checkpoints/       step-numbered checkpoints (``peerlm.checkpoint``)
-    tb/                TensorBoard events, with ``train.tensorboard`` (needs the tensorboard package)
+A run trains into a run directory (``peerlm.rundir``: config.json, tokenizer.json, metrics.jsonl,
+checkpoints/, tb/ with ``train.tensorboard``) and checkpoints through ``peerlm.checkpoint``.
 
 Reproducibility: batches are a pure function of (seed, step) (``TokenDataset.train_batch``: windows
 drawn without replacement within an epoch, ``epochs`` in the logs counts the passes), the LR is
@@ -47,14 +42,13 @@ runs the same validation windows (a sharded layer's forward needs every rank). A
 others' next collective fail (within ``dist_timeout`` seconds at worst); the run then stops with
 ``TrainError`` and the last checkpoint stays as it was. DDP runs write the one-process checkpoint (every
 rank holds the same weights); FSDP and sharded tables write distributed checkpoints
-(``peerlm.parallel.dcp``, every rank its part). Either kind resumes on any number of ranks and loads in
-``peerlm eval`` / ``generate``.
+(``peerlm.checkpoint.distributed``, every rank its part; ``peerlm.checkpoint.save`` decides which).
+Either kind resumes on any number of ranks and loads in ``peerlm eval`` / ``generate``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -71,57 +65,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from peerlm.checkpoint import (
-    is_distributed_model,
-    latest_checkpoint,
-    load_checkpoint,
-    read_config,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from peerlm import checkpoint
+from peerlm.checkpoint import read_config, verify_checkpoint
 from peerlm.config import ModelConfig, to_dict
 from peerlm.data import TokenDataset
-from peerlm.evaluate import check_same_tokenizer, evaluate_tokens, memory_usage, tracking_usage
-from peerlm.fileio import DirLock, atomic_write_bytes, atomic_write_text, probe_writable, sha256_file
+from peerlm.evaluate import evaluate_tokens, memory_usage, tracking_usage
+from peerlm.fileio import DirLock, probe_writable, sha256_file
 from peerlm.flops import model_cost
 from peerlm.model import Transformer, build_model
 from peerlm.optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
 from peerlm.parallel import runtime
 from peerlm.parallel.runtime import Parallel
-from peerlm.runconfig import (  # noqa: F401 (re-exported: a run's configs are importable from here)
-    DTYPES,
-    RunConfig,
-    TrainConfig,
-    TrainError,
-    TrainInterrupted,
-    data_info,
-    plan_steps,
-    resolve_device,
-)
+from peerlm.runconfig import RunConfig, TrainConfig, TrainError, TrainInterrupted, plan_steps, resolve_device
+from peerlm.rundir import RunDir, check_same_tokenizer
 
-__all__ = ["TrainConfig", "RunConfig", "TrainError", "TrainInterrupted", "resolve_device", "plan_steps",
-           "build_for_training", "train"]
-
-class MetricsLog:
-    """metrics.jsonl, appended one whole line per write (O_APPEND) and flushed by the OS write."""
-
-    def __init__(self, path: Path, truncate_to: int | None = None):
-        self.path = path
-        if truncate_to is not None and path.exists() and path.stat().st_size > truncate_to:
-            with open(path, "r+b") as f:  # drop records written after the checkpoint we resume from
-                f.truncate(truncate_to)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-
-    def write(self, record: dict[str, Any]) -> None:
-        os.write(self.fd, (json.dumps(record) + "\n").encode("utf-8"))
-
-    def offset(self) -> int:
-        os.fsync(self.fd)
-        return os.fstat(self.fd).st_size
-
-    def close(self) -> None:
-        os.close(self.fd)
-
+__all__ = ["build_for_training", "time_train_steps", "validate", "train"]
 
 def _fmt_time(seconds: float) -> str:
     seconds = max(int(seconds), 0)
@@ -143,14 +101,14 @@ def _deterministic(device: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(before, warn_only=warn)
 
 
-def _tensorboard(out: Path, purge_step: int | None, log: Callable[[str], None]) -> Any:
+def _tensorboard(rd: RunDir, purge_step: int | None, log: Callable[[str], None]) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         log("note: tensorboard is not installed (pip install 'peerlm[tensorboard]'); logging to "
             "metrics.jsonl only")
         return None
-    return SummaryWriter(str(out / "tb"), purge_step=purge_step)
+    return SummaryWriter(str(rd.tensorboard), purge_step=purge_step)
 
 
 @torch.no_grad()
@@ -192,7 +150,7 @@ def _check_data(run: RunConfig) -> TokenDataset:
 def _check_out(out: Path, ds: TokenDataset) -> None:
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out} is a file, not a run directory; choose another --out")
-    if out.resolve() == ds.dir.resolve() or ((out / "meta.json").is_file() and not (out / "config.json").is_file()):
+    if out.resolve() == ds.dir.resolve() or ((out / "meta.json").is_file() and not RunDir(out).config.is_file()):
         raise TrainError(f"{out} is a prepared data directory, not a run directory; choose another --out")
 
 
@@ -200,8 +158,8 @@ def _resume_point(run: RunConfig, out: Path, resume: bool, ds: TokenDataset,
                   notes: list[str]) -> Path | None:
     """Phase 2: the checkpoint to resume from (None: a fresh start), verified, with the run's tokenizer
     checked against the data's; what the user should know goes to ``notes``."""
-    root = out / "checkpoints"
-    ckpt = latest_checkpoint(root, notes) if root.is_dir() else None
+    rd = RunDir(out)
+    ckpt = rd.latest_checkpoint(notes)
     if ckpt is not None and not resume:
         raise TrainError(f"{out} already holds a run (checkpoint {ckpt.name}); pass --resume to continue "
                          "it or choose another --out")
@@ -212,8 +170,8 @@ def _resume_point(run: RunConfig, out: Path, resume: bool, ds: TokenDataset,
     verify_checkpoint(ckpt)
     saved = read_config(ckpt).get("data", {})
     run_fp = saved.get("tokenizer_sha256")
-    if not run_fp and (out / "tokenizer.json").is_file():  # runs from before the fingerprint was recorded
-        run_fp = sha256_file(out / "tokenizer.json")
+    if not run_fp and rd.tokenizer.is_file():  # runs from before the fingerprint was recorded
+        run_fp = sha256_file(rd.tokenizer)
     trained_on = saved.get("dir")
     if trained_on and Path(trained_on).resolve() != ds.dir.resolve():
         fix = f"resume with the data the run was trained on (--data {trained_on}) or start a new run in another --out"
@@ -221,10 +179,9 @@ def _resume_point(run: RunConfig, out: Path, resume: bool, ds: TokenDataset,
         fix = ("it was prepared again since the run began: prepare the run's text again (the same text and "
                "options give identical files) and resume with --data DIR, or start a new run in another --out")
     check_same_tokenizer(run_fp, ds.tokenizer_sha256, str(ds.dir), fix)
-    stored = out / "config.json"
-    if stored.is_file():
+    if rd.config.is_file():
         try:
-            old = json.loads(stored.read_text("utf-8")).get("train", {})
+            old = rd.read_config().get("train", {})
         except (ValueError, AttributeError):
             old = {}  # unreadable: nothing to compare with (it is rewritten from the resolved config)
         changed = sorted(k for k, v in to_dict(run.train).items() if k in old and old[k] != v)
@@ -237,7 +194,7 @@ def _resume_point(run: RunConfig, out: Path, resume: bool, ds: TokenDataset,
 def _check_room(out: Path, model: Transformer) -> None:
     """Phase 2: the run directory takes writes and has room for a checkpoint, before the first step
     rather than at the first checkpoint."""
-    ckpts = out / "checkpoints"
+    ckpts = RunDir(out).checkpoints
     if ckpts.exists() and not ckpts.is_dir():
         raise TrainError(f"{ckpts} is not a directory, so no checkpoint could be written; move it away")
     for d in (out, ckpts) if ckpts.is_dir() else (out,):
@@ -257,9 +214,9 @@ def _check_room(out: Path, model: Transformer) -> None:
 
 def _commit_run_dir(run: RunConfig, out: Path, ds: TokenDataset) -> None:
     """Phase 3: the run's first writes."""
-    atomic_write_text(out / "config.json", json.dumps(run.to_dict(), indent=2) + "\n")
-    if not (out / "tokenizer.json").is_file():
-        atomic_write_bytes(out / "tokenizer.json", (ds.dir / "tokenizer.json").read_bytes())
+    rd = RunDir(out)
+    rd.write_config(run.to_dict())
+    rd.keep_tokenizer(ds.dir)
 
 
 def _lost_rank(e: BaseException) -> bool:
@@ -454,7 +411,7 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
     step, history, offset = 0, [], None
     if ckpt is not None:
         configured = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
-        state = load_checkpoint(ckpt, model, opt, expected_model=to_dict(cfg), verify=False)
+        state = checkpoint.load(ckpt, model, opt, expected_model=to_dict(cfg), verify=False)
         for g, (base_lr, wd) in zip(opt.param_groups, configured):  # this run's settings, not the saved ones
             g["base_lr"], g["weight_decay"] = base_lr, wd
         step, offset = state["step"], state["train"]["metrics_offset"]
@@ -472,8 +429,9 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
         log(note)
     if ckpt is not None:
         log(f"resumed from {ckpt} at step {step}")
-    metrics = MetricsLog(out / "metrics.jsonl", truncate_to=offset) if par.is_main else None
-    tb = _tensorboard(out, step + 1 if ckpt is not None else None, log) if t.tensorboard and par.is_main else None
+    rd = RunDir(out)
+    metrics = rd.open_metrics(offset) if par.is_main else None
+    tb = _tensorboard(rd, step + 1 if ckpt is not None else None, log) if t.tensorboard and par.is_main else None
     end = total if stop_at is None else min(total, stop_at)
     ranks = f" x {par.ranks} ranks ({par.mode}{', experts sharded' if t.shard_experts else ''})" if par.active else ""
     log(f"device {why}{ranks}; {model.num_params():,} params; {total} steps ({limit}) of {tokens_per_step:,} tokens "
@@ -481,17 +439,11 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     params = [p for g in opt.param_groups for p in g["params"]]
 
-    sharded_state = par.active and is_distributed_model(model)
-
-    def checkpoint(at: int) -> None:
+    def save(at: int) -> None:
         state = None if metrics is None else {"validations": history, "metrics_offset": metrics.offset(),
                                               "data_step": at, "tokens": at * tokens_per_step}
-        if sharded_state:  # FSDP / sharded tables: every rank writes its part (collective)
-            from peerlm.parallel import dcp
-
-            dcp.save_checkpoint(out / "checkpoints", at, model, run.to_dict(), opt, state, t.keep, par.stats_group)
-        elif par.is_main:  # DDP: every rank holds the same weights and optimizer state
-            save_checkpoint(out / "checkpoints", at, model, run.to_dict(), opt, state, keep=t.keep)
+        checkpoint.save(rd.checkpoints, at, model, run.to_dict(), opt, state, t.keep,
+                        group=par.stats_group if par.active else None, main=par.is_main)
 
     def run_validation(at: int) -> None:
         if ds.num_tokens("val") < 2:
@@ -524,7 +476,7 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
                 except (torch.distributed.DistError, RuntimeError) as e:
                     if not par.active or not _lost_rank(e):
                         raise
-                    kept = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").is_dir() else None
+                    kept = rd.latest_checkpoint()
                     where = f"; the last checkpoint {kept} is intact, continue with --resume" if kept else ""
                     raise TrainError(f"rank {par.rank}: a collective failed at step {step + 1}, most likely "
                                      f"because another rank died (see its log): {_one_line(e)}{where}") from None
@@ -555,7 +507,7 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
                 if step % t.eval_every == 0 or step == total:
                     run_validation(step)
                 if (t.ckpt_every and step % t.ckpt_every == 0) or step == end or stop.received:
-                    checkpoint(step)
+                    save(step)
                 if stop.received and step < end:
                     log(f"{stop.received}: stopped after step {step}/{total} with a checkpoint")
                     raise TrainInterrupted(stop.received, step, total, out)

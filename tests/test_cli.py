@@ -332,7 +332,7 @@ def test_machine_failures_are_one_line_errors(workspace, capsys, tmp_path, monke
     the unwritable case is caught before the first step."""
     import safetensors
 
-    import peerlm.checkpoint as ckpt_mod
+    import peerlm.checkpoint.local as ckpt_mod
 
     d = str(workspace / "d")
     _error(capsys, ["train", "--preset", "tiny", "--data", d, "--out", str(tmp_path / "m"), "--max-steps", "2",

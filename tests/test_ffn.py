@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peerlm.checkpoint import load_weights, save_checkpoint
+from peerlm.checkpoint import load_weights, save
 from peerlm.config import DenseConfig, ModelConfig, MoEConfig, PEERConfig, PKMConfig, get_preset, to_dict
 from peerlm.ffn import PKM, DenseMLP, MoE, build_ffn
 from peerlm.model import Transformer, build_model
@@ -442,7 +442,7 @@ def test_expert_choice_thresholds_survive_a_checkpoint(tmp_path):
     model = _with_thresholds(_moe_lm(routing="expert", capacity_factor=2.0))
     names = {n for n, _ in model.named_buffers()}
     assert {"blocks.0.ffn.threshold", "blocks.0.ffn.threshold_updates"} <= names
-    ckpt = save_checkpoint(tmp_path, 1, model, {"model": to_dict(model.cfg)})
+    ckpt = save(tmp_path, 1, model, {"model": to_dict(model.cfg)})
     loaded = build_model(model.cfg).eval()
     assert loaded.blocks[0].ffn.threshold_updates == 0
     load_weights(ckpt, loaded, expected_model=to_dict(model.cfg))

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from peerlm.config import apply_overrides, get_preset
 from peerlm.data import prepare
 from peerlm.flops import model_cost
-from peerlm.train import RunConfig, TrainConfig, TrainError, data_info, plan_steps, resolve_device, train
+from peerlm.runconfig import RunConfig, TrainConfig, TrainError, data_info, plan_steps, resolve_device
+from peerlm.train import train
 
 WORDS = ("the cat sat on a mat and then it ran to the dog who was big or small but never late for "
          "tea while birds sang songs of old kings").split()

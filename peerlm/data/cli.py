@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peerlm import argtypes
+from peerlm.rundir import is_run_dir
 
 from .corpora import EVAL_CORPORA, REGISTRY, TRAIN_CORPORA, cached_meta, corpus_path, fetch, spec
 from .errors import DataError
@@ -90,6 +91,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             spec(n)
     else:
         eval_sets = list(EVAL_CORPORA) if default else []
+    if is_run_dir(args.out):  # its tokenizer.json would be replaced by another
+        raise DataError(f"{args.out} holds a training run; prepare data into another directory")
     prepare(sources, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
             eval_sets=eval_sets, seed=args.seed, progress=not args.quiet, split_by=args.split_by)
     print(f"prepared {args.out}")

@@ -357,8 +357,6 @@ def prepare(sources: Sequence[Source | str | os.PathLike[str]], out_dir: str | o
         if name in ("train", "val") or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
             raise DataError(f"bad eval set name {name!r}: use letters, digits, '-', '_' (not train/val)")
     out = Path(out_dir)
-    if (out / "checkpoints").exists() or (out / "config.json").is_file():
-        raise DataError(f"{out} holds a training run; prepare data into another directory")
     loaded = [_load(s, progress) for s in srcs]
     modes = [resolve_split_by(docs, val_fraction, split_by) for docs in loaded]
     parts = [_split(docs, val_fraction, seed, segment_chars, m, force=False) for docs, m in zip(loaded, modes)]

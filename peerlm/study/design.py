@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass
 
 from peerlm.config import ModelConfig, MoEConfig, PEERConfig, PKMConfig, apply_overrides
-from peerlm.train import TrainConfig
+from peerlm.runconfig import TrainConfig
 
 __all__ = ["Size", "SIZES", "METHODS", "BUDGETS", "VOCAB", "CONTEXT", "model_config", "recipe", "base_lr",
            "budget_name", "initial_window", "RunSpec"]

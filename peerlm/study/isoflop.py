@@ -44,6 +44,7 @@ from peerlm.data import EVAL_CORPORA, TRAIN_CORPORA, Corpus, TokenDataset, cache
 from peerlm.evaluate import evaluate_run
 from peerlm.fileio import atomic_write_text
 from peerlm.flops import model_cost
+from peerlm.runconfig import RunConfig, data_info, plan_steps, resolve_device
 from peerlm.study.claims import RunClaimed, claim
 from peerlm.study.design import (
     BATCH,
@@ -59,7 +60,7 @@ from peerlm.study.design import (
     RunSpec,
     initial_window,
 )
-from peerlm.train import RunConfig, build_for_training, data_info, plan_steps, resolve_device, time_train_steps, train
+from peerlm.train import build_for_training, time_train_steps, train
 
 __all__ = ["Study", "EVAL_TOKENS", "timing_key", "spec_of"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peerlm.checkpoint import load_checkpoint
+from peerlm.checkpoint import load
 from peerlm.data import TokenDataset, prepare
 from peerlm.parallel.launch import spawn
 from peerlm.parallel.runtime import Parallel
@@ -176,7 +176,7 @@ def test_a_sharded_two_rank_checkpoint_resumes_on_one_process(data_dir, tmp_path
     # the moments of both column halves of a table, resharded into one whole table
     run = _one_process(data_dir, sparse)
     model, opt = build_for_training(run.model, run.train)
-    load_checkpoint(ckpt, model, opt)
+    load(ckpt, model, opt)
     table = model.blocks[0].ffn.w_down
     state = next(o.state[table] for o in opt.optimizers if table in o.state)
     half = table.shape[1] // 2
@@ -202,7 +202,7 @@ def test_a_one_process_checkpoint_resumes_on_two_sharded_ranks(data_dir, tmp_pat
 
 def test_a_distributed_checkpoint_loads_in_one_process_and_damage_is_detected(data_dir, tmp_path):
     from peerlm.checkpoint import CheckpointDamaged, verify_checkpoint
-    from peerlm.evaluate import load_run
+    from peerlm.rundir import load_run
 
     train(_one_process(data_dir, False), tmp_path / "one", progress=False, log=lambda s: None)
     spawn(_sharded_worker, 2, args=(str(data_dir), str(tmp_path / "two"), None, False, False))

@@ -13,6 +13,7 @@ from peerlm.cli import main
 from peerlm.config import to_dict
 from peerlm.data import prepare
 from peerlm.flops import model_cost
+from peerlm.runconfig import RunConfig, data_info, plan_steps
 from peerlm.study import Study
 from peerlm.study.design import (
     EXPERT_LR_RATIOS,
@@ -28,7 +29,7 @@ from peerlm.study.design import (
 )
 from peerlm.study.isoflop import spec_of, timing_key
 from peerlm.study.report import compute_optimal, format_table, summary_records, train_seconds, write_report
-from peerlm.train import RunConfig, data_info, plan_steps, train
+from peerlm.train import train
 
 B0, B1 = 2e12, 8e12
 

@@ -9,17 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-import peerlm.checkpoint as ckpt_mod
+import peerlm.checkpoint.core as core
+import peerlm.checkpoint.local as local
 from peerlm.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     capture_rng,
     find_checkpoint,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
+    load,
     load_weights,
     restore_rng,
-    save_checkpoint,
+    save,
 )
 from peerlm.config import apply_overrides, get_preset, to_dict
 from peerlm.model import build_model
@@ -52,12 +54,12 @@ def test_round_trip_weights_optimizer_rng_and_state(tmp_path, sparse):
     torch.manual_seed(123)
     np.random.seed(7)
     random.seed(9)
-    path = save_checkpoint(tmp_path, 2, model, _config(cfg), opt, {"metrics": [1.5, 2.5], "pos": 2})
+    path = save(tmp_path, 2, model, _config(cfg), opt, {"metrics": [1.5, 2.5], "pos": 2})
     expected_draws = (torch.rand(3), np.random.rand(), random.random())
     assert path.name == "step_00000002" and latest_checkpoint(tmp_path) == path
 
     cfg2, model2, opt2 = _trained(sparse=sparse, steps=1)  # different weights and state
-    state = load_checkpoint(path, model2, opt2, expected_model=to_dict(cfg))
+    state = load(path, model2, opt2, expected_model=to_dict(cfg))
     assert state["step"] == 2 and state["train"] == {"metrics": [1.5, 2.5], "pos": 2}
     for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), n
@@ -84,25 +86,25 @@ def test_rng_capture_restore():
 def test_keeps_last_k_and_latest(tmp_path):
     cfg, model, opt = _trained()
     for step in (1, 2, 3, 4):
-        save_checkpoint(tmp_path, step, model, _config(cfg), opt, keep=2)
+        save(tmp_path, step, model, _config(cfg), opt, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
     assert (tmp_path / "latest").read_text().strip() == "step_00000004"
     assert find_checkpoint(tmp_path) == tmp_path / "step_00000004"
     # saving the same step again replaces it cleanly
-    save_checkpoint(tmp_path, 4, model, _config(cfg), opt, keep=2)
+    save(tmp_path, 4, model, _config(cfg), opt, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
 
 
 @pytest.mark.parametrize("where", ["state_file", "dir_rename", "pointer"])
 def test_failure_mid_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch, where):
     cfg, model, opt = _trained()
-    first = save_checkpoint(tmp_path, 1, model, _config(cfg), opt, {"n": 1})
+    first = save(tmp_path, 1, model, _config(cfg), opt, {"n": 1})
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
 
-    real_replace, real_save = os.replace, ckpt_mod.save_file
+    real_replace, real_save = os.replace, local.save_file
 
     def failing_save(tensors, path):
         real_save(tensors, path)  # the temp file is written ...
@@ -116,28 +118,28 @@ def test_failure_mid_write_leaves_previous_checkpoint_loadable(tmp_path, monkeyp
         return real_replace(src, dst)
 
     if where == "state_file":
-        monkeypatch.setattr(ckpt_mod, "save_file", failing_save)
+        monkeypatch.setattr(local, "save_file", failing_save)
     else:
-        monkeypatch.setattr(ckpt_mod.os, "replace", failing_replace)
+        monkeypatch.setattr(core.os, "replace", failing_replace)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, 2, model, _config(cfg), opt, {"n": 2})
+        save(tmp_path, 2, model, _config(cfg), opt, {"n": 2})
     monkeypatch.undo()
 
     assert latest_checkpoint(tmp_path) == first
     fresh = build_model(cfg)
-    state = load_checkpoint(find_checkpoint(tmp_path), fresh, expected_model=to_dict(cfg))
+    state = load(find_checkpoint(tmp_path), fresh, expected_model=to_dict(cfg))
     assert state["train"] == {"n": 1}
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, saved[k]), k
     # the next save succeeds and cleans up whatever the failed one left
-    save_checkpoint(tmp_path, 3, model, _config(cfg), opt)
+    save(tmp_path, 3, model, _config(cfg), opt)
     assert not list(tmp_path.glob(".step_*.tmp"))
     assert latest_checkpoint(tmp_path).name == "step_00000003"
 
 
 def test_truncated_and_corrupt_files_give_checkpoint_error(tmp_path):
     cfg, model, opt = _trained()
-    path = save_checkpoint(tmp_path, 1, model, _config(cfg), opt)
+    path = save(tmp_path, 1, model, _config(cfg), opt)
     weights = path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
@@ -158,7 +160,7 @@ def test_truncated_and_corrupt_files_give_checkpoint_error(tmp_path):
 
 def test_different_model_gives_one_line_error(tmp_path):
     cfg, model, opt = _trained()
-    path = save_checkpoint(tmp_path, 1, model, _config(cfg), opt)
+    path = save(tmp_path, 1, model, _config(cfg), opt)
     other = apply_overrides(cfg, ["dim=64"])
     with pytest.raises(CheckpointError, match=r"different model.*dim 32 vs 64") as e:
         load_weights(path, build_model(other), expected_model=to_dict(other))
@@ -176,7 +178,7 @@ def test_missing_and_bad_pointers(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         find_checkpoint(tmp_path)
     cfg, model, opt = _trained()
-    save_checkpoint(tmp_path, 1, model, _config(cfg), opt)
+    save(tmp_path, 1, model, _config(cfg), opt)
     (tmp_path / "latest").write_text("garbage\n")
     with pytest.raises(CheckpointError, match="corrupt"):
         latest_checkpoint(tmp_path)
@@ -187,15 +189,15 @@ def test_missing_and_bad_pointers(tmp_path):
 
 
 def test_distributed_checkpoint_round_trip_and_atomic_failure_in_one_process(tmp_path, monkeypatch):
+    from peerlm.checkpoint import distributed as dcp
     from peerlm.checkpoint import is_distributed, verify_checkpoint
-    from peerlm.parallel import dcp
 
     cfg, model, opt = _trained(sparse=True)
-    first = dcp.save_checkpoint(tmp_path, 2, model, _config(cfg), opt, {"pos": 2})
+    first = dcp.save(tmp_path, 2, model, _config(cfg), opt, {"pos": 2})
     assert is_distributed(first) and latest_checkpoint(tmp_path) == first
     verify_checkpoint(first)
     _, model2, opt2 = _trained(sparse=True, steps=1)
-    state = load_checkpoint(first, model2, opt2, expected_model=to_dict(cfg))
+    state = load(first, model2, opt2, expected_model=to_dict(cfg))
     assert state["step"] == 2 and state["train"] == {"pos": 2}
     for k, v in model.state_dict().items():
         assert torch.equal(v, model2.state_dict()[k]), k
@@ -210,7 +212,7 @@ def test_distributed_checkpoint_round_trip_and_atomic_failure_in_one_process(tmp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(dcp, "publish", fail)  # the shards are written, the manifest is not
-    with pytest.raises(ckpt_mod.CheckpointWriteError, match="No space left.*as it was"):
-        dcp.save_checkpoint(tmp_path, 4, model, _config(cfg), opt, {"pos": 4})
+    with pytest.raises(CheckpointWriteError, match="No space left.*as it was"):
+        dcp.save(tmp_path, 4, model, _config(cfg), opt, {"pos": 4})
     assert latest_checkpoint(tmp_path) == first and list_checkpoints(tmp_path) == [first]
     assert not list(tmp_path.glob(".*.tmp"))

@@ -1,7 +1,7 @@
 """Distributed checkpoints (``torch.distributed.checkpoint``) for FSDP2 and column-sharded tables.
 
-Layout of ``step_<n>/`` (beside the one-process layout of ``peerlm.checkpoint``, whose manifest,
-``latest`` pointer, verification and pruning it shares):
+Layout of ``step_<n>/`` (beside the one-process format, ``local``; the manifest, ``latest`` pointer,
+verification and pruning are ``core``'s):
 
     model/          DCP: the model state dict as the model presents it: FSDP2 parameters as DTensors
                     (Shard(0)), PEER / PKM tables as DTensors (Shard(1)), buffers as plain tensors
@@ -11,7 +11,7 @@ Layout of ``step_<n>/`` (beside the one-process layout of ``peerlm.checkpoint``,
                     steps as plain (replicated) tensors
     config.json     the run config
     state.json      step, train state, optimizer kinds and hyper-parameters, every rank's RNG states
-    manifest.json   size and sha256 of every file above (``"format": "dcp"``); written last
+    manifest.json   size and sha256 of every file above (``"format": "dcp"``, ``core.DISTRIBUTED``); last
 
 Writing (collective, every rank): rank 0 makes the hidden temporary directory and sends its path to
 the others; all ranks write their shards into it (DCP fsyncs them); after DCP's final collective,
@@ -28,48 +28,41 @@ reads the whole file and keeps its own part.
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from peerlm.checkpoint import (
+from peerlm.checkpoint import local
+from peerlm.checkpoint.core import (
+    DISTRIBUTED,
     CheckpointError,
     CheckpointWriteError,
-    _decode,
-    _encode,
-    _load_tensors,
-    _write_text,
-    capture_rng,
-    is_distributed_model,
+    check_fits,
     list_checkpoints,
     new_temp_dir,
+    point_latest,
     prune,
     publish,
-    restore_rng,
+    step_name,
     write_error,
+    write_text,
 )
-from peerlm.fileio import atomic_write_text
+from peerlm.checkpoint.state import capture_rng, restore_rng, rng_from_json, rng_to_json
 from peerlm.parallel.shard import ShardedTable, sharded_tables
 
-__all__ = ["is_distributed_model", "save_checkpoint", "load_model", "load_checkpoint"]
+__all__ = ["save", "load_model", "load"]
 
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def _tables(model: nn.Module) -> dict[str, ShardedTable]:
-    return sharded_tables(model)
 
 
 def _named(model: nn.Module, optimizer: Any) -> list[tuple[int, str, Tensor]]:
@@ -85,26 +78,14 @@ def _as_global(value: Tensor, fqn: str, tables: dict[str, ShardedTable]) -> Tens
     return value if table is None else table.to_dtensor(value)
 
 
-def _rng_json(state: Any) -> Any:
-    tensors: dict[str, Tensor] = {}
-    enc = _encode(state, tensors, "rng")
-    return {"tree": enc, "bytes": {k: base64.b64encode(t.numpy().tobytes()).decode() for k, t in tensors.items()}}
-
-
-def _rng_from_json(obj: Any) -> Any:
-    tensors = {k: torch.from_numpy(np.frombuffer(base64.b64decode(v), dtype=np.uint8).copy())
-               for k, v in obj["bytes"].items()}
-    return _decode(obj["tree"], tensors)
-
-
 # ------------------------------------------------------------------------------------------- saving
 
 
-def save_checkpoint(root: str | Path, step: int, model: nn.Module, config: dict[str, Any], optimizer: Any,
-                    state: dict[str, Any] | None, keep: int = 2, group: Any = None) -> Path:
+def save(root: Path, step: int, model: nn.Module, config: dict[str, Any], optimizer: Any,
+         state: dict[str, Any] | None, keep: int = 2, group: Any = None) -> Path:
     """Write ``step_<step>`` under ``root`` with DCP, on every rank of the default group (collective);
     ``state`` is rank 0's train state (ignored elsewhere). Returns the checkpoint directory."""
-    root, name = Path(root), f"step_{step:08d}"
+    name = step_name(step)
     rank = dist.get_rank() if _active() else 0
     previous = (list_checkpoints(root) or [None])[-1]
     said: list[Any] = [None]
@@ -118,15 +99,15 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, config: dict[
     if said[0].startswith("!"):
         raise CheckpointWriteError(said[0][1:], previous)
     tmp = Path(said[0])
-    tables = _tables(model)
+    tables = sharded_tables(model)
     model_sd = model.state_dict()
     optim_sd = {f"{fqn}.{k}": _as_global(v, fqn, tables) for i, fqn, p in _named(model, optimizer)
                 for k, v in optimizer.optimizers[i].state.get(p, {}).items() if isinstance(v, Tensor)}
     rngs: list[Any] = [None] * (dist.get_world_size() if _active() else 1)
     if _active():
-        dist.all_gather_object(rngs, _rng_json(capture_rng()), group=group)
+        dist.all_gather_object(rngs, rng_to_json(capture_rng()), group=group)
     else:
-        rngs[0] = _rng_json(capture_rng())
+        rngs[0] = rng_to_json(capture_rng())
     failed: str | None = None
     try:
         with warnings.catch_warnings():  # one process without a process group is what no_dist says
@@ -138,10 +119,10 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, config: dict[
                     "optimizer": {"kinds": [type(o).__name__ for o in optimizer.optimizers],
                                   "param_groups": [[{k: v for k, v in g.items() if k != "params"}
                                                     for g in o.param_groups] for o in optimizer.optimizers]}}
-            _write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-            _write_text(tmp / "state.json", json.dumps(meta) + "\n")
-            final = publish(root, name, tmp, step, fmt="dcp")
-            atomic_write_text(root / "latest", name + "\n")
+            write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+            write_text(tmp / "state.json", json.dumps(meta) + "\n")
+            final = publish(root, name, tmp, step, fmt=DISTRIBUTED)
+            point_latest(root, name)
             prune(root, keep, final)
     except OSError as e:
         failed = str(write_error(root, name, e, previous))
@@ -178,14 +159,8 @@ def _load(sd: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
 
 
-def _fit(ckpt: Path, own: dict[str, Tensor], saved: dict[str, tuple]) -> None:
-    missing = sorted(set(own) - set(saved))
-    extra = sorted(set(saved) - set(own))
-    shapes = [f"{k} {saved[k]} vs {tuple(own[k].shape)}" for k in own if k in saved and saved[k] != tuple(own[k].shape)]
-    if missing or extra or shapes:
-        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
-                ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + shapes[:3]
-        raise CheckpointError(f"{ckpt} does not fit this model: {'; '.join(parts)}")
+def _shapes(tensors: dict[str, Tensor]) -> dict[str, tuple]:
+    return {k: tuple(t.shape) for k, t in tensors.items()}
 
 
 def _fill(target: Tensor, full: Tensor) -> None:
@@ -198,17 +173,16 @@ def _fill(target: Tensor, full: Tensor) -> None:
         target.copy_(full)
 
 
-def load_model(ckpt: str | Path, model: nn.Module, full: dict[str, Tensor] | None = None) -> None:
+def load_model(ckpt: Path, model: nn.Module, full: dict[str, Tensor] | None = None) -> None:
     """Load the weights of a distributed checkpoint (or, given ``full``, of whole tensors) into ``model``
     in its present layout: any number of ranks, or one process without a process group."""
-    ckpt = Path(ckpt)
     own = model.state_dict()
     if full is None:
         meta = _metadata(ckpt / "model")
-        _fit(ckpt, own, {k: tuple(getattr(m, "size", ())) for k, m in meta.items()})
+        check_fits(ckpt, _shapes(own), {k: tuple(getattr(m, "size", ())) for k, m in meta.items()})
         _load(own, ckpt / "model")
     else:
-        _fit(ckpt, own, {k: tuple(t.shape) for k, t in full.items()})
+        check_fits(ckpt, _shapes(own), {k: tuple(t.shape) for k, t in full.items()})
         with torch.no_grad():
             for k, t in own.items():
                 _fill(t, full[k])
@@ -219,7 +193,7 @@ def _optimizer_targets(model: nn.Module, optimizer: Any, saved: dict[str, tuple[
                        ) -> dict[str, tuple[int, Tensor, str, Tensor]]:
     """key -> (optimizer index, parameter, state key, empty tensor in this run's layout) for every
     saved optimizer tensor of a parameter of this run."""
-    tables = _tables(model)
+    tables = sharded_tables(model)
     out = {}
     for i, fqn, p in _named(model, optimizer):
         for key, (shape, dtype) in saved.items():
@@ -248,29 +222,22 @@ def _full_optimizer_state(model: nn.Module, optimizer: Any, state: dict[str, Any
     return out
 
 
-def load_checkpoint(ckpt: str | Path, model: nn.Module, optimizer: Any = None, rng: bool = True) -> dict[str, Any]:
-    """``peerlm.checkpoint.load_checkpoint`` for a distributed checkpoint, or for a distributed model
-    (FSDP2 / sharded tables) resuming from either kind: weights, optimizer state, this rank's RNG
-    states; returns ``{"step", "train", ...}``."""
-    from peerlm.checkpoint import is_distributed
-
-    ckpt = Path(ckpt)
-    distributed = is_distributed(ckpt)
+def load(ckpt: Path, model: nn.Module, optimizer: Any = None, rng: bool = True,
+         distributed: bool = True) -> dict[str, Any]:
+    """Load a distributed checkpoint, or (``distributed=False``) a one-process one into a distributed
+    model (FSDP2 / sharded tables): weights, optimizer state, this rank's RNG states; returns
+    ``{"step", "train", ...}``."""
     if distributed:
         try:
             state = json.loads((ckpt / "state.json").read_text("utf-8"))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{ckpt}/state.json is corrupt ({e})") from None
         load_model(ckpt, model)
-        rngs = [_rng_from_json(r) for r in state["rng"]]
+        rngs = [rng_from_json(r) for r in state["rng"]]
         saved_opt = state.get("optimizer")
     else:
-        tensors = _load_tensors(ckpt / "state.safetensors")
-        try:
-            state = _decode(json.loads((ckpt / "state.json").read_text("utf-8")), tensors)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{ckpt}/state.json is corrupt ({e})") from None
-        load_model(ckpt, model, _load_tensors(ckpt / "model.safetensors"))
+        state = local.read_state(ckpt)
+        load_model(ckpt, model, local.read_weights(ckpt))
         rngs = [state["rng"]]
         saved_opt = state.get("optimizer")
         if saved_opt is not None:
@@ -304,7 +271,7 @@ def _load_optimizer(ckpt: Path, model: nn.Module, optimizer: Any, saved: dict[st
         with torch.no_grad():
             for k, (_, _, _, t) in targets.items():
                 _fill(t, full[k])
-    tables = _tables(model)
+    tables = sharded_tables(model)
     names = {id(p): n for n, p in model.named_parameters()}
     for i, p, key, t in targets.values():
         opt = optimizer.optimizers[i]

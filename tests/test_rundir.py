@@ -1,0 +1,92 @@
+"""The run directory: each step logged once however a run was restarted, the layout in one place,
+``load_run`` on a run or a checkpoint directory, and data prepare refusing a run directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import data_dir, make_run, write_text  # noqa: E402,F401 (data_dir is a fixture)
+
+import peerlm.checkpoint.local as local  # noqa: E402
+from peerlm.checkpoint import CheckpointWriteError  # noqa: E402
+from peerlm.cli import main  # noqa: E402
+from peerlm.rundir import RunDir, is_run_dir, load_run  # noqa: E402
+from peerlm.train import train  # noqa: E402
+
+
+def _steps(run: RunDir) -> list[int]:
+    return [r["step"] for r in run.metric_records() if "loss" in r]
+
+
+def _quiet(s: str) -> None:
+    pass
+
+
+def test_restart_after_a_failed_first_checkpoint_logs_each_step_once(data_dir, tmp_path, monkeypatch):
+    """The first checkpoint write fails after steps 1-5 were logged: the restarted run (the advice the
+    error gives is --resume) starts from scratch, and its log holds steps 1..10 once each, with the
+    same losses as a run that never failed."""
+    run = make_run(data_dir, max_steps=10, ckpt_every=5, eval_every=100)
+    clean = RunDir(tmp_path / "clean")
+    train(run, clean.path, progress=False, log=_quiet)
+
+    def disk_full(tensors, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(local, "save_file", disk_full)
+    failed = RunDir(tmp_path / "failed")
+    with pytest.raises(CheckpointWriteError):
+        train(run, failed.path, progress=False, log=_quiet)
+    assert _steps(failed) == [1, 2, 3, 4, 5] and failed.latest_checkpoint() is None
+    monkeypatch.undo()
+    train(run, failed.path, resume=True, progress=False, log=_quiet)
+    assert _steps(failed) == list(range(1, 11))
+    losses = {r["step"]: r["loss"] for r in failed.metric_records() if "loss" in r}
+    assert losses == {r["step"]: r["loss"] for r in clean.metric_records() if "loss" in r}
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint(data_dir, tmp_path):
+    """Lines logged after the checkpoint resumed from (a kill between checkpoints) are dropped."""
+    run = make_run(data_dir, max_steps=10, ckpt_every=5, eval_every=100)
+    rd = RunDir(tmp_path / "r")
+    train(run, rd.path, stop_at=5, progress=False, log=_quiet)
+    with open(rd.metrics, "a", encoding="utf-8") as f:  # what a killed attempt wrote past step 5
+        f.write(json.dumps({"step": 6, "loss": 9.9}) + "\n")
+    train(run, rd.path, resume=True, progress=False, log=_quiet)
+    assert _steps(rd) == list(range(1, 11))
+    assert all(r["loss"] != 9.9 for r in rd.metric_records() if "loss" in r)
+
+
+def test_layout_and_load_run(data_dir, tmp_path):
+    run = make_run(data_dir, max_steps=4, ckpt_every=2, eval_every=100)
+    rd = RunDir(tmp_path / "r")
+    assert not is_run_dir(rd.path)
+    train(run, rd.path, progress=False, log=_quiet)
+    assert is_run_dir(rd.path)
+    assert rd.config.is_file() and rd.tokenizer.is_file() and rd.metrics.is_file()
+    assert rd.read_config()["model"] == json.loads(rd.config.read_text())["model"]
+    latest = rd.latest_checkpoint()
+    assert latest is not None and latest.parent == rd.checkpoints and latest.name == "step_00000004"
+    model, config = load_run(rd.path)
+    assert config["checkpoint_step"] == 4 and not model.training
+    older, older_config = load_run(rd.checkpoints / "step_00000002")  # a checkpoint directory itself
+    assert older_config["checkpoint_step"] == 2
+    differs = [k for k, v in model.state_dict().items() if not torch.equal(v, older.state_dict()[k])]
+    assert differs  # two more steps changed weights
+
+
+def test_data_prepare_refuses_a_run_directory(data_dir, tmp_path, capsys):
+    run = make_run(data_dir, max_steps=2, ckpt_every=2, eval_every=100)
+    rd = RunDir(tmp_path / "r")
+    train(run, rd.path, progress=False, log=_quiet)
+    before = rd.tokenizer.read_bytes()
+    text = write_text(tmp_path / "t.txt")
+    assert main(["data", "prepare", "--text", str(text), "--out", str(rd.path), "--vocab-size", "300"]) != 0
+    assert "holds a training run" in capsys.readouterr().err
+    assert rd.tokenizer.read_bytes() == before and not (rd.path / "meta.json").exists()
