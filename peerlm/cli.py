@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import sys
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from peerlm import argtypes
+from peerlm import __version__, argtypes
 from peerlm.checkpoint import CheckpointDamaged, CheckpointError, CheckpointWriteError, checkpoint_step
 from peerlm.config import apply_overrides, get_preset, list_presets
 from peerlm.data import DataError
@@ -82,13 +81,25 @@ def _overrides(cfg: Any, section: str, items: Sequence[tuple[str, str]]) -> Any:
         raise ValueError(f"--set {section}.*: {e}") from None
 
 
-def _stored_run(path: Path) -> Any:
+def _stored_run(out: str) -> Any:
+    """The run config of the run in ``out``: its config.json, else (deleted, say) the one its newest
+    checkpoint holds; None when neither is there."""
+    from peerlm.checkpoint import read_config
     from peerlm.runconfig import RunConfig
+    from peerlm.rundir import RunDir
 
+    rd = RunDir(out)
+    if rd.config.is_file():
+        source, read = rd.config, rd.read_config
+    else:
+        ckpt = rd.latest_checkpoint()
+        if ckpt is None:
+            return None
+        source, read = ckpt / "config.json", lambda: read_config(ckpt)
     try:
-        return RunConfig.from_dict(json.loads(path.read_text("utf-8")))
-    except (ValueError, TypeError) as e:  # JSON syntax or a config that does not validate
-        raise ValueError(f"{path} is not a valid run config ({' '.join(str(e).split())[:200]}); pass "
+        return RunConfig.from_dict(read())
+    except (CheckpointError, ValueError, TypeError) as e:  # JSON syntax or a config that does not validate
+        raise ValueError(f"{source} is not a valid run config ({' '.join(str(e).split())[:200]}); pass "
                          "--preset and --data to rebuild it") from None
 
 
@@ -103,10 +114,10 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
     stored = RunDir(args.out).config
     notes = []
     if args.preset is None:
-        if not (args.resume and stored.is_file()):
+        run = _stored_run(args.out) if args.resume else None
+        if run is None:
             raise ValueError("--preset is required (see `peerlm presets`), except with --resume on an "
-                             "existing run")
-        run = _stored_run(stored)
+                             f"existing run{'' if args.resume else ' (add --resume to continue one)'}")
         model, train, data_dir = run.model, run.train, args.data or run.data.get("dir")
     else:
         if args.data is None:
@@ -132,6 +143,12 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
 
 
 def _resume_command(out: str) -> str:
+    """The command that continues the run: the torchrun one when this process is a rank of one."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world > 1:
+        nodes = [f"--nnodes={world // local}"] if world > local else []
+        return shlex.join(["torchrun", *nodes, f"--nproc_per_node={local}", "-m", "peerlm", "train", "--out",
+                           str(out), "--resume"])
     return shlex.join(["peerlm", "train", "--out", str(out), "--resume"])
 
 
@@ -156,6 +173,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{e}; once the directory takes the write again (free space, permissions), "
                               f"continue with `{_resume_command(args.out)}`") from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+        return 0
+    if summary["steps_this_call"] == 0:
+        print(f"nothing to train: {args.out} is complete at step {summary['step']}/{summary['total_steps']} "
+              "of this run length; give a longer one (--max-steps, --max-tokens or --flops) to continue")
         return 0
     ppl = f", val ppl {summary['val_ppl']:.2f}" if summary.get("val_ppl") is not None else ""
     print(f"trained {args.out}: step {summary['step']}/{summary['total_steps']}, {summary['tokens']:,} "
@@ -208,6 +229,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from peerlm.generate import generate
     from peerlm.rundir import run_tokenizer
 
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes of another encoding reach argv as lone surrogates
+        raise ValueError(f"--prompt is not UTF-8 text (at character {e.start}); pass UTF-8 (e.g. set a UTF-8 "
+                         "locale, or convert with iconv)") from None
     model, config, said = _load_run(args)
     tok = run_tokenizer(args.run, config)
     eot = config.get("data", {}).get("eot_id", 0)
@@ -273,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="PEER (Mixture of A Million Experts) and baselines: small LMs.")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks of errors (accepted anywhere on the command line)")
+    parser.add_argument("--version", action="version", version=f"peerlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_parser(sub)
     add_study_parser(sub)
@@ -377,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SystemExit as e:  # --help, or a usage error already reported
         return e.code if isinstance(e.code, int) else 0
+    except BrokenPipeError:  # the reader went away (`peerlm presets | head`): what it took was enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except (*USER_ERRORS, TrainError) as e:
         if debug:
             raise

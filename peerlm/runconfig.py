@@ -104,6 +104,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "keep", "log_every"):
             if getattr(self, name) < 1:
                 bad(name, ">= 1")
+        if not 0 <= self.seed < 2**63:  # numpy's and torch's generators take no negative seed
+            bad("seed", "a whole number in [0, 2**63)")
         for name in ("max_steps", "max_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, ">= 1 or None")

@@ -66,7 +66,7 @@ import torch
 from tqdm import tqdm
 
 from peerlm import checkpoint
-from peerlm.checkpoint import read_config, verify_checkpoint
+from peerlm.checkpoint import checkpoint_step, read_config, verify_checkpoint
 from peerlm.config import ModelConfig, to_dict
 from peerlm.data import TokenDataset
 from peerlm.evaluate import evaluate_tokens, memory_usage, tracking_usage
@@ -154,7 +154,7 @@ def _check_out(out: Path, ds: TokenDataset) -> None:
         raise TrainError(f"{out} is a prepared data directory, not a run directory; choose another --out")
 
 
-def _resume_point(run: RunConfig, out: Path, resume: bool, ds: TokenDataset,
+def _resume_point(run: RunConfig, out: Path, resume: bool, ds: TokenDataset, total: int,
                   notes: list[str]) -> Path | None:
     """Phase 2: the checkpoint to resume from (None: a fresh start), verified, with the run's tokenizer
     checked against the data's; what the user should know goes to ``notes``."""
@@ -167,6 +167,10 @@ def _resume_point(run: RunConfig, out: Path, resume: bool, ds: TokenDataset,
         notes.append(f"note: no checkpoint in {out}; starting from scratch")
     if ckpt is None:
         return None
+    at = checkpoint_step(ckpt)
+    if at is not None and at > total:
+        raise TrainError(f"{out} is at step {at}, past the {total} steps this run length gives; resume with a "
+                         "longer one (--max-steps, --max-tokens or --flops), or evaluate the run as it is")
     verify_checkpoint(ckpt)
     saved = read_config(ckpt).get("data", {})
     run_fp = saved.get("tokenizer_sha256")
@@ -401,7 +405,7 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
     t, cfg = run.train, run.model
     par = par or Parallel()
     found: list[str] = []
-    ckpt = _resume_point(run, out, resume, ds, found)
+    ckpt = _resume_point(run, out, resume, ds, total, found)
     T = cfg.context_length
     flops_per_token = model_cost(cfg, T)["flops_train"]
     tokens_per_step = t.batch_size * t.grad_accum * T

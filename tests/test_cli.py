@@ -394,3 +394,53 @@ def test_debug_anywhere_and_presets_stay_aligned(capsys, tmp_path):
     assert len({len(c) for c in cells}) == 1, table  # no two columns run together
     for col in range(1, 5):  # the number columns are right-aligned: every cell ends where the header's does
         assert len({c[col][1] for c in cells}) == 1, (col, table)
+
+
+def test_version_and_a_closed_pipe():
+    r = subprocess.run([sys.executable, "-m", "peerlm", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().startswith("peerlm ")
+    # a reader that stops early (`peerlm presets | head -1`): no error, exit 0
+    p = subprocess.Popen([sys.executable, "-m", "peerlm", "presets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()
+    assert p.wait(timeout=60) == 0 and p.stderr.read() == b""
+
+
+def test_seed_must_not_be_negative(workspace, capsys, tmp_path):
+    _error(capsys, ["train", "--preset", "tiny", "--data", str(workspace / "d"), "--out", str(tmp_path / "r"),
+                    "--max-steps", "2", "--set", "train.seed=-1"], "seed must be a whole number in [0, 2**63)")
+    assert not (tmp_path / "r").exists()
+
+
+def test_generate_refuses_a_prompt_that_is_not_utf8(workspace, capsys):
+    # argv decodes bytes of another encoding to lone surrogates
+    _error(capsys, ["generate", str(workspace / "r"), "--prompt", "caf\udce9", "--max-new-tokens", "2"],
+           "--prompt is not UTF-8")
+
+
+def test_resume_past_the_run_length_and_at_its_end(workspace, capsys, tmp_path):
+    """A run at step 4 resumed with --max-steps 2 is refused before any write; resumed at its own length
+    it says there was nothing to train."""
+    r = _run_with_checkpoints(tmp_path, workspace / "d", steps=4)
+    capsys.readouterr()
+    before = _tree(r)
+    _error(capsys, ["train", "--out", str(r), "--resume", "--max-steps", "2", "--quiet"], "past the 2 steps")
+    assert _tree(r) == before
+    assert main(["train", "--out", str(r), "--resume", "--quiet"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_resume_without_config_json_reads_the_checkpoint(workspace, capsys, tmp_path):
+    r = _run_with_checkpoints(tmp_path, workspace / "d", steps=2)
+    (r / "config.json").unlink()
+    assert main(["train", "--out", str(r), "--resume", "--max-steps", "4", "--quiet"]) == 0
+    assert "step 4/4" in capsys.readouterr().out and (r / "config.json").is_file()
+
+
+def test_interrupted_rank_prints_the_torchrun_resume_command(monkeypatch):
+    from peerlm.cli import _resume_command
+
+    assert _resume_command("runs/x") == "peerlm train --out runs/x --resume"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _resume_command("runs/x") == "torchrun --nnodes=2 --nproc_per_node=2 -m peerlm train --out runs/x --resume"
