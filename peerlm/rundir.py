@@ -128,12 +128,29 @@ class MetricsLog:
 
 
 def load_run(run_dir: str | os.PathLike[str], device: torch.device | str = "cpu",
-             notes: list[str] | None = None) -> tuple[Transformer, dict]:
+             notes: list[str] | None = None, attempts: int = 3) -> tuple[Transformer, dict]:
     """The model of a run's newest checkpoint (or a checkpoint directory), in eval mode, and its run
     config dict with ``checkpoint`` (its path) and ``checkpoint_step`` added. Only the weights and config
     of the checkpoint are verified: that is all a model needs. ``notes``: a fallback to an older
-    checkpoint (see ``peerlm.checkpoint.find_checkpoint``)."""
-    ckpt = find_checkpoint(run_dir, notes)
+    checkpoint (see ``peerlm.checkpoint.find_checkpoint``).
+
+    A run that is still training deletes old checkpoints as it writes new ones; when the checkpoint
+    being read disappears meanwhile, the newest one is read instead (up to ``attempts`` times)."""
+    attempt = 1
+    while True:
+        ckpt = find_checkpoint(run_dir, notes)
+        try:
+            return _load_checkpoint_model(ckpt, device)
+        except (CheckpointError, OSError):
+            if ckpt.exists():
+                raise  # damaged, not deleted
+            if Path(run_dir).resolve() == ckpt.resolve() or attempt == attempts:
+                raise CheckpointError(f"{ckpt} was deleted while it was read: the run is being written faster "
+                                      "than it can be read; try again, or read a copy of the run") from None
+        attempt += 1
+
+
+def _load_checkpoint_model(ckpt: Path, device: torch.device | str) -> tuple[Transformer, dict]:
     verify_checkpoint(ckpt, WEIGHT_FILES)
     config = read_config(ckpt)
     try:

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train import data_dir, make_run, write_text  # noqa: E402,F401 (data_dir is a fixture)
 
 import peerlm.checkpoint.local as local  # noqa: E402
-from peerlm.checkpoint import CheckpointWriteError  # noqa: E402
+from peerlm.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
 from peerlm.cli import main  # noqa: E402
 from peerlm.rundir import RunDir, is_run_dir, load_run  # noqa: E402
 from peerlm.train import train  # noqa: E402
@@ -90,3 +90,30 @@ def test_data_prepare_refuses_a_run_directory(data_dir, tmp_path, capsys):
     assert main(["data", "prepare", "--text", str(text), "--out", str(rd.path), "--vocab-size", "300"]) != 0
     assert "holds a training run" in capsys.readouterr().err
     assert rd.tokenizer.read_bytes() == before and not (rd.path / "meta.json").exists()
+
+
+def test_load_run_reads_the_newest_checkpoint_when_training_deletes_the_one_it_reads(data_dir, tmp_path,
+                                                                                      monkeypatch):
+    """A run still training writes step 6 and deletes step 4 while eval is reading step 4."""
+    import peerlm.rundir as rundir
+
+    run = make_run(data_dir, max_steps=4, ckpt_every=2, eval_every=100)
+    rd = RunDir(tmp_path / "r")
+    train(run, rd.path, progress=False, log=_quiet)
+    real = rundir.verify_checkpoint
+    calls = []
+
+    def rotate_then_verify(ckpt, files):
+        if not calls:  # the trainer's next save and prune, between finding step 4 and reading it
+            (rd.checkpoints / "step_00000004").rename(rd.checkpoints / "step_00000006")
+            (rd.checkpoints / "latest").write_text("step_00000006\n")
+        calls.append(Path(ckpt).name)
+        return real(ckpt, files)
+
+    monkeypatch.setattr(rundir, "verify_checkpoint", rotate_then_verify)
+    _, config = load_run(rd.path)
+    assert calls == ["step_00000004", "step_00000006"] and config["checkpoint"].endswith("step_00000006")
+    calls.clear()  # a checkpoint directory named by the user is not swapped for another
+    (rd.checkpoints / "step_00000006").rename(rd.checkpoints / "step_00000004")
+    with pytest.raises(CheckpointError, match="deleted while it was read"):
+        load_run(rd.checkpoints / "step_00000004")
