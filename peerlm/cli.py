@@ -130,6 +130,12 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
             notes.append(f"note: model.vocab_size set to {vocab}, the vocabulary of {data_dir}")
     if not data_dir:
         raise ValueError(f"{stored} names no data directory; pass --data DIR")
+    train_keys = {item.split("=", 1)[0].strip(): item.split("=", 1)[1].strip() for sec, item in sets
+                  if sec == "train" and "=" in item}
+    if train.shard_experts and train_keys.get("parallel") == "none" and "shard_experts" not in train_keys:
+        # one process has no ranks to shard the tables over: the checkpoint's shards load whole
+        sets = [*sets, ("train", "shard_experts=false")]
+        notes.append("note: train.shard_experts set to false with train.parallel=none (one process)")
     model, train = _overrides(model, "model", sets), _overrides(train, "train", sets)
     limits = {"max_steps": args.max_steps, "max_tokens": args.max_tokens, "flops": args.flops}
     given = [f"--{k.replace('_', '-')}" for k, v in limits.items() if v is not None]

@@ -123,7 +123,8 @@ class TrainConfig:
             bad("parallel", f"one of {runtime.MODES}")
         if self.shard_experts and self.parallel == "none":
             raise ValueError("TrainConfig.shard_experts shards the expert tables over data-parallel ranks: "
-                             "set train.parallel=ddp or fsdp too (and launch with torchrun)")
+                             "set train.parallel=ddp or fsdp too (and launch with torchrun), or "
+                             "train.shard_experts=false for one process")
         if not self.dist_timeout > 0:
             bad("dist_timeout", "> 0 seconds")
 

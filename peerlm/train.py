@@ -390,7 +390,8 @@ def _check_parallel(run: RunConfig, par: Parallel) -> None:
                          "copy into the same run directory; add --set train.parallel=ddp (or fsdp)")
     if t.parallel != "none" and not torch.distributed.is_initialized():
         raise TrainError(f"train.parallel={t.parallel} needs a process group: launch with `torchrun "
-                         "--nproc_per_node=P -m peerlm train ...`, or set train.parallel=none for one process")
+                         "--nproc_per_node=P -m peerlm train ...`, or set train.parallel=none (and "
+                         "train.shard_experts=false) for one process")
     if t.batch_size % ranks:
         raise TrainError(f"train.batch_size {t.batch_size} is the global batch and must be a multiple of the "
                          f"{ranks} ranks (each takes batch_size / ranks rows); change one of them")

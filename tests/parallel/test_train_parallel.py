@@ -227,3 +227,16 @@ def test_a_distributed_checkpoint_loads_in_one_process_and_damage_is_detected(da
     with pytest.raises(CheckpointDamaged):
         load_run(tmp_path / "two")
     verify_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000003")
+
+
+def test_the_readme_recipe_resumes_a_sharded_fsdp_run_in_one_process(data_dir, tmp_path, capsys):
+    """`peerlm train --out RUN --resume --set train.parallel=none` on a 2-rank FSDP + sharded-tables
+    run: shard_experts goes off with it (one process has no ranks to shard over)."""
+    from peerlm.cli import main
+
+    spawn(_sharded_worker, 2, args=(str(data_dir), str(tmp_path / "two"), 3, False, False))
+    assert main(["train", "--out", str(tmp_path / "two"), "--resume", "--set", "train.parallel=none",
+                 "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "step 6/6" in out and "train.shard_experts set to false" in err + out
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["train"]["shard_experts"] is False
