@@ -25,7 +25,7 @@ from typing import Any
 from peerlm.config import ModelConfig
 from peerlm.configio import from_dict
 from peerlm.fileio import atomic_write_text
-from peerlm.study.report import EVAL_ORDER, _save, _timing_note, train_seconds
+from peerlm.study.report import EVAL_ORDER, save_png, timing_note, train_seconds
 from peerlm.study.runner import machine
 
 __all__ = ["ablation_rows", "write_ablation_report"]
@@ -90,7 +90,7 @@ def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) ->
              "uniform) over the whole validation split, and per token there: distinct (share of distinct "
              "slots among its h*k) and effective (exp of its gates' entropy: h*k when they are equal; blank "
              "where the record predates these two); ± is half the range over two seeds. "
-             + _timing_note(ablation.timing(), ablation.plan.name), "",
+             + timing_note(ablation.timing(), ablation.plan.name), "",
              "| method | blocks | N | h | k | h*k | query norm | gate | expert LR | " + " | ".join(EVAL_ORDER)
              + " | usage | unevenness | distinct | effective | train time |", "|" + "---|" * (14 + len(EVAL_ORDER))]
     for key, by_set in _grouped(rows).items():
@@ -143,7 +143,7 @@ def _plot(ablation, rows: list[dict[str, Any]], path: Path) -> Path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 

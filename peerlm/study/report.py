@@ -28,7 +28,8 @@ from peerlm.study.design import METHODS, budget_name
 from peerlm.study.records import spec_of, val_loss
 from peerlm.study.runner import machine, timing_key
 
-__all__ = ["compute_optimal", "summary_records", "format_table", "write_report", "train_seconds"]
+__all__ = ["compute_optimal", "summary_records", "format_table", "write_report", "train_seconds", "timing_note",
+           "save_png"]
 
 EVAL_ORDER = ("val", "wiki", "news", "fiction", "web")
 HELDOUT = EVAL_ORDER[1:]
@@ -138,7 +139,8 @@ def train_seconds(rec: dict[str, Any], timing: dict[str, Any] | None) -> float:
     return rec["steps"] * per_step if per_step is not None else rec["train_seconds"]
 
 
-def _timing_note(timing: dict[str, Any] | None, study_name: str = "isoflop") -> str:
+def timing_note(timing: dict[str, Any] | None, study_name: str = "isoflop") -> str:
+    """The sentence that says where a report's training times come from."""
     command = f"`peerlm study {study_name} --time-steps`"
     if timing is None:
         return ("Training time here is each run's own summed step times, measured under whatever else the "
@@ -225,7 +227,7 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
     if wall:
         lines += ["", "At equal training time on this machine (1 thread): best validation perplexity of any "
                   "ladder run that trained no longer than dense's compute-optimal run. "
-                  + _timing_note(timing), "", *wall]
+                  + timing_note(timing), "", *wall]
     lines += ["", "## Every run", "",
               "| phase | run | params | active | train FLOPs/token | tokens | epochs | val ppl | usage (unevenness) "
               "| train min | tokens/s |", "|" + "---|" * 11]
@@ -272,7 +274,7 @@ def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
     fig.tight_layout()
-    written.append(_save(fig, out / "isoflop.png"))
+    written.append(save_png(fig, out / "isoflop.png"))
     fig, ax = plt.subplots(figsize=(6, 4.2))
     timing = study.timing()
     for method in study.plan.methods:
@@ -287,12 +289,13 @@ def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    written.append(_save(fig, out / "walltime.png"))
+    written.append(save_png(fig, out / "walltime.png"))
     plt.close("all")
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
+    """Write a figure as PNG, atomically and without the version stamp (same plot, same bytes)."""
     import io
 
     buf = io.BytesIO()
