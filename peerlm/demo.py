@@ -10,6 +10,8 @@ Steps, each reused when a previous run already did it (rerunning is cheap; a kil
 3. evaluate both on the val split and the first ``EVAL_TOKENS`` tokens of each held-out set, and print
    perplexity and bits per byte side by side, with PEER's expert usage.
 
+The two runs are the demo's plan (``plan``: ``DemoRun`` specs, each a preset and the shared recipe),
+trained, timed and counted in steps by the study runner's own functions (``peerlm.study.runner``).
 The default budget is fixed (comparable across machines) and takes about 4-5 minutes per model on
 2 CPU cores; ``minutes`` instead times a few steps of each model and sizes the budget so the whole
 demo takes about that long here. The two presets cost almost the same FLOPs per token, so they see
@@ -22,27 +24,28 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from peerlm.checkpoint import latest_checkpoint
-from peerlm.config import apply_overrides, get_preset, to_dict
+from peerlm.checkpoint import checkpoint_step
+from peerlm.config import ModelConfig, apply_overrides, get_preset, to_dict
 from peerlm.data import EVAL_CORPORA, Corpus, DataError, prepare
 from peerlm.evaluate import evaluate_run
 from peerlm.fileio import atomic_write_text
 from peerlm.flops import model_cost
 from peerlm.runconfig import RunConfig, TrainConfig, data_info, plan_steps
-from peerlm.train import build_for_training, time_train_steps, train
+from peerlm.rundir import RunDir
+from peerlm.study.runner import steps_of, time_models, train_run
 
-__all__ = ["run_demo", "DEFAULT_FLOPS", "PRESETS"]
+__all__ = ["run_demo", "plan", "DemoRun", "DEFAULT_FLOPS", "PRESETS"]
 
 PRESETS = ("dense-small", "peer-small")
 VOCAB = 4096
 DEFAULT_FLOPS = 2.5e13  # ~0.9M training tokens each at ~28 MFLOPs per token
 EVAL_TOKENS = 32768
 OVERHEAD_S = 75.0  # preparing (cached after the first run) and evaluating, outside the budget
+RATE_FLOPS = 1e3 * DEFAULT_FLOPS  # calibration: a budget large enough that whole steps do not bias s/FLOP
 
 
 def recipe(flops: float, sparse: bool) -> TrainConfig:
@@ -52,8 +55,32 @@ def recipe(flops: float, sparse: bool) -> TrainConfig:
                        log_every=10, seed=0, device="cpu", sparse_optimizer=sparse)
 
 
-def _model(preset: str):
+def _model(preset: str) -> ModelConfig:
     return apply_overrides(get_preset(preset), [f"vocab_size={VOCAB}"])
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One run of the demo: ``preset`` trained for ``flops`` with the shared recipe."""
+
+    preset: str
+    flops: float
+    phase: str = "demo"
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.preset}_{self.flops:.2g}"
+
+    def model(self) -> ModelConfig:
+        return _model(self.preset)
+
+    def train(self) -> TrainConfig:
+        return recipe(self.flops, self.preset.startswith("peer"))
+
+
+def plan(flops: float) -> list[DemoRun]:
+    """The demo's runs: each preset at the same budget, in the order they train and are compared."""
+    return [DemoRun(p, flops) for p in PRESETS]
 
 
 def prepare_data(out: Path, progress: bool) -> Path:
@@ -70,45 +97,37 @@ def prepare_data(out: Path, progress: bool) -> Path:
     return data
 
 
-def calibrate(minutes: float, data: Path) -> float:
-    """A FLOP budget that fits both runs in ``minutes`` here, from timing 4 steps of each model."""
-    from peerlm.data import TokenDataset
-
-    ds = TokenDataset(data)
-    seconds_per_flop = 0.0
-    for preset in PRESETS:
-        cfg, t = _model(preset), recipe(1.0, preset.startswith("peer"))
-        torch.manual_seed(0)
-        model, opt = build_for_training(cfg, t)
-        times = time_train_steps(model, opt, (ds.train_batch(t.batch_size, cfg.context_length, step, seed=123)
-                                              for step in range(4)))
-        step_flops = model_cost(cfg)["flops_train"] * t.batch_size * cfg.context_length
-        seconds_per_flop += sorted(times[1:])[1] / step_flops
+def calibrate(minutes: float) -> float:
+    """A FLOP budget that fits both runs in ``minutes`` here, from timing 3 steps of each model (after
+    one untimed step): the seconds both runs take per FLOP of budget are their steps at a large
+    budget (``peerlm.train.plan_steps``) times their step times, over that budget."""
+    runs = plan(RATE_FLOPS)
+    per_step = time_models(((r.preset, r.model(), r.train()) for r in runs), steps=3)
+    seconds_per_flop = sum(steps_of(r.model(), r.train()) * per_step[r.preset] for r in runs) / RATE_FLOPS
     budget = max(minutes * 60 - OVERHEAD_S, 30.0) / seconds_per_flop
     return float(f"{budget:.2g}")
 
 
 def _finished(run_dir: Path) -> bool:
-    ckpt = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+    rd = RunDir(run_dir)
+    ckpt = rd.latest_checkpoint()
     if ckpt is None:
         return False
-    run = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text("utf-8")))
-    return int(ckpt.name.split("_")[1]) >= plan_steps(run)[0]
+    return checkpoint_step(ckpt) >= plan_steps(RunConfig.from_dict(rd.read_config()))[0]
 
 
-def _train_one(preset: str, flops: float, data: Path, out: Path, progress: bool) -> dict[str, Any]:
-    run_dir = out / "runs" / f"{preset}_{flops:.2g}"
-    run = RunConfig(_model(preset), recipe(flops, preset.startswith("peer")), data_info(data))
+def _train_one(spec: DemoRun, data: Path, out: Path, progress: bool) -> dict[str, Any]:
+    run_dir = out / "runs" / spec.run_id
+    run = RunConfig(spec.model(), spec.train(), data_info(data))
     summary_file = run_dir / "summary.json"
     if _finished(run_dir) and summary_file.is_file():
         print(f"demo: reusing finished run {run_dir}")
         return json.loads(summary_file.read_text("utf-8"))
     steps, _ = plan_steps(run)
-    print(f"\ndemo: training {preset} for {steps} steps ({flops:.3g} FLOPs) -> {run_dir}")
-    t0 = time.time()
-    summary = train(run, run_dir, resume=(run_dir / "checkpoints").is_dir(), progress=progress)
+    print(f"\ndemo: training {spec.preset} for {steps} steps ({spec.flops:.3g} FLOPs) -> {run_dir}")
+    summary, seconds = train_run(run, run_dir, progress)
     summary = {k: v for k, v in summary.items() if k != "validations"}
-    summary["train_seconds"] = time.time() - t0
+    summary["train_seconds"] = seconds
     summary["run_dir"] = str(run_dir)
     atomic_write_text(summary_file, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -159,10 +178,10 @@ def run_demo(out: Path, minutes: float | None = None, progress: bool = True) -> 
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(out, progress)
-    flops = DEFAULT_FLOPS if minutes is None else calibrate(minutes, data)
+    flops = DEFAULT_FLOPS if minutes is None else calibrate(minutes)
     if minutes is not None:
         print(f"demo: budget {flops:.3g} FLOPs per model to fit about {minutes:g} minutes")
-    summaries = {p: _train_one(p, flops, data, out, progress) for p in PRESETS}
+    summaries = {r.preset: _train_one(r, data, out, progress) for r in plan(flops)}
     results = {p: _evaluate(summaries[p], progress) for p in PRESETS}
     table = format_comparison(flops, summaries, results)
     atomic_write_text(out / "comparison.txt", table + "\n")

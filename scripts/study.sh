@@ -2,7 +2,8 @@
 # Run a study one run at a time, committing each finished run's record (results/<study>/runs/) as it
 # lands, so that an interrupted session loses at most the run in progress (whose checkpoints in the
 # user cache let it resume on the same machine). The first argument names the study (isoflop, the
-# default, or an ablation: experts, active, querynorm, expert-lr); the rest go to `peerlm study`.
+# default, or an ablation: experts, active, querynorm, expert-lr, placement, or any other registered in
+# peerlm/study/ablations.py); the rest go to `peerlm study`.
 # When every planned run has a record, the reports (table.md, summary.json, plots) are written and
 # committed too. Two studies, or two lanes of one study, may run side by side (one thread each): each
 # run is claimed while it trains, a lane takes the next run nobody holds, and commits take turns.

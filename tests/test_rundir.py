@@ -10,14 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import data_dir, make_run, write_text  # noqa: E402,F401 (data_dir is a fixture)
+import peerlm.checkpoint.local as local
+from peerlm.checkpoint import CheckpointError, CheckpointWriteError
+from peerlm.cli import main
+from peerlm.data import prepare
+from peerlm.rundir import RunDir, is_run_dir, load_run
+from peerlm.train import train
 
-import peerlm.checkpoint.local as local  # noqa: E402
-from peerlm.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
-from peerlm.cli import main  # noqa: E402
-from peerlm.rundir import RunDir, is_run_dir, load_run  # noqa: E402
-from peerlm.train import train  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import make_run, write_text  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    prepare([write_text(root / "text.txt")], root / "d", vocab_size=300, val_fraction=0.1, progress=False)
+    return root / "d"
 
 
 def _steps(run: RunDir) -> list[int]:

@@ -25,8 +25,8 @@ from typing import Any
 from peerlm.config import ModelConfig
 from peerlm.configio import from_dict
 from peerlm.fileio import atomic_write_text
-from peerlm.study.design import budget_name
-from peerlm.study.report import EVAL_ORDER, _save, _timing_note, train_seconds
+from peerlm.study.report import EVAL_ORDER, save_png, timing_note, train_seconds
+from peerlm.study.runner import machine
 
 __all__ = ["ablation_rows", "write_ablation_report"]
 
@@ -47,7 +47,7 @@ def ablation_rows(ablation) -> list[dict[str, Any]]:
     """One row per (planned run with a record, eval set)."""
     recs, timing = ablation.records(), ablation.timing()
     rows = []
-    for spec in ablation.plan():
+    for spec in ablation.planned(recs):
         rec = recs.get(spec.run_id)
         if rec is None:
             continue
@@ -82,27 +82,15 @@ def _cell(rs: list[dict[str, Any]], key: str, fmt: str) -> str:
 
 
 def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) -> str:
-    from peerlm.study.isoflop import machine
-
-    base, rec = ablation.base()
-    if ablation.name == "placement":
-        refs = ablation._placement_refs()
-        start = (f"Each method starts from its isoFLOP ladder run on the two-block trunk {refs[0].size} at "
-                 f"{budget_name(base.budget)} FLOPs (its study settings: LR x{base.lr_mult:g}, expert LR ratio "
-                 + ", ".join(f"{r.method} {r.expert_ratio:g}" for r in refs)
-                 + "), which holds the memory in block 0, and trains every variant for that run's tokens. ")
-    else:
-        start = (f"Every run starts from the isoFLOP study's compute-optimal PEER model at {budget_name(base.budget)} "
-                 f"FLOPs (trunk {base.size}, LR x{base.lr_mult:g}, expert LR ratio {base.expert_ratio:g}) and "
-                 f"trains for its {rec['train_tokens']:,} tokens. ")
-    lines = [f"# Ablation `{ablation.name}`", "", f"Command: `{command}`  ",
+    start = ablation.plan.start()
+    lines = [f"# Ablation `{ablation.plan.name}`", "", f"Command: `{command}`  ",
              f"Report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}.", "",
-             start, "Perplexity on the whole validation split and the first 65,536 "
+             ablation.plan.spec.describe(start), "Perplexity on the whole validation split and the first 65,536 "
              "tokens of each held-out set; usage (share of slots with gate mass) and unevenness (KL from "
              "uniform) over the whole validation split, and per token there: distinct (share of distinct "
              "slots among its h*k) and effective (exp of its gates' entropy: h*k when they are equal; blank "
              "where the record predates these two); ± is half the range over two seeds. "
-             + _timing_note(ablation.timing(), ablation.name), "",
+             + timing_note(ablation.timing(), ablation.plan.name), "",
              "| method | blocks | N | h | k | h*k | query norm | gate | expert LR | " + " | ".join(EVAL_ORDER)
              + " | usage | unevenness | distinct | effective | train time |", "|" + "---|" * (14 + len(EVAL_ORDER))]
     for key, by_set in _grouped(rows).items():
@@ -125,26 +113,15 @@ def _plot(ablation, rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    spec = ablation.plan.spec
     val = [r for r in rows if r["eval_set"] == "val"]
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    points = [spec.point(r) for r in val]
+    places = sorted({x for _, x in points if isinstance(x, str)}, key=lambda b: (len(b), b))  # categories
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    xlabel = {"experts": "number of experts N", "active": "active experts h*k",
-              "querynorm": "number of experts N", "expert-lr": "expert-table LR ratio",
-              "placement": "blocks holding the memory"}[ablation.name]
-    places = sorted({r["blocks"] for r in val}, key=lambda b: (len(b), b))
-    for r in val:
-        if ablation.name == "experts":
-            label, x = "PEER h8 k16", r["num_experts"]
-        elif ablation.name == "active":
-            label, x = f"h = {r['heads']}" + (f", gate {r['gate']}" if r["gate"] != "softmax" else ""), \
-                r["heads"] * r["topk"]
-        elif ablation.name == "querynorm":
-            label, x = f"{r['method']}, query norm {r['query_norm']}", r["num_experts"]
-        elif ablation.name == "placement":
-            label, x = r["method"], places.index(r["blocks"])
-        else:
-            label, x = r["method"], r["expert_lr_ratio"]
-        series[label].append((x, r["perplexity"]))
+    for (label, x), r in zip(points, val):
+        series[label].append((places.index(x) if isinstance(x, str) else x, r["perplexity"]))
+
     def natural(item):  # "h = 2" before "h = 16"
         return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])]
 
@@ -155,18 +132,18 @@ def _plot(ablation, rows: list[dict[str, Any]], path: Path) -> Path:
         xs = sorted(by_x)
         ax.errorbar(xs, [statistics.fmean(by_x[x]) for x in xs],
                     yerr=[(max(by_x[x]) - min(by_x[x])) / 2 for x in xs], fmt="o-", capsize=3, label=label)
-    if ablation.name == "placement":
+    if spec.log_base is None:
         ax.set_xticks(range(len(places)), [f"block {b}" if "," not in b else f"blocks {b}" for b in places])
     else:
-        ax.set_xscale("log", base=2 if ablation.name in ("experts", "active", "querynorm") else 10)
-    ax.set_xlabel(xlabel)
+        ax.set_xscale("log", base=spec.log_base)
+    ax.set_xlabel(spec.xlabel)
     ax.set_ylabel("validation perplexity")
-    ax.set_title(f"ablation: {ablation.name}")
+    ax.set_title(f"ablation: {spec.name}")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -178,7 +155,7 @@ def write_ablation_report(ablation, command: str | None = None) -> list[Path]:
     command = command or "peerlm " + " ".join(sys.argv[1:])
     out = ablation.results
     meta = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "ablation": ablation.name}
+            "ablation": ablation.plan.name}
     atomic_write_text(out / "summary.json", json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
     atomic_write_text(out / "table.md", format_ablation_table(ablation, rows, command))
-    return [out / "summary.json", out / "table.md", _plot(ablation, rows, out / f"{ablation.name}.png")]
+    return [out / "summary.json", out / "table.md", _plot(ablation, rows, out / f"{ablation.plan.name}.png")]

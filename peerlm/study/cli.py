@@ -21,7 +21,8 @@ __all__ = ["add_parser"]
 
 
 def _drive(study, write: Callable, args: argparse.Namespace) -> int:
-    """--plan, --report, or run what is pending (then report once nothing is)."""
+    """--plan, --report, or run what is pending (then report once nothing is); ``study`` is the
+    ``Runner`` of the study's plan."""
     if args.plan:
         print(study.format_plan(calibrate=not args.no_calibrate))
         return 0
@@ -37,21 +38,23 @@ def _drive(study, write: Callable, args: argparse.Namespace) -> int:
 
 
 def _cmd_isoflop(args: argparse.Namespace) -> int:
-    from peerlm.study.isoflop import Study, main_log
+    from peerlm.study.isoflop import isoflop_study
     from peerlm.study.report import write_report
+    from peerlm.study.runner import main_log
 
-    study = Study(args.results, work=args.work, budgets=tuple(args.budget or BUDGETS),
+    study = isoflop_study(args.results, work=args.work, budgets=tuple(args.budget or BUDGETS),
                   methods=tuple(args.method or METHODS), threads=args.threads, log=main_log, device=args.device)
     return _drive(study, write_report, args)
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
     from peerlm.study.ablation_report import write_ablation_report
-    from peerlm.study.ablations import Ablation
-    from peerlm.study.isoflop import Study, main_log
+    from peerlm.study.ablations import ablation_study
+    from peerlm.study.isoflop import isoflop_study
+    from peerlm.study.runner import main_log
 
-    iso = Study(args.isoflop_results, work=args.work, threads=args.threads, log=main_log, device=args.device)
-    return _drive(Ablation(args.study, args.results or f"results/{args.study}", iso), write_ablation_report, args)
+    iso = isoflop_study(args.isoflop_results, work=args.work, threads=args.threads, log=main_log, device=args.device)
+    return _drive(ablation_study(args.study, args.results or f"results/{args.study}", iso), write_ablation_report, args)
 
 
 def _common(q: argparse.ArgumentParser) -> None:
@@ -89,13 +92,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_cmd_isoflop)
     from peerlm.study.ablations import ABLATIONS
 
-    helps = {"experts": "PEER perplexity against the number of experts N at fixed h*k",
-             "active": "PEER perplexity against the active experts h*k, three or four (h, k) splits each",
-             "querynorm": "query BatchNorm vs running norm vs none: perplexity, usage, unevenness",
-             "expert-lr": "expert-table LR ratio 1, 3, 10 for PEER and PKM",
-             "placement": "PEER and PKM in the first, the second or both blocks of a two-block trunk"}
-    for name in ABLATIONS:
-        q = studies.add_parser(name, help=helps[name], description=f"The {name} ablation; see "
+    for name, ablation in ABLATIONS.items():
+        q = studies.add_parser(name, help=ablation.help, description=f"The {name} ablation; see "
                                "peerlm/study/ablations.py. Needs the isoFLOP study's PEER ladder at its "
                                "smaller budget.")
         q.add_argument("--results", default=None, metavar="DIR", help=f"records and reports (default: results/{name})")

@@ -1,6 +1,6 @@
 """What the isoFLOP study trains: the trunk ladder, the five methods, the recipe and the budgets.
 
-The paper (He 2024, sec. 3; SPEC.md "Experiments") varies model size and tokens jointly at fixed
+The paper (He 2024, sec. 3) varies model size and tokens jointly at fixed
 training FLOPs, for a dense transformer and for the same transformer with the middle block's
 feed-forward swapped for MoE, PKM or PEER, and compares the compute-optimal model of each. Here:
 

@@ -9,7 +9,7 @@
   token in the bottom row), one curve per method, one panel per budget; ``walltime.png``: validation
   perplexity against training seconds, every ladder run.
 
-Training seconds at equal wall time come from ``timing.json`` (``Study.time_steps``: every model's
+Training seconds at equal wall time come from ``timing.json`` (``Runner.time_steps``: every model's
 step timed back to back under one load) when it exists, else from the runs' own step times.
 """
 
@@ -25,8 +25,11 @@ from typing import Any
 
 from peerlm.fileio import atomic_write_bytes, atomic_write_text
 from peerlm.study.design import METHODS, budget_name
+from peerlm.study.records import spec_of, val_loss
+from peerlm.study.runner import machine, timing_key
 
-__all__ = ["compute_optimal", "summary_records", "format_table", "write_report", "train_seconds"]
+__all__ = ["compute_optimal", "summary_records", "format_table", "write_report", "train_seconds", "timing_note",
+           "save_png"]
 
 EVAL_ORDER = ("val", "wiki", "news", "fiction", "web")
 HELDOUT = EVAL_ORDER[1:]
@@ -47,19 +50,19 @@ def _ladder_runs(recs: dict[str, dict[str, Any]], budget: float, method: str) ->
                                                                                                 "expert-lr")]
 
 
-def compute_optimal(study, recs: dict[str, dict[str, Any]]) -> dict[tuple[float, str], dict[str, Any]]:
-    """(budget, method) -> the records of its best ladder size, seed 0 first then other seeds, with
-    ``bracketed``: whether that best size has a smaller and a larger run beside it."""
-    ch = study.choices(recs)
+def compute_optimal(plan, recs: dict[str, dict[str, Any]]) -> dict[tuple[float, str], dict[str, Any]]:
+    """Of the isoFLOP ``plan``: (budget, method) -> the records of its best ladder size, seed 0 first
+    then other seeds, with ``bracketed``: whether that best size has a smaller and a larger run beside it."""
+    ch = plan.choices(recs)
     out = {}
-    for budget in study.budgets:
-        for method in study.methods:
-            specs, best = study.ladder(budget, method, recs, ch)
+    for budget in plan.budgets:
+        for method in plan.methods:
+            specs, best = plan.ladder(budget, method, recs, ch)
             done = [recs[s.run_id] for s in specs if s.run_id in recs]
             if not done:
                 continue
             if best is None:  # ladder unfinished: report the best so far, marked as such
-                best = min(done, key=study.val_loss)["spec"]["size"]
+                best = min(done, key=val_loss)["spec"]["size"]
             names = [s.size for s in specs]
             seeds = [r for r in recs.values() if r["spec"]["budget"] == budget and r["spec"]["method"] == method
                      and r["spec"]["size"] == best and not r["spec"]["sparse_optimizer"]
@@ -132,13 +135,12 @@ def _fmt(mean: float, spread: float) -> str:
 def train_seconds(rec: dict[str, Any], timing: dict[str, Any] | None) -> float:
     """A run's training seconds: its steps times the step time of ``timing.json`` (all models timed
     back to back under one load) where that has the model, else the run's own summed step times."""
-    from peerlm.study.isoflop import spec_of, timing_key
-
     per_step = (timing or {}).get("step_seconds", {}).get(timing_key(spec_of(rec)))
     return rec["steps"] * per_step if per_step is not None else rec["train_seconds"]
 
 
-def _timing_note(timing: dict[str, Any] | None, study_name: str = "isoflop") -> str:
+def timing_note(timing: dict[str, Any] | None, study_name: str = "isoflop") -> str:
+    """The sentence that says where a report's training times come from."""
     command = f"`peerlm study {study_name} --time-steps`"
     if timing is None:
         return ("Training time here is each run's own summed step times, measured under whatever else the "
@@ -153,15 +155,15 @@ def _equal_wall_time(recs: dict[str, dict[str, Any]], study, timing: dict[str, A
     """For each budget: each method's best validation perplexity among its ladder runs that trained no
     longer than the dense compute-optimal run did (on this machine, at the same thread count)."""
     lines = []
-    opt = compute_optimal(study, recs)
-    for budget in study.budgets:
+    opt = compute_optimal(study.plan, recs)
+    for budget in study.plan.budgets:
         dense = opt.get((budget, "dense"))
         if not dense or not dense["runs"]:
             continue
         limit = train_seconds(dense["runs"][0], timing)
         cells = []
-        for method in study.methods:
-            pool = [r for b in study.budgets for r in _ladder_runs(recs, b, method)
+        for method in study.plan.methods:
+            pool = [r for b in study.plan.budgets for r in _ladder_runs(recs, b, method)
                     if train_seconds(r, timing) <= limit]
             if pool:
                 best = min(pool, key=lambda r: r["eval"]["val"]["loss"])
@@ -172,14 +174,12 @@ def _equal_wall_time(recs: dict[str, dict[str, Any]], study, timing: dict[str, A
         lines.append(f"| {limit / 60:.1f} min (dense optimum at {budget_name(budget)}) | " + " | ".join(cells) + " |")
     if not lines:
         return []
-    head = "| training time | " + " | ".join(study.methods) + " |"
-    return [head, "|" + "---|" * (len(study.methods) + 1), *lines]
+    head = "| training time | " + " | ".join(study.plan.methods) + " |"
+    return [head, "|" + "---|" * (len(study.plan.methods) + 1), *lines]
 
 
 def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
-    from peerlm.study.isoflop import machine
-
-    opt = compute_optimal(study, recs)
+    opt = compute_optimal(study.plan, recs)
     rows = summary_records(opt)
     by = {(r["budget"], r["method"], r["eval_set"]): r for r in rows}
     revs = sorted({r["git_revision"] for r in recs.values()})
@@ -202,8 +202,8 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
              "are excluded.", "",
              "| model (budget) | size | params | tokens (epochs) | " + " | ".join(TABLE_SETS) + " |",
              "|" + "---|" * (4 + len(TABLE_SETS))]
-    for budget in study.budgets:
-        for method in study.methods:
+    for budget in study.plan.budgets:
+        for method in study.plan.methods:
             r = by.get((budget, method, "val"))
             if r is None:
                 continue
@@ -215,8 +215,8 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
     lines += ["", "Ratio of perplexity to dense's at the same budget (the paper: PEER/dense 0.87 at 6e18, 0.90 at "
               "2e19 on C4):", "", "| method (budget) | " + " | ".join(TABLE_SETS) + " |",
               "|" + "---|" * (1 + len(TABLE_SETS))]
-    for budget in study.budgets:
-        for method in study.methods:
+    for budget in study.plan.budgets:
+        for method in study.plan.methods:
             if method == "dense" or (budget, method, "val") not in by:
                 continue
             cells = [f"{by[budget, method, n]['perplexity'] / by[budget, 'dense', n]['perplexity']:.3f}"
@@ -227,7 +227,7 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
     if wall:
         lines += ["", "At equal training time on this machine (1 thread): best validation perplexity of any "
                   "ladder run that trained no longer than dense's compute-optimal run. "
-                  + _timing_note(timing), "", *wall]
+                  + timing_note(timing), "", *wall]
     lines += ["", "## Every run", "",
               "| phase | run | params | active | train FLOPs/token | tokens | epochs | val ppl | usage (unevenness) "
               "| train min | tokens/s |", "|" + "---|" * 11]
@@ -249,15 +249,15 @@ def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    ch = study.choices(recs)
+    ch = study.plan.choices(recs)
     # top row: total parameters (the paper's axis); bottom row: parameters used per token, where the
     # memory methods' curves sit on the same trunks as dense and MoE
     axis = (("params", "parameters (total)"), ("active_params", "parameters active per token"))
-    fig, axes = plt.subplots(len(axis), len(study.budgets), figsize=(5.5 * len(study.budgets), 4.0 * len(axis)),
-                             squeeze=False)
+    budgets = study.plan.budgets
+    fig, axes = plt.subplots(len(axis), len(budgets), figsize=(5.5 * len(budgets), 4.0 * len(axis)), squeeze=False)
     for row, (key, label) in enumerate(axis):
-        for ax, budget in zip(axes[row], study.budgets):
-            for method in study.methods:
+        for ax, budget in zip(axes[row], study.plan.budgets):
+            for method in study.plan.methods:
                 runs = sorted(_ladder_runs(recs, budget, method), key=lambda r: r[key])
                 runs = [r for r in runs if r["spec"]["lr_mult"] == ch["lr_mult"]
                         and r["spec"]["expert_ratio"] == ch["expert_ratio"].get(method, 1.0)]
@@ -274,11 +274,11 @@ def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
     fig.tight_layout()
-    written.append(_save(fig, out / "isoflop.png"))
+    written.append(save_png(fig, out / "isoflop.png"))
     fig, ax = plt.subplots(figsize=(6, 4.2))
     timing = study.timing()
-    for method in study.methods:
-        runs = [r for b in study.budgets for r in _ladder_runs(recs, b, method)]
+    for method in study.plan.methods:
+        runs = [r for b in study.plan.budgets for r in _ladder_runs(recs, b, method)]
         if runs:
             ax.scatter([train_seconds(r, timing) / 60 for r in runs], [r["eval"]["val"]["perplexity"] for r in runs],
                        label=method, s=18)
@@ -289,12 +289,13 @@ def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    written.append(_save(fig, out / "walltime.png"))
+    written.append(save_png(fig, out / "walltime.png"))
     plt.close("all")
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
+    """Write a figure as PNG, atomically and without the version stamp (same plot, same bytes)."""
     import io
 
     buf = io.BytesIO()
@@ -310,7 +311,7 @@ def write_report(study, command: str | None = None) -> list[Path]:
         raise ValueError(f"{study.runs_dir} holds no run records yet; run `peerlm study isoflop` first")
     command = command or "peerlm " + " ".join(sys.argv[1:])
     out = study.results
-    rows = summary_records(compute_optimal(study, recs))
+    rows = summary_records(compute_optimal(study.plan, recs))
     meta = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "runs": len(recs), "git_revisions": sorted({r["git_revision"] for r in recs.values()}),
             "machine": sorted({r["machine"] for r in recs.values()}),

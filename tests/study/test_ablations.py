@@ -9,18 +9,19 @@ import pytest
 from test_isoflop import B0, finish_pending
 
 from peerlm.cli import main
-from peerlm.study import Study
+from peerlm.study import Runner, isoflop_study
 from peerlm.study.ablation_report import write_ablation_report
-from peerlm.study.ablations import ABLATIONS, ACTIVE, Ablation, StudyNotReady
+from peerlm.study.ablations import ABLATIONS, ACTIVE, StudyNotReady, ablation_study, placement_refs
 from peerlm.study.design import SIZES
-from peerlm.study.isoflop import spec_of, timing_key
+from peerlm.study.records import spec_of
+from peerlm.study.runner import timing_key
 
 NAMES = [s.name for s in SIZES]
 
 
 @pytest.fixture
 def iso(tmp_path):
-    study = Study(tmp_path / "iso", work=tmp_path / "work" / "isoflop", budgets=(B0,), methods=("peer",),
+    study = isoflop_study(tmp_path / "iso", work=tmp_path / "work" / "isoflop", budgets=(B0,), methods=("peer",),
                   log=lambda s: None)
     finish_pending(study, lambda s: 3.0 + 0.05 * (NAMES.index(s.size) - 2) ** 2 + 0.01 * s.seed
                    + 0.01 * abs(math.log(s.expert_ratio / 3)))  # the study picks expert LR ratio 3
@@ -28,18 +29,19 @@ def iso(tmp_path):
 
 
 def test_an_ablation_needs_the_bracketed_peer_ladder(tmp_path):
-    empty = Study(tmp_path / "iso", work=tmp_path / "w")
+    empty = isoflop_study(tmp_path / "iso", work=tmp_path / "w")
     with pytest.raises(StudyNotReady, match="not bracketed"):
-        Ablation("experts", tmp_path / "a", empty).pending()
+        ablation_study("experts", tmp_path / "a", empty).pending()
     with pytest.raises(ValueError, match="unknown ablation"):
-        Ablation("nope", tmp_path / "a", empty)
+        ablation_study("nope", tmp_path / "a", empty)
 
 
 def test_plans_vary_one_thing_at_equal_tokens(iso, tmp_path):
-    base, rec = Ablation("experts", tmp_path / "experts", iso).base()
+    base = ablation_study("experts", tmp_path / "experts", iso).plan.start().base
+    rec = iso.records()[base.run_id]
     assert base.size == NAMES[2]
     for name in (n for n in ABLATIONS if n != "placement"):  # placement has a trunk of its own (below)
-        ab = Ablation(name, tmp_path / name, iso)
+        ab = ablation_study(name, tmp_path / name, iso)
         pending = ab.pending()
         assert base.run_id not in {s.run_id for s in pending}  # the unchanged point is the study's run
         assert all(s.tokens == rec["train_tokens"] and s.size == base.size for s in pending)
@@ -48,14 +50,14 @@ def test_plans_vary_one_thing_at_equal_tokens(iso, tmp_path):
         assert len(seeds) == (4 if name == "expert-lr" else 2)
     seed = base.with_(phase="seed", seed=1)  # the study's second seed of the base run is the base point's
     for name in ("experts", "active"):
-        ab = Ablation(name, tmp_path / name, iso)
+        ab = ablation_study(name, tmp_path / name, iso)
         assert seed.run_id in iso.records() and seed.run_id in ab.records()
-        assert seed.run_id in {s.run_id for s in ab.plan()} and seed.run_id not in {s.run_id for s in ab.pending()}
-    assert seed.run_id not in {s.run_id for s in Ablation("querynorm", tmp_path / "qn", iso).plan()}
-    experts = Ablation("experts", tmp_path / "experts", iso).pending()
+        assert seed.run_id in {s.run_id for s in ab.planned()} and seed.run_id not in {s.run_id for s in ab.pending()}
+    assert seed.run_id not in {s.run_id for s in ablation_study("querynorm", tmp_path / "qn", iso).planned()}
+    experts = ablation_study("experts", tmp_path / "experts", iso).pending()
     assert sorted({s.model().ffn.num_experts for s in experts}) == [128**2, 512**2, 1024**2]
     assert all((s.model().ffn.heads, s.model().ffn.topk) == (8, 16) for s in experts)
-    active = Ablation("active", tmp_path / "active", iso).pending()
+    active = ablation_study("active", tmp_path / "active", iso).pending()
     products = {}
     for s in active:
         products.setdefault(s.model().ffn.heads * s.model().ffn.topk, set()).add(s.model().ffn.heads)
@@ -65,29 +67,29 @@ def test_plans_vary_one_thing_at_equal_tokens(iso, tmp_path):
     assert all(min(h) * (4 if p in (128, 256) else 2) == min(hk[0] for hk in ACTIVE[p]) for p, h in products.items())
     token = {(s.model().ffn.heads, s.model().ffn.topk) for s in active if s.model().ffn.gate == "softmax-token"}
     assert token == set(ACTIVE[32])  # the smallest product's two splits again, gates normalised per token
-    qn = Ablation("querynorm", tmp_path / "qn", iso).pending()
+    qn = ablation_study("querynorm", tmp_path / "qn", iso).pending()
     peer = [s for s in qn if s.method == "peer" and s.seed == 0]
     assert {(s.model().ffn.num_experts, s.model().ffn.query_norm) for s in peer} == {
         (128**2, "batchnorm"), (128**2, "running"), (128**2, "none"), (256**2, "running"), (256**2, "none")}
     pkm = [s for s in qn if s.method == "pkm"]  # with and without the norm: its own ratio, same trunk and tokens
     assert sorted(s.model().ffn.query_norm for s in pkm) == ["batchnorm", "none"]
-    assert all(s.expert_ratio == iso.choices(iso.records())["expert_ratio"]["pkm"] and s.size == base.size
+    assert all(s.expert_ratio == iso.plan.choices(iso.records())["expert_ratio"]["pkm"] and s.size == base.size
                and s.tokens == rec["train_tokens"] for s in pkm)
-    lr = Ablation("expert-lr", tmp_path / "lr", iso).pending()
+    lr = ablation_study("expert-lr", tmp_path / "lr", iso).pending()
     assert {(s.method, s.expert_ratio) for s in lr if s.seed == 0} == {
         ("peer", 1.0), ("peer", 10.0), ("pkm", 1.0), ("pkm", 3.0), ("pkm", 10.0)}
 
 
 def test_a_run_two_ablations_share_is_trained_once(iso, tmp_path):
-    qn = Ablation("querynorm", tmp_path / "querynorm", iso)
+    qn = ablation_study("querynorm", tmp_path / "querynorm", iso)
     finish_pending(qn, lambda s: 3.0 + 0.01 * s.seed)
-    shared = {"expert-lr": [s for s in qn.plan() if s.method == "pkm" and s.model().ffn.query_norm == "batchnorm"],
-              "experts": [s for s in qn.plan() if s.method == "peer" and s.model().ffn.num_experts == 128**2
+    shared = {"expert-lr": [s for s in qn.planned() if s.method == "pkm" and s.model().ffn.query_norm == "batchnorm"],
+              "experts": [s for s in qn.planned() if s.method == "peer" and s.model().ffn.num_experts == 128**2
                           and s.model().ffn.query_norm == "batchnorm" and s.seed == 0]}
     for name, runs in shared.items():
         assert len(runs) == 1
-        ab = Ablation(name, tmp_path / name, iso)
-        assert runs[0].run_id in {s.run_id for s in ab.plan()}  # a point of this sweep too...
+        ab = ablation_study(name, tmp_path / name, iso)
+        assert runs[0].run_id in {s.run_id for s in ab.planned()}  # a point of this sweep too...
         assert runs[0].run_id not in {s.run_id for s in ab.pending()}  # ...read from querynorm's record
         assert ab.records()[runs[0].run_id]["phase"] == "querynorm"
     # a record whose config is not what its run id gives now (older code, edited by hand) is not reused
@@ -95,12 +97,12 @@ def test_a_run_two_ablations_share_is_trained_once(iso, tmp_path):
     rec = json.loads(f.read_text())
     rec["train"]["lr"] *= 2
     f.write_text(json.dumps(rec))
-    again = Ablation("expert-lr", tmp_path / "expert-lr", iso).pending()
+    again = ablation_study("expert-lr", tmp_path / "expert-lr", iso).pending()
     assert shared["expert-lr"][0].run_id in {s.run_id for s in again}
 
 
 def test_ablation_report_from_records(iso, tmp_path, capsys):
-    ab = Ablation("querynorm", tmp_path / "qn", iso)
+    ab = ablation_study("querynorm", tmp_path / "qn", iso)
     finish_pending(ab, lambda s: 3.0 + 0.1 * (s.model().ffn.query_norm == "none") + 0.01 * s.seed)
     paths = write_ablation_report(ab, command="peerlm study querynorm --report")
     assert {p.name for p in paths} == {"summary.json", "table.md", "querynorm.png"}
@@ -116,7 +118,7 @@ def test_ablation_report_from_records(iso, tmp_path, capsys):
 
 
 def test_time_steps_feed_an_ablations_train_seconds(iso, tmp_path, monkeypatch, capsys):
-    ab = Ablation("querynorm", tmp_path / "qn", iso)
+    ab = ablation_study("querynorm", tmp_path / "qn", iso)
     finish_pending(ab, lambda s: 3.0 + 0.01 * s.seed)
     timed = []
 
@@ -124,7 +126,7 @@ def test_time_steps_feed_an_ablations_train_seconds(iso, tmp_path, monkeypatch, 
         timed.extend(specs)
         return {timing_key(s): 0.5 for s in specs}
 
-    monkeypatch.setattr(Study, "_time_specs", fake_time)
+    monkeypatch.setattr(Runner, "time_specs", fake_time)
     assert main(["study", "querynorm", "--results", str(tmp_path / "qn"), "--isoflop-results", str(iso.results),
                  "--work", str(iso.work), "--time-steps"]) == 0
     assert "timing.json" in capsys.readouterr().out
@@ -140,18 +142,18 @@ def test_bad_ablation_input(tmp_path, capsys):
 
 
 def test_placement_moves_the_memory_at_the_ladder_runs_tokens(tmp_path):
-    study = Study(tmp_path / "iso", work=tmp_path / "work" / "isoflop", budgets=(B0,), methods=("peer", "pkm"),
+    study = isoflop_study(tmp_path / "iso", work=tmp_path / "work" / "isoflop", budgets=(B0,), methods=("peer", "pkm"),
                   log=lambda s: None)
-    ab = Ablation("placement", tmp_path / "pl", study)
+    ab = ablation_study("placement", tmp_path / "pl", study)
     with pytest.raises(StudyNotReady):
         ab.pending()
     finish_pending(study, lambda s: 3.0 + 0.05 * (NAMES.index(s.size) - 2) ** 2 + 0.01 * s.seed
                    + 0.01 * abs(math.log(s.expert_ratio / 3)))
-    iso, ratios = study.records(), study.choices(study.records())["expert_ratio"]
+    iso, ratios = study.records(), study.plan.choices(study.records())["expert_ratio"]
     pending = ab.pending()
     assert len(pending) == 4 and {s.method for s in pending} == {"peer", "pkm"}
     for spec in pending:
-        ref = iso[next(r.run_id for r in ab._placement_refs() if r.method == spec.method)]
+        ref = iso[next(r.run_id for r in placement_refs(ab.plan.start()) if r.method == spec.method)]
         assert spec.size == "L2d64" and spec.tokens == ref["train_tokens"]
         assert spec.expert_ratio == ratios[spec.method] and spec.model().n_layers == 2
     assert sorted(tuple(s.model().sparse_blocks()) for s in pending) == [(0, 1), (0, 1), (1,), (1,)]
@@ -181,7 +183,7 @@ def test_placement_moves_the_memory_at_the_ladder_runs_tokens(tmp_path):
 
 
 def test_active_report_keeps_the_token_softmax_runs_apart(iso, tmp_path):
-    ab = Ablation("active", tmp_path / "active", iso)
+    ab = ablation_study("active", tmp_path / "active", iso)
     finish_pending(ab, lambda s: 3.0 + 0.1 * (s.model().ffn.gate == "softmax-token") + 0.01 * s.seed)
     write_ablation_report(ab, command="peerlm study active --report")
     rows = [r for r in json.loads((tmp_path / "active" / "summary.json").read_text())["records"]

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 from test_isoflop import write
 
-from peerlm.study import Study
+from peerlm.study import isoflop_study
 from peerlm.study.claims import RunClaimed, claim
 
 
@@ -66,7 +66,7 @@ def test_a_held_claim_is_refused_and_freed_when_its_process_dies(tmp_path, hold)
 
 def test_the_driver_skips_a_run_another_process_holds(tmp_path, hold):
     logs = []
-    study = Study(tmp_path / "res", work=tmp_path / "work", log=logs.append)
+    study = isoflop_study(tmp_path / "res", work=tmp_path / "work", log=logs.append)
     first, second = study.pending()[:2]
     p = hold(tmp_path / "claims" / f"{first.run_id}.claim")
     ran = []
@@ -83,7 +83,8 @@ def test_the_driver_skips_a_run_another_process_holds(tmp_path, hold):
 
 def test_the_driver_stops_when_every_pending_run_is_held(tmp_path, hold):
     logs = []
-    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(2e12,), methods=("dense",), log=logs.append)
+    study = isoflop_study(tmp_path / "res", work=tmp_path / "work", budgets=(2e12,), methods=("dense",),
+                          log=logs.append)
     hold(*(tmp_path / "claims" / f"{s.run_id}.claim" for s in study.pending()))
     study._run_one = lambda spec, progress: pytest.fail("a held run was trained")
     assert study.run() == 0
@@ -92,7 +93,8 @@ def test_the_driver_stops_when_every_pending_run_is_held(tmp_path, hold):
 
 def test_a_run_recorded_meanwhile_is_not_counted_or_trained(tmp_path):
     logs = []
-    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(2e12,), methods=("dense",), log=logs.append)
+    study = isoflop_study(tmp_path / "res", work=tmp_path / "work", budgets=(2e12,), methods=("dense",),
+                          log=logs.append)
     first = study.pending()[0]
     real_records = study.records
     study.records = lambda: real_records() | {first.run_id: {"run_id": first.run_id}}  # recorded as claimed

@@ -14,7 +14,7 @@ from peerlm.config import to_dict
 from peerlm.data import prepare
 from peerlm.flops import model_cost
 from peerlm.runconfig import RunConfig, data_info, plan_steps
-from peerlm.study import Study
+from peerlm.study import Runner, isoflop_study
 from peerlm.study.design import (
     EXPERT_LR_RATIOS,
     LR_MULTIPLIERS,
@@ -27,8 +27,9 @@ from peerlm.study.design import (
     recipe,
     size,
 )
-from peerlm.study.isoflop import spec_of, timing_key
+from peerlm.study.records import spec_of
 from peerlm.study.report import compute_optimal, format_table, summary_records, train_seconds, write_report
+from peerlm.study.runner import timing_key
 from peerlm.train import train
 
 B0, B1 = 2e12, 8e12
@@ -48,12 +49,12 @@ def fake_record(spec: RunSpec, loss: float, seconds: float = 60.0) -> dict:
             "tokens_per_second": 10**6 / seconds, "eval": ev, "git_revision": "abc", "machine": "test"}
 
 
-def write(study: Study, spec: RunSpec, loss: float, seconds: float = 60.0) -> None:
+def write(study: Runner, spec: RunSpec, loss: float, seconds: float = 60.0) -> None:
     study.runs_dir.mkdir(parents=True, exist_ok=True)
     (study.runs_dir / f"{spec.run_id}.json").write_text(json.dumps(fake_record(spec, loss, seconds)))
 
 
-def finish_pending(study: Study, loss_of, phase: str | None = None, limit: int = 200) -> None:
+def finish_pending(study: Runner, loss_of, phase: str | None = None, limit: int = 200) -> None:
     """Give every pending run (of ``phase``) a record with the loss ``loss_of(spec)``, as runs would."""
     for _ in range(limit):
         pending = [s for s in study.pending() if phase is None or s.phase == phase]
@@ -97,13 +98,13 @@ def test_initial_window_is_four_consecutive_sizes_around_the_rule_of_thumb():
 
 
 def test_sweeps_choose_the_best_and_later_runs_use_it(tmp_path):
-    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(B0, B1))
+    study = isoflop_study(tmp_path / "res", work=tmp_path / "work", budgets=(B0, B1))
     first = study.pending()
     assert [s.phase for s in first[:3]] == ["lr"] * 3 and [s.lr_mult for s in first[:3]] == list(LR_MULTIPLIERS)
     finish_pending(study, lambda s: 3.0 + 0.1 * abs(math.log2(s.lr_mult) - 1), phase="lr")
     lr_runs = sorted(r["spec"]["lr_mult"] for r in study.records().values())
     assert lr_runs == [0.5, 1.0, 2.0, 4.0]  # 2 was best at the end of the first sweep: 4 was added
-    assert study.choices(study.records())["lr_mult"] == 2.0
+    assert study.plan.choices(study.records())["lr_mult"] == 2.0
     sweep = [s for s in study.pending() if s.phase == "expert-lr"]
     assert {s.lr_mult for s in sweep} == {2.0} and sorted({s.expert_ratio for s in sweep}) == list(EXPERT_LR_RATIOS)
     best = {"peer": 10.0, "pkm": 3.0}
@@ -111,7 +112,7 @@ def test_sweeps_choose_the_best_and_later_runs_use_it(tmp_path):
     ratios = {m: sorted(r["spec"]["expert_ratio"] for r in study.records().values() if r["spec"]["method"] == m)
               for m in best}
     assert ratios == {"peer": [1.0, 3.0, 10.0, 30.0], "pkm": [1.0, 3.0, 10.0]}
-    ch = study.choices(study.records())
+    ch = study.plan.choices(study.records())
     assert ch["expert_ratio"] == {"peer": 10.0, "pkm": 3.0}
     ladder = [s for s in study.pending() if s.phase == "ladder"]
     assert {(s.method, s.expert_ratio) for s in ladder if s.method in ("peer", "pkm")} == {("peer", 10.0), ("pkm", 3.0)}
@@ -119,7 +120,7 @@ def test_sweeps_choose_the_best_and_later_runs_use_it(tmp_path):
 
 
 def test_the_ladder_grows_until_its_best_is_bracketed_then_seeds_and_the_optimizer_pair(tmp_path):
-    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(B0,), methods=("dense", "peer"))
+    study = isoflop_study(tmp_path / "res", work=tmp_path / "work", budgets=(B0,), methods=("dense", "peer"))
     names = [s.name for s in SIZES]
     start = names.index(initial_window(B0)[0])
     optimum = start + 5  # past the initial window's top: the ladder must add two sizes
@@ -129,7 +130,7 @@ def test_the_ladder_grows_until_its_best_is_bracketed_then_seeds_and_the_optimiz
 
     finish_pending(study, loss)
     recs = study.records()
-    opt = compute_optimal(study, recs)
+    opt = compute_optimal(study.plan, recs)
     for method in ("dense", "peer"):
         o = opt[B0, method]
         assert o["size"] == names[optimum] and o["bracketed"]
@@ -147,7 +148,7 @@ def test_the_ladder_grows_until_its_best_is_bracketed_then_seeds_and_the_optimiz
 
 
 def test_report_files_from_records(tmp_path):
-    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(B0,), methods=("dense", "moe"))
+    study = isoflop_study(tmp_path / "res", work=tmp_path / "work", budgets=(B0,), methods=("dense", "moe"))
     with pytest.raises(ValueError, match="no run records"):
         write_report(study)
     names = [s.name for s in SIZES]
@@ -178,7 +179,7 @@ def test_report_files_from_records(tmp_path):
 
 
 def test_equal_wall_time_uses_the_timing_pass(tmp_path):
-    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(B0,), methods=("dense", "moe"),
+    study = isoflop_study(tmp_path / "res", work=tmp_path / "work", budgets=(B0,), methods=("dense", "moe"),
                   log=lambda s: None)
     names = [s.name for s in SIZES]
     finish_pending(study, lambda s: 3.0 + 0.05 * (names.index(s.size) - 2) ** 2 - 0.1 * (s.method == "moe"))
@@ -209,7 +210,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def test_a_run_trains_resumes_and_is_recorded_once(tmp_path, tiny_data):
-    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(3e10,), methods=("peer",), log=lambda s: None)
+    study = isoflop_study(tmp_path / "res", work=tmp_path / "work", budgets=(3e10,), methods=("peer",),
+                          log=lambda s: None)
     study.data_dir = lambda: tiny_data
     spec = RunSpec("ladder", 3e10, "peer", "L1d48")
     run = study.run_config(spec, tiny_data)
@@ -224,16 +226,17 @@ def test_a_run_trains_resumes_and_is_recorded_once(tmp_path, tiny_data):
     on_disk = json.loads((study.runs_dir / f"{spec.run_id}.json").read_text())
     assert on_disk["eval"]["val"]["loss"] == rec["eval"]["val"]["loss"]
     assert spec.run_id not in {s.run_id for s in study.pending()}  # a recorded run is not run again
-    assert on_disk["data"] == Study.data_fingerprint(tiny_data)
+    assert on_disk["data"] == Runner.data_fingerprint(tiny_data)
     assert on_disk["train"]["device"] == "cpu" and "cores" in on_disk["machine"]
     assert on_disk["data"]["tokens"]["train"] == data_info(tiny_data)["splits"]["train"]["tokens"]
 
 
 def test_a_run_on_other_data_than_the_records_is_refused_before_training(tmp_path, tiny_data):
-    study = Study(tmp_path / "res", work=tmp_path / "work", budgets=(3e10,), methods=("peer",), log=lambda s: None)
+    study = isoflop_study(tmp_path / "res", work=tmp_path / "work", budgets=(3e10,), methods=("peer",),
+                          log=lambda s: None)
     study.data_dir = lambda: tiny_data
     old = RunSpec("ladder", 3e10, "peer", "L1d32")
-    rec = fake_record(old, 3.0) | {"data": {**Study.data_fingerprint(tiny_data), "tokenizer_sha256": "0" * 64}}
+    rec = fake_record(old, 3.0) | {"data": {**Runner.data_fingerprint(tiny_data), "tokenizer_sha256": "0" * 64}}
     study.runs_dir.mkdir(parents=True)
     (study.runs_dir / f"{old.run_id}.json").write_text(json.dumps(rec))
     spec = RunSpec("ladder", 3e10, "peer", "L1d48")
@@ -241,7 +244,7 @@ def test_a_run_on_other_data_than_the_records_is_refused_before_training(tmp_pat
         study.run_one(spec)
     assert not (study.work / spec.run_id).exists()  # nothing was trained
     (study.runs_dir / f"{old.run_id}.json").write_text(json.dumps(fake_record(old, 3.0)))  # no fingerprint
-    assert study.check_data(tiny_data) == Study.data_fingerprint(tiny_data)  # older records are accepted
+    assert study.check_data(tiny_data) == Runner.data_fingerprint(tiny_data)  # older records are accepted
 
 
 def test_cli_plan_and_bad_input(tmp_path, capsys):
