@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peerlm.config import DenseConfig, MoEConfig, PEERConfig, PKMConfig
+from peerlm.config import MLP_ACTIVATIONS, DenseConfig, MoEConfig, PEERConfig, PKMConfig
 from peerlm.norms import make_query_norm
 from peerlm.peer import PEER
 from peerlm.retrieval import ProductKeys
@@ -67,7 +67,7 @@ class DenseMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, activation: str = "gelu", out_scale: float = 1.0):
         super().__init__()
-        if activation not in ("gelu", "swiglu"):
+        if activation not in MLP_ACTIVATIONS:
             raise ValueError(f"activation must be 'gelu' or 'swiglu', got {activation!r}")
         self.dim, self.hidden, self.activation, self.out_scale = dim, hidden, activation, out_scale
         self.fc = nn.Linear(dim, hidden, bias=False)
@@ -110,7 +110,7 @@ class MoE(nn.Module):
         # validates the routing options with the same messages as a config
         cfg = MoEConfig(num_experts=num_experts, topk=topk, routing=routing, capacity_factor=capacity_factor,
                         aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, threshold_decay=threshold_decay)
-        if activation not in ("gelu", "swiglu"):
+        if activation not in MLP_ACTIVATIONS:
             raise ValueError(f"activation must be 'gelu' or 'swiglu', got {activation!r}")
         if hidden < 1:
             raise ValueError(f"MoE hidden (units per expert) must be >= 1, got {hidden}")

@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+from peerlm.config import PEER_ACTIVATIONS
+
+ACTIVATIONS = {name: getattr(F, name) for name in PEER_ACTIVATIONS}  # gelu, relu, silu
 
 _MODE_SUM = 0
 _aten = torch.ops.aten

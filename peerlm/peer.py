@@ -45,47 +45,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peerlm.config import PEERConfig
 from peerlm.fused import ACTIVATIONS, peer_experts
-from peerlm.norms import QUERY_NORMS, make_query_norm
+from peerlm.norms import make_query_norm
 from peerlm.retrieval import ProductKeys
 from peerlm.usage import UsageTracking
 
 __all__ = ["PEER", "peer_cost"]
 
-IMPLS = ("auto", "reference", "fused", "triton")
-GATES = ("softmax", "sigmoid", "softmax-token")
 _OPTIONS = (
     "heads", "topk", "dim_key", "activation", "gate", "query_norm", "impl", "sparse_grad",
     "shared_keys", "track_usage", "device", "dtype",
 )
-
-
-def _check_config(dim: int, num_experts: int, heads: int, topk: int, dim_key: int, activation: str,
-                  gate: str, query_norm: str, impl: str) -> None:
-    """Raise ValueError naming the problem and the fix, before anything is allocated."""
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
-    n = math.isqrt(num_experts) if isinstance(num_experts, int) and num_experts > 0 else 0
-    if n == 0 or n * n != num_experts:
-        lo, hi = max(n, 1) ** 2, (n + 1) ** 2
-        raise ValueError(
-            f"num_experts must be a perfect square n*n for product keys, got {num_experts!r}; "
-            f"use e.g. {lo} or {hi}"
-        )
-    if not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be an integer >= 1, got {heads!r}")
-    if not isinstance(topk, int) or not 1 <= topk <= n:
-        raise ValueError(
-            f"topk must be in [1, sqrt(num_experts)={n}], got {topk!r}; lower topk or raise num_experts"
-        )
-    if not isinstance(dim_key, int) or dim_key < 2 or dim_key % 2:
-        raise ValueError(f"dim_key must be an even integer >= 2 (two query halves), got {dim_key!r}")
-    for name, value, allowed in (
-        ("activation", activation, tuple(ACTIVATIONS)), ("gate", gate, GATES),
-        ("query_norm", query_norm, QUERY_NORMS), ("impl", impl, IMPLS),
-    ):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def peer_cost(dim: int, num_experts: int, heads: int = 8, topk: int = 16, dim_key: int = 128,
@@ -148,7 +119,11 @@ class PEER(UsageTracking, nn.Module):
             hints = {k: difflib.get_close_matches(k, _OPTIONS, n=1) for k in unknown}
             msg = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
             raise ValueError(f"unknown PEER option(s) {msg}; valid options: {', '.join(_OPTIONS)}")
-        _check_config(dim, num_experts, heads, topk, dim_key, activation, gate, query_norm, impl)
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        # the options are a PEERConfig's: validated there, with its messages, before anything is allocated
+        PEERConfig(num_experts=num_experts, heads=heads, topk=topk, dim_key=dim_key, activation=activation, gate=gate,
+                   query_norm=query_norm, shared_keys=shared_keys, impl=impl, sparse_grad=sparse_grad)
         factory = {"device": device, "dtype": dtype}
         self.dim, self.num_experts, self.heads, self.topk, self.dim_key = dim, num_experts, heads, topk, dim_key
         self.n = math.isqrt(num_experts)
