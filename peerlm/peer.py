@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peerlm.bags import ACTIVATIONS
 from peerlm.config import PEERConfig
-from peerlm.fused import ACTIVATIONS, peer_experts
+from peerlm.fused import peer_experts
 from peerlm.norms import make_query_norm
 from peerlm.retrieval import ProductKeys
 from peerlm.usage import UsageTracking

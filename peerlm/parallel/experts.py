@@ -1,5 +1,5 @@
 """Column-sharded PEER experts (and PKM values): the fused expert mixture of ``peerlm.fused`` on 1/P of
-each table.
+each table, built from the same embedding-bag primitives (``peerlm.bags``).
 
 Layout (``ColumnShard``): in a process group of P ranks, rank r holds columns [r C, (r+1) C), C = D/P,
 of every row of both expert tables, as a contiguous (N, C) tensor; this is DTensor's ``Shard(1)`` local
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from peerlm.fused import ACTIVATIONS, _bags, _sampled_dot, _table_grad
+from peerlm.bags import ACTIVATIONS, bag_dot, bags, table_grads
 
 __all__ = ["ColumnShard", "ColumnShardedExperts", "ColumnShardedMemory", "column_sharded_experts",
            "column_sharded_memory", "GRAD_REDUCTIONS"]
@@ -157,31 +157,6 @@ def _ids_to_all(ex: _Exchange, ids_TrK: Tensor, num_experts: int) -> Tensor:
     return ex.all_gather_rows(ids_TrK.to(wire)).long()
 
 
-def _table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK: Tensor, bag_size_T: Tensor,
-                 parts: list[tuple[Tensor, Tensor] | None]) -> list[Tensor | None]:
-    """For each (rows_TC, weights_TK): the (N, C) gradient sum over (t, s) of weights[t, s] * rows[t] into
-    row ids[t, s]; dense, or with ``sparse_grad`` coalesced COO over the distinct ids (the group's
-    batch, so the same rows on every rank) holding O(U C)."""
-    T, K = ids_TK.shape
-    if sparse_grad:
-        uniq_U, inv = torch.unique(ids_TK.reshape(-1), return_inverse=True)
-        rows, target_TK = uniq_U.numel(), inv.view(T, K)
-    else:
-        rows, target_TK = num_rows, ids_TK
-    grads = []
-    for part in parts:
-        if part is None:
-            grads.append(None)
-            continue
-        rows_TC, weights_TK = part
-        g = _table_grad(rows_TC, target_TK, offset2bag_TK, bag_size_T, rows, weights_TK)
-        if sparse_grad:
-            g = torch.sparse_coo_tensor(uniq_U.unsqueeze(0), g, (num_rows, g.shape[1]), is_coalesced=True,
-                                        check_invariants=False)
-        grads.append(g)
-    return grads
-
-
 class ColumnShardedExperts(torch.autograd.Function):
     """y_TrD = sum_K g * act(u[ids] . x) v[ids] with u, v column-sharded; see the module docstring."""
 
@@ -197,8 +172,8 @@ class ColumnShardedExperts(torch.autograd.Function):
         x_TC = ex.scatter_columns(x_TrD).to(dtype)  # moved in x's dtype (bf16 under autocast), then cast
         ids_TK = _ids_to_all(ex, ids_TrK, N)
         T = ids_TK.shape[0]
-        offsets_T, offset2bag_TK, _ = _bags(T, K, device)
-        z_TrK = ex.reduce_rows(_sampled_dot(x_TC, down_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
+        offsets_T, offset2bag_TK, _ = bags(T, K, device)
+        z_TrK = ex.reduce_rows(bag_dot(x_TC, down_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
         g_TrK = g_TrK.to(dtype)
         h_TK = ex.all_gather_rows(g_TrK * ACTIVATIONS[activation](z_TrK))
         y_TC = F.embedding_bag(ids_TK, up_NC, per_sample_weights=h_TK, mode="sum")
@@ -217,8 +192,8 @@ class ColumnShardedExperts(torch.autograd.Function):
         N = down_NC.shape[0]
         # every rank runs every collective, whatever it needs, so that no rank waits on another's choice
         dy_TC = ex.scatter_columns(dy_TrD.contiguous()).to(down_NC.dtype)
-        offsets_T, offset2bag_TK, bag_size_T = _bags(T, K, dy_TC.device)
-        dh_TrK = ex.reduce_rows(_sampled_dot(dy_TC, up_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
+        offsets_T, offset2bag_TK, bag_size_T = bags(T, K, dy_TC.device)
+        dh_TrK = ex.reduce_rows(bag_dot(dy_TC, up_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
         with torch.enable_grad():
             zz_TrK = z_TrK.detach().requires_grad_()
             a_TrK = ACTIVATIONS[ctx.activation](zz_TrK)
@@ -230,7 +205,7 @@ class ColumnShardedExperts(torch.autograd.Function):
 
         need_down, need_up = ctx.needs_input_grad[3:5]
         # the reduction's 1/P goes into the (T, K) weights, not the (N, C) result
-        d_down, d_up = _table_grads(ids_TK, N, ctx.sparse_grad, offset2bag_TK, bag_size_T,
+        d_down, d_up = table_grads(ids_TK, N, ctx.sparse_grad, offset2bag_TK, bag_size_T,
                                     [(x_TC, dz_TK * ctx.scale) if need_down else None,
                                      (dy_TC, h_TK * ctx.scale) if need_up else None])
         return dx_TrD, None, dg_TrK, d_down, d_up, None, None, None, None
@@ -266,9 +241,9 @@ class ColumnShardedMemory(torch.autograd.Function):
         ex = ctx.ex
         T, K = ids_TK.shape
         dy_TC = ex.scatter_columns(dy_TrD.contiguous()).to(values_NC.dtype)
-        offsets_T, offset2bag_TK, bag_size_T = _bags(T, K, dy_TC.device)
-        dg_TrK = ex.reduce_rows(_sampled_dot(dy_TC, values_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
-        (d_values,) = _table_grads(ids_TK, values_NC.shape[0], ctx.sparse_grad, offset2bag_TK, bag_size_T,
+        offsets_T, offset2bag_TK, bag_size_T = bags(T, K, dy_TC.device)
+        dg_TrK = ex.reduce_rows(bag_dot(dy_TC, values_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
+        (d_values,) = table_grads(ids_TK, values_NC.shape[0], ctx.sparse_grad, offset2bag_TK, bag_size_T,
                                    [(dy_TC, g_TK * ctx.scale) if ctx.needs_input_grad[2] else None])
         return None, dg_TrK, d_values, None, None, None, None
 
