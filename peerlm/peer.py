@@ -19,6 +19,13 @@ Four ways to compute the experts, behind ``impl=``:
 - ``"auto"``: the fastest correct path available: ``"triton"`` on CUDA when Triton imports, else
   ``"fused"`` (always on CPU).
 
+Column-sharded tables are one more way to store and compute the experts under the same forward, init
+and validation: ``peerlm.parallel.shard_peer`` (or ``shard_experts`` on a model) sets the layer's
+``shard`` and keeps this rank's (N, D/P) columns of ``w_down`` and ``w_up``; ``reset_parameters`` then
+draws the whole tables' stream and keeps those columns (``peerlm.tables``), and forward's expert step
+runs ``peerlm.parallel.experts.column_sharded_experts``, the fused path on the local shard with the
+ranks' collectives, whatever ``impl`` says.
+
 Choices the paper leaves open (documented defaults):
 - activation GELU; d_key 128; query BatchNorm (``query_norm="running"`` is the causal-safe variant,
   see ``peerlm.norms``); one set of product keys shared by all heads (``shared_keys=False`` for
@@ -50,6 +57,7 @@ from peerlm.config import PEERConfig
 from peerlm.fused import peer_experts
 from peerlm.norms import make_query_norm
 from peerlm.retrieval import ProductKeys
+from peerlm.tables import ColumnShard, normal_table_, shard_repr
 from peerlm.usage import UsageTracking
 
 __all__ = ["PEER", "peer_cost"]
@@ -108,7 +116,12 @@ class PEER(UsageTracking, nn.Module):
         sparse_grad: expert tables get row-sparse COO gradients holding only retrieved rows.
         shared_keys: one set of product keys for all heads (paper); False gives each head its own.
         track_usage: accumulate each expert's gate mass (see ``usage``).
+
+    ``shard`` is None, or the ``ColumnShard`` of this rank when ``peerlm.parallel.shard_peer`` has
+    column-sharded the tables (see the module docstring).
     """
+
+    TABLES = ("w_down", "w_up")  # the (N, D) tables, which a ColumnShard splits by columns
 
     def __init__(self, dim: int, num_experts: int, heads: int = 8, topk: int = 16, dim_key: int = 128,
                  activation: str = "gelu", gate: str = "softmax", query_norm: str = "batchnorm",
@@ -142,6 +155,8 @@ class PEER(UsageTracking, nn.Module):
             self.keys.to(**given)
         self.usage_slots = num_experts
         self._init_usage(track_usage)
+        self.shard: ColumnShard | None = None  # this rank's columns of the tables (peerlm.parallel.shard_peer)
+        self.grad_reduction = "mean"  # of a sharded table's gradient over the ranks (peerlm.parallel.experts)
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------- set-up
@@ -151,8 +166,8 @@ class PEER(UsageTracking, nn.Module):
         if self.w_down.is_meta:
             return
         std = self.dim**-0.5
-        nn.init.normal_(self.w_down, std=std)
-        nn.init.normal_(self.w_up, std=std)
+        normal_table_(self.w_down, std, self.shard)
+        normal_table_(self.w_up, std, self.shard)
         nn.init.normal_(self.query.weight, std=std)
         self.keys.reset_parameters()
         if hasattr(self.norm, "reset_parameters"):  # BatchNorm also resets its running stats
@@ -162,7 +177,8 @@ class PEER(UsageTracking, nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, topk={self.topk}, "
                 f"dim_key={self.dim_key}, activation={self.activation}, gate={self.gate}, "
-                f"query_norm={self.query_norm}, impl={self.impl}, sparse_grad={self.sparse_grad}")
+                f"query_norm={self.query_norm}, impl={self.impl}, sparse_grad={self.sparse_grad}"
+                + shard_repr(self))
 
     # ---------------------------------------------------------------------------------- forward
 
@@ -202,7 +218,10 @@ class PEER(UsageTracking, nn.Module):
         return torch.sigmoid(scores_THK)
 
     def resolved_impl(self) -> str:
-        """The path ``forward`` takes: ``impl``, with ``"auto"`` resolved for where the tables live."""
+        """The path ``forward`` takes: ``impl``, with ``"auto"`` resolved for where the tables live;
+        ``"fused"`` for sharded tables, whose path is the fused one on this rank's columns."""
+        if self.shard is not None:
+            return "fused"
         if self.impl != "auto":
             return self.impl
         from peerlm.kernels import triton_available  # Triton itself is only imported on CUDA
@@ -211,7 +230,7 @@ class PEER(UsageTracking, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if x.numel() == 0:
+        if x.numel() == 0 and self.shard is None:  # a sharded layer still takes part in the collectives
             return x.new_zeros(x.shape)
         x_TD = x.reshape(-1, self.dim)
         impl = self.resolved_impl()
@@ -219,17 +238,24 @@ class PEER(UsageTracking, nn.Module):
         g_THK = self._gates(scores_THK)
         if self.track_usage:
             self._accumulate_usage(ids_THK, g_THK)
+        return self._experts(x_TD, ids_THK, g_THK, impl).view(x.shape)
+
+    def _experts(self, x_TD: Tensor, ids_THK: Tensor, g_THK: Tensor, impl: str) -> Tensor:
+        """The expert mixture (T, D) on the path ``impl``, or on this rank's columns of sharded tables."""
+        if self.shard is not None:
+            from peerlm.parallel.experts import column_sharded_experts  # peerlm.parallel imports this module
+
+            return column_sharded_experts(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
+                                          self.shard, self.activation, self.sparse_grad, self.grad_reduction)
         if impl == "reference":
-            y_TD = self._experts_reference(x_TD, ids_THK, g_THK)
-        elif impl == "triton":
+            return self._experts_reference(x_TD, ids_THK, g_THK)
+        if impl == "triton":
             from peerlm.kernels import peer_experts_triton  # imports Triton on first use
 
-            y_TD = peer_experts_triton(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
+            return peer_experts_triton(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
                                        self.activation, self.sparse_grad)
-        else:
-            y_TD = peer_experts(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
-                                self.activation, self.sparse_grad)
-        return y_TD.view(x.shape)
+        return peer_experts(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
+                            self.activation, self.sparse_grad)
 
     def _experts_reference(self, x_TD: Tensor, ids_THK: Tensor, g_THK: Tensor) -> Tensor:
         """Algorithm 1 of the paper: materialises (T, H, K, D) twice."""

@@ -1,9 +1,11 @@
 """Column-sharded PEER experts (and PKM values): the fused expert mixture of ``peerlm.fused`` on 1/P of
-each table, built from the same embedding-bag primitives (``peerlm.bags``).
+each table, built from the same embedding-bag primitives (``peerlm.bags``). It is the expert step of a
+``PEER`` (a ``PKM``) whose tables are sharded: the layer's forward calls it in place of the unsharded path.
 
-Layout (``ColumnShard``): in a process group of P ranks, rank r holds columns [r C, (r+1) C), C = D/P,
-of every row of both expert tables, as a contiguous (N, C) tensor; this is DTensor's ``Shard(1)`` local
-chunk of the (N, D) table (``peerlm.parallel.shard`` presents it as such in state dicts). D must be a
+Layout (``ColumnShard``, ``peerlm.tables``): in a process group of P ranks, rank r holds columns
+[r C, (r+1) C), C = D/P, of every row of both expert tables, as a contiguous (N, C) tensor; this is
+DTensor's ``Shard(1)`` local chunk of the (N, D) table (``peerlm.parallel.shard`` presents it as such
+in state dicts). D must be a
 multiple of P. Every rank keeps its own tokens (data parallel; their counts may differ between ranks),
 and the routing that produced ids and gates (query, norm, sub-keys) is replicated.
 
@@ -46,8 +48,6 @@ D model dim, C = D / P columns per rank, N experts, U distinct experts retrieved
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -55,49 +55,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from peerlm.bags import ACTIVATIONS, bag_dot, bags, table_grads
+from peerlm.tables import GRAD_REDUCTIONS, ColumnShard
 
 __all__ = ["ColumnShard", "ColumnShardedExperts", "ColumnShardedMemory", "column_sharded_experts",
            "column_sharded_memory", "GRAD_REDUCTIONS"]
-
-GRAD_REDUCTIONS = ("mean", "sum")
-
-
-@dataclass(frozen=True)
-class ColumnShard:
-    """Which columns of a (N, dim) table this rank holds, and the group it shares the table with.
-
-    ``group`` None with ``ranks == 1`` is one process without torch.distributed: no communication.
-    """
-
-    dim: int
-    rank: int = 0
-    ranks: int = 1
-    group: dist.ProcessGroup | None = None
-
-    def __post_init__(self) -> None:
-        if self.dim % self.ranks:
-            raise ValueError(f"d_model {self.dim} is not divisible by {self.ranks} ranks: column sharding gives "
-                             f"every rank d_model / ranks columns; use a number of ranks that divides {self.dim}")
-        assert 0 <= self.rank < self.ranks
-
-    @classmethod
-    def of(cls, dim: int, group: dist.ProcessGroup | None = None) -> ColumnShard:
-        """The shard of ``group`` (default: the default group when torch.distributed is initialised)."""
-        if group is None and not (dist.is_available() and dist.is_initialized()):
-            return cls(dim)
-        group = group or dist.group.WORLD
-        return cls(dim, dist.get_rank(group), dist.get_world_size(group), group)
-
-    def __deepcopy__(self, memo: dict) -> ColumnShard:
-        return self  # a copied layer lives on the same ranks; process groups cannot be copied
-
-    @property
-    def cols(self) -> int:
-        return self.dim // self.ranks
-
-    @property
-    def columns(self) -> slice:
-        return slice(self.rank * self.cols, (self.rank + 1) * self.cols)
 
 
 class _Exchange:
