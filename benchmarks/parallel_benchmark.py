@@ -2,7 +2,7 @@
 
 Without ``--ranks`` it prints the arithmetic of ``peerlm.parallel.arithmetic``: bytes per token of column
 vs row sharding, and memory per rank of one PEER layer's tables at N = 1024^2, d_model 1024/2048/4096,
-P = 1/8/64. With ``--ranks 1 2`` it also measures a ``ShardedPEER`` layer's training step (forward,
+P = 1/8/64. With ``--ranks 1 2`` it also measures a column-sharded ``PEER`` layer's training step (forward,
 backward, AdamW step) on P local processes for each P listed (gloo on CPU; ``--device cuda``: nccl, rank
 r on cuda:r), with a fixed global batch of ``--tokens`` split evenly over the ranks, and the unsharded
 ``PEER`` (fused path) in one process as the baseline. Per rank: median step time over ``--repeats``
@@ -70,7 +70,7 @@ def measure(rank: int, ranks: int, cfg: dict) -> dict:
 
     from peerlm import PEER
     from peerlm.optim import GroupedOptimizer, RowSparseAdamW
-    from peerlm.parallel import ShardedPEER
+    from peerlm.parallel import sharded_peer
 
     device = torch.device("cuda", rank) if cfg["device"] == "cuda" else torch.device("cpu")
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -80,7 +80,7 @@ def measure(rank: int, ranks: int, cfg: dict) -> dict:
     if cfg["unsharded"]:
         layer = PEER(cfg["dim"], cfg["experts"], impl="fused", **options).to(device)
     else:
-        layer = ShardedPEER(cfg["dim"], cfg["experts"], device=device, **options)
+        layer = sharded_peer(cfg["dim"], cfg["experts"], device=device, **options)
     # AdamW as peerlm trains: torch's (foreach=False) for the routing and dense tables, peerlm's
     # row-sparse one for the tables' sparse gradients
     tables = [layer.w_down, layer.w_up]
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = "nccl" if args.device == "cuda" else "gloo"
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print()
-    print(f"# measured: ShardedPEER train step (forward, backward, AdamW), {args.device} ({backend}); "
+    print(f"# measured: column-sharded PEER train step (forward, backward, AdamW), {args.device} ({backend}); "
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
           f"python {platform.python_version()}, {os.cpu_count()} cores, OMP_NUM_THREADS={threads}")
     print(f"# d_model {args.dim}, N {args.experts}, h {args.heads}, k {args.topk}, d_key {args.dim_key}, "

@@ -35,17 +35,20 @@ from peerlm.configio import (  # noqa: F401 (re-exported: the config API in one 
     to_dict,
     to_json,
 )
-from peerlm.fused import ACTIVATIONS as PEER_ACTIVATIONS
-from peerlm.norms import QUERY_NORMS
-from peerlm.peer import GATES, IMPLS
 
 __all__ = [
     "DenseConfig", "PEERConfig", "MoEConfig", "PKMConfig", "ModelConfig", "SPARSE_KINDS",
     "to_dict", "from_dict", "to_json", "from_json", "apply_overrides", "parse_int", "parse_float",
-    "preset", "get_preset", "list_presets",
+    "preset", "get_preset", "list_presets", "MLP_ACTIVATIONS", "PEER_ACTIVATIONS", "GATES", "IMPLS", "QUERY_NORMS",
 ]
 
+# The layers' options by name. They live with the configs, not in the layer modules: the layers validate
+# their options through these configs, so the configs must not depend on the layers.
 MLP_ACTIVATIONS = ("gelu", "swiglu")
+PEER_ACTIVATIONS = ("gelu", "relu", "silu")  # of PEER's one-neuron experts (peerlm.bags.ACTIVATIONS)
+GATES = ("softmax", "sigmoid", "softmax-token")
+IMPLS = ("auto", "reference", "fused", "triton")
+QUERY_NORMS = ("batchnorm", "running", "none")
 ROUTINGS = ("token", "expert")
 ATTN_IMPLS = ("sdpa", "eager")
 PLACEMENTS = ("middle", "all")

@@ -44,10 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peerlm.config import DenseConfig, MoEConfig, PEERConfig, PKMConfig
+from peerlm.config import MLP_ACTIVATIONS, DenseConfig, MoEConfig, PEERConfig, PKMConfig
 from peerlm.norms import make_query_norm
 from peerlm.peer import PEER
 from peerlm.retrieval import ProductKeys
+from peerlm.tables import ColumnShard, normal_table_, shard_repr
 from peerlm.usage import UsageTracking
 
 __all__ = ["DenseMLP", "MoE", "PKM", "build_ffn"]
@@ -67,7 +68,7 @@ class DenseMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, activation: str = "gelu", out_scale: float = 1.0):
         super().__init__()
-        if activation not in ("gelu", "swiglu"):
+        if activation not in MLP_ACTIVATIONS:
             raise ValueError(f"activation must be 'gelu' or 'swiglu', got {activation!r}")
         self.dim, self.hidden, self.activation, self.out_scale = dim, hidden, activation, out_scale
         self.fc = nn.Linear(dim, hidden, bias=False)
@@ -110,7 +111,7 @@ class MoE(nn.Module):
         # validates the routing options with the same messages as a config
         cfg = MoEConfig(num_experts=num_experts, topk=topk, routing=routing, capacity_factor=capacity_factor,
                         aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, threshold_decay=threshold_decay)
-        if activation not in ("gelu", "swiglu"):
+        if activation not in MLP_ACTIVATIONS:
             raise ValueError(f"activation must be 'gelu' or 'swiglu', got {activation!r}")
         if hidden < 1:
             raise ValueError(f"MoE hidden (units per expert) must be >= 1, got {hidden}")
@@ -258,7 +259,13 @@ class PKM(UsageTracking, nn.Module):
     Init: query projection N(0, 1/D); sub-keys N(0, 2/Dk) (``ProductKeys``); values N(0, 1/D) as in
     Lample et al. Retrieval scores all n sub-keys without autograd and re-scores the k winners
     differentiably (same gradient, O(k Dk) backward per head).
+
+    ``shard`` is None, or this rank's ``ColumnShard`` once ``peerlm.parallel.shard_pkm`` has
+    column-sharded ``values``: the same forward and init, the lookup then on the local columns
+    (``column_sharded_memory``) and the draw of ``values`` keeping them (``peerlm.tables``).
     """
+
+    TABLES = ("values",)  # the (N, D) table, which a ColumnShard splits by columns
 
     def __init__(self, dim: int, num_keys: int, heads: int = 8, topk: int = 32, dim_key: int = 128,
                  query_norm: str = "batchnorm", shared_keys: bool = True, track_usage: bool = False,
@@ -274,6 +281,8 @@ class PKM(UsageTracking, nn.Module):
         self.values = nn.Parameter(torch.empty(num_keys, dim))
         self.usage_slots = num_keys
         self._init_usage(track_usage)
+        self.shard: ColumnShard | None = None  # this rank's columns of `values` (peerlm.parallel.shard_pkm)
+        self.grad_reduction = "mean"  # of a sharded table's gradient over the ranks (peerlm.parallel.experts)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -283,12 +292,13 @@ class PKM(UsageTracking, nn.Module):
         if hasattr(self.norm, "reset_parameters"):  # BatchNorm resets its running stats too
             self.norm.reset_parameters()
         self.keys.reset_parameters()
-        nn.init.normal_(self.values, std=self.dim**-0.5)
+        normal_table_(self.values, self.dim**-0.5, self.shard)
         self.reset_usage()
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_keys={self.num_keys}, heads={self.heads}, topk={self.topk}, "
-                f"dim_key={self.dim_key}, query_norm={self.query_norm}, shared_keys={self.shared_keys}")
+                f"dim_key={self.dim_key}, query_norm={self.query_norm}, shared_keys={self.shared_keys}"
+                + shard_repr(self))
 
     def _route(self, x_SD: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:
         S = x_SD.shape[0]
@@ -312,6 +322,12 @@ class PKM(UsageTracking, nn.Module):
         if self.track_usage:
             self._accumulate_usage(ids_SHK, g_SHK)
         ids_SM, g_SM = ids_SHK.flatten(1), g_SHK.flatten(1)  # M = H*K slots, summed over heads
+        if self.shard is not None:
+            from peerlm.parallel.experts import column_sharded_memory  # peerlm.parallel imports this module
+
+            y_SD = column_sharded_memory(ids_SM, g_SM, self.values, self.shard, self.sparse_grad, self.grad_reduction,
+                                         out_dtype=x.dtype)
+            return y_SD.view(x.shape)
         y_SD = F.embedding_bag(ids_SM, self.values, per_sample_weights=g_SM.to(self.values.dtype), mode="sum",
                                sparse=self.sparse_grad)
         return y_SD.to(x.dtype).view(x.shape)

@@ -5,7 +5,8 @@ For every token t and each of its K = heads * topk retrieved experts e = ids[t, 
     z[t, s] = u_e . x[t]                      (a sampled dense-dense product)
     y[t]    = sum_s g[t, s] * act(z[t, s]) * v_e
 
-Both halves are embedding-bag operations over K-row "bags", one bag per token, which PyTorch's
+Both halves are embedding-bag operations over K-row "bags", one bag per token (the primitives:
+``peerlm.bags``, shared with the column-sharded path ``peerlm.parallel.experts``), which PyTorch's
 kernels compute row by row straight from the tables (on CPU and CUDA) without writing gathered rows:
 - y is ``embedding_bag(ids, w_up, per_sample_weights=g * act(z), mode="sum")``;
 - z is what embedding-bag's backward computes for its per-sample weights (``W[ids] . grad``), here
@@ -33,36 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+from peerlm.bags import ACTIVATIONS, bag_dot, bag_table_grad, bags, table_grads
 
-_MODE_SUM = 0
-_aten = torch.ops.aten
-
-
-def _bags(T: int, K: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Offsets (T,), offset2bag (TK,) and bag sizes (T,) for T bags of exactly K rows."""
-    offsets_T = torch.arange(0, T * K, K, device=device)
-    offset2bag_TK = torch.arange(T, device=device).repeat_interleave(K)
-    bag_size_T = torch.full((T,), K, dtype=torch.long, device=device)
-    return offsets_T, offset2bag_TK, bag_size_T
-
-
-def _sampled_dot(rows_TD: Tensor, table_ND: Tensor, ids_TK: Tensor, offsets_T: Tensor,
-                 offset2bag_TK: Tensor) -> Tensor:
-    """out[t*K + s] = table[ids[t, s]] . rows[t], without gathering the table rows."""
-    return _aten._embedding_bag_per_sample_weights_backward(
-        rows_TD, table_ND, ids_TK.reshape(-1), offsets_T, offset2bag_TK, _MODE_SUM
-    )
-
-
-def _table_grad(grad_TD: Tensor, ids_TK: Tensor, offset2bag_TK: Tensor, bag_size_T: Tensor,
-                num_rows: int, weights_TK: Tensor) -> Tensor:
-    """out[e] = sum over (t, s) with ids[t, s] == e of weights[t, s] * grad[t]; shape (num_rows, D)."""
-    empty = torch.empty(0, dtype=torch.long, device=grad_TD.device)
-    return _aten._embedding_bag_dense_backward(
-        grad_TD, ids_TK.reshape(-1), offset2bag_TK, bag_size_T, empty, num_rows, False, _MODE_SUM,
-        weights_TK.reshape(-1),
-    )
+__all__ = ["ACTIVATIONS", "PEERExperts", "SampledDot", "peer_experts", "sampled_dot"]
 
 
 class SampledDot(torch.autograd.Function):
@@ -72,8 +46,8 @@ class SampledDot(torch.autograd.Function):
     def forward(ctx, rows_RD, table_ND, ids_RS):
         R, S = ids_RS.shape
         ids_RS = ids_RS.contiguous()
-        offsets, offset2bag, _ = _bags(R, S, rows_RD.device)
-        out = _sampled_dot(rows_RD.contiguous(), table_ND, ids_RS, offsets, offset2bag).view(R, S)
+        offsets, offset2bag, _ = bags(R, S, rows_RD.device)
+        out = bag_dot(rows_RD.contiguous(), table_ND, ids_RS, offsets, offset2bag).view(R, S)
         ctx.save_for_backward(rows_RD, table_ND, ids_RS)
         return out
 
@@ -87,8 +61,8 @@ class SampledDot(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_rows = F.embedding_bag(ids_RS, table_ND, per_sample_weights=dout_RS, mode="sum")
         if ctx.needs_input_grad[1]:
-            _, offset2bag, bag_size = _bags(R, S, rows_RD.device)
-            d_table = _table_grad(rows_RD.contiguous(), ids_RS, offset2bag, bag_size, table_ND.shape[0], dout_RS)
+            _, offset2bag, bag_size = bags(R, S, rows_RD.device)
+            d_table = bag_table_grad(rows_RD.contiguous(), ids_RS, offset2bag, bag_size, table_ND.shape[0], dout_RS)
         return d_rows, d_table, None
 
 
@@ -109,8 +83,8 @@ class PEERExperts(torch.autograd.Function):
         xw_TD = x_TD.to(dtype).contiguous()
         ids_TK = ids_TK.contiguous()
         gw_TK = g_TK.to(dtype)
-        offsets_T, offset2bag_TK, _ = _bags(T, K, x_TD.device)
-        z_TK = _sampled_dot(xw_TD, w_down, ids_TK, offsets_T, offset2bag_TK).view(T, K)
+        offsets_T, offset2bag_TK, _ = bags(T, K, x_TD.device)
+        z_TK = bag_dot(xw_TD, w_down, ids_TK, offsets_T, offset2bag_TK).view(T, K)
         h_TK = gw_TK * ACTIVATIONS[activation](z_TK)
         y_TD = F.embedding_bag(ids_TK, w_up, per_sample_weights=h_TK, mode="sum")
         ctx.save_for_backward(xw_TD, ids_TK, gw_TK, z_TK, w_down, w_up)
@@ -122,40 +96,23 @@ class PEERExperts(torch.autograd.Function):
     def backward(ctx, dy_TD):
         x_TD, ids_TK, g_TK, z_TK, w_down, w_up = ctx.saved_tensors
         T, K = ids_TK.shape
-        N, D = w_down.shape
+        N = w_down.shape[0]
         need_x, _, need_g, need_down, need_up = ctx.needs_input_grad[:5]
         dy_TD = dy_TD.to(w_down.dtype).contiguous()
-        offsets_T, offset2bag_TK, bag_size_T = _bags(T, K, dy_TD.device)
+        offsets_T, offset2bag_TK, bag_size_T = bags(T, K, dy_TD.device)
 
         with torch.enable_grad():
             zz_TK = z_TK.detach().requires_grad_()
             a_TK = ACTIVATIONS[ctx.activation](zz_TK)
-        dh_TK = _sampled_dot(dy_TD, w_up, ids_TK, offsets_T, offset2bag_TK).view(T, K)  # dL/d(g*a)
+        dh_TK = bag_dot(dy_TD, w_up, ids_TK, offsets_T, offset2bag_TK).view(T, K)  # dL/d(g*a)
         dg_TK = dh_TK * a_TK.detach() if need_g else None
         (dz_TK,) = torch.autograd.grad(a_TK, zz_TK, dh_TK * g_TK)
         dx_TD = None
         if need_x:
             dx_TD = F.embedding_bag(ids_TK, w_down, per_sample_weights=dz_TK, mode="sum").to(ctx.x_dtype)
-
-        if ctx.sparse_grad:
-            # one compact row per distinct expert: O(U D) memory, not O(N D)
-            uniq_U, inv = torch.unique(ids_TK.reshape(-1), return_inverse=True)
-            rows, target_TK = uniq_U.numel(), inv.view(T, K)
-        else:
-            rows, target_TK = N, ids_TK
-        d_down = d_up = None
-        if need_up:
-            h_TK = g_TK * a_TK.detach()
-            d_up = _table_grad(dy_TD, target_TK, offset2bag_TK, bag_size_T, rows, h_TK)
-        if need_down:
-            d_down = _table_grad(x_TD, target_TK, offset2bag_TK, bag_size_T, rows, dz_TK)
-        if ctx.sparse_grad:
-            idx_1U = uniq_U.unsqueeze(0)
-            if need_down:
-                d_down = torch.sparse_coo_tensor(idx_1U, d_down, (N, D), is_coalesced=True,
-                                                 check_invariants=False)
-            if need_up:
-                d_up = torch.sparse_coo_tensor(idx_1U, d_up, (N, D), is_coalesced=True, check_invariants=False)
+        d_down, d_up = table_grads(ids_TK, N, ctx.sparse_grad, offset2bag_TK, bag_size_T,
+                                   [(x_TD, dz_TK) if need_down else None,
+                                    (dy_TD, g_TK * a_TK.detach()) if need_up else None])
         return dx_TD, None, dg_TK, d_down, d_up, None, None
 
 

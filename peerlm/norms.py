@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-QUERY_NORMS = ("batchnorm", "running", "none")
+from peerlm.config import QUERY_NORMS
 
 
 class _GroupSum(torch.autograd.Function):

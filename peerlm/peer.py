@@ -19,6 +19,13 @@ Four ways to compute the experts, behind ``impl=``:
 - ``"auto"``: the fastest correct path available: ``"triton"`` on CUDA when Triton imports, else
   ``"fused"`` (always on CPU).
 
+Column-sharded tables are one more way to store and compute the experts under the same forward, init
+and validation: ``peerlm.parallel.shard_peer`` (or ``shard_experts`` on a model) sets the layer's
+``shard`` and keeps this rank's (N, D/P) columns of ``w_down`` and ``w_up``; ``reset_parameters`` then
+draws the whole tables' stream and keeps those columns (``peerlm.tables``), and forward's expert step
+runs ``peerlm.parallel.experts.column_sharded_experts``, the fused path on the local shard with the
+ranks' collectives, whatever ``impl`` says.
+
 Choices the paper leaves open (documented defaults):
 - activation GELU; d_key 128; query BatchNorm (``query_norm="running"`` is the causal-safe variant,
   see ``peerlm.norms``); one set of product keys shared by all heads (``shared_keys=False`` for
@@ -45,47 +52,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peerlm.fused import ACTIVATIONS, peer_experts
-from peerlm.norms import QUERY_NORMS, make_query_norm
+from peerlm.bags import ACTIVATIONS
+from peerlm.config import PEERConfig
+from peerlm.fused import peer_experts
+from peerlm.norms import make_query_norm
 from peerlm.retrieval import ProductKeys
+from peerlm.tables import ColumnShard, normal_table_, shard_repr
 from peerlm.usage import UsageTracking
 
 __all__ = ["PEER", "peer_cost"]
 
-IMPLS = ("auto", "reference", "fused", "triton")
-GATES = ("softmax", "sigmoid", "softmax-token")
 _OPTIONS = (
     "heads", "topk", "dim_key", "activation", "gate", "query_norm", "impl", "sparse_grad",
     "shared_keys", "track_usage", "device", "dtype",
 )
-
-
-def _check_config(dim: int, num_experts: int, heads: int, topk: int, dim_key: int, activation: str,
-                  gate: str, query_norm: str, impl: str) -> None:
-    """Raise ValueError naming the problem and the fix, before anything is allocated."""
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
-    n = math.isqrt(num_experts) if isinstance(num_experts, int) and num_experts > 0 else 0
-    if n == 0 or n * n != num_experts:
-        lo, hi = max(n, 1) ** 2, (n + 1) ** 2
-        raise ValueError(
-            f"num_experts must be a perfect square n*n for product keys, got {num_experts!r}; "
-            f"use e.g. {lo} or {hi}"
-        )
-    if not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be an integer >= 1, got {heads!r}")
-    if not isinstance(topk, int) or not 1 <= topk <= n:
-        raise ValueError(
-            f"topk must be in [1, sqrt(num_experts)={n}], got {topk!r}; lower topk or raise num_experts"
-        )
-    if not isinstance(dim_key, int) or dim_key < 2 or dim_key % 2:
-        raise ValueError(f"dim_key must be an even integer >= 2 (two query halves), got {dim_key!r}")
-    for name, value, allowed in (
-        ("activation", activation, tuple(ACTIVATIONS)), ("gate", gate, GATES),
-        ("query_norm", query_norm, QUERY_NORMS), ("impl", impl, IMPLS),
-    ):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def peer_cost(dim: int, num_experts: int, heads: int = 8, topk: int = 16, dim_key: int = 128,
@@ -136,7 +116,12 @@ class PEER(UsageTracking, nn.Module):
         sparse_grad: expert tables get row-sparse COO gradients holding only retrieved rows.
         shared_keys: one set of product keys for all heads (paper); False gives each head its own.
         track_usage: accumulate each expert's gate mass (see ``usage``).
+
+    ``shard`` is None, or the ``ColumnShard`` of this rank when ``peerlm.parallel.shard_peer`` has
+    column-sharded the tables (see the module docstring).
     """
+
+    TABLES = ("w_down", "w_up")  # the (N, D) tables, which a ColumnShard splits by columns
 
     def __init__(self, dim: int, num_experts: int, heads: int = 8, topk: int = 16, dim_key: int = 128,
                  activation: str = "gelu", gate: str = "softmax", query_norm: str = "batchnorm",
@@ -148,7 +133,11 @@ class PEER(UsageTracking, nn.Module):
             hints = {k: difflib.get_close_matches(k, _OPTIONS, n=1) for k in unknown}
             msg = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
             raise ValueError(f"unknown PEER option(s) {msg}; valid options: {', '.join(_OPTIONS)}")
-        _check_config(dim, num_experts, heads, topk, dim_key, activation, gate, query_norm, impl)
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        # the options are a PEERConfig's: validated there, with its messages, before anything is allocated
+        PEERConfig(num_experts=num_experts, heads=heads, topk=topk, dim_key=dim_key, activation=activation, gate=gate,
+                   query_norm=query_norm, shared_keys=shared_keys, impl=impl, sparse_grad=sparse_grad)
         factory = {"device": device, "dtype": dtype}
         self.dim, self.num_experts, self.heads, self.topk, self.dim_key = dim, num_experts, heads, topk, dim_key
         self.n = math.isqrt(num_experts)
@@ -166,6 +155,8 @@ class PEER(UsageTracking, nn.Module):
             self.keys.to(**given)
         self.usage_slots = num_experts
         self._init_usage(track_usage)
+        self.shard: ColumnShard | None = None  # this rank's columns of the tables (peerlm.parallel.shard_peer)
+        self.grad_reduction = "mean"  # of a sharded table's gradient over the ranks (peerlm.parallel.experts)
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------- set-up
@@ -175,8 +166,8 @@ class PEER(UsageTracking, nn.Module):
         if self.w_down.is_meta:
             return
         std = self.dim**-0.5
-        nn.init.normal_(self.w_down, std=std)
-        nn.init.normal_(self.w_up, std=std)
+        normal_table_(self.w_down, std, self.shard)
+        normal_table_(self.w_up, std, self.shard)
         nn.init.normal_(self.query.weight, std=std)
         self.keys.reset_parameters()
         if hasattr(self.norm, "reset_parameters"):  # BatchNorm also resets its running stats
@@ -186,7 +177,8 @@ class PEER(UsageTracking, nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, topk={self.topk}, "
                 f"dim_key={self.dim_key}, activation={self.activation}, gate={self.gate}, "
-                f"query_norm={self.query_norm}, impl={self.impl}, sparse_grad={self.sparse_grad}")
+                f"query_norm={self.query_norm}, impl={self.impl}, sparse_grad={self.sparse_grad}"
+                + shard_repr(self))
 
     # ---------------------------------------------------------------------------------- forward
 
@@ -226,7 +218,10 @@ class PEER(UsageTracking, nn.Module):
         return torch.sigmoid(scores_THK)
 
     def resolved_impl(self) -> str:
-        """The path ``forward`` takes: ``impl``, with ``"auto"`` resolved for where the tables live."""
+        """The path ``forward`` takes: ``impl``, with ``"auto"`` resolved for where the tables live;
+        ``"fused"`` for sharded tables, whose path is the fused one on this rank's columns."""
+        if self.shard is not None:
+            return "fused"
         if self.impl != "auto":
             return self.impl
         from peerlm.kernels import triton_available  # Triton itself is only imported on CUDA
@@ -235,7 +230,7 @@ class PEER(UsageTracking, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if x.numel() == 0:
+        if x.numel() == 0 and self.shard is None:  # a sharded layer still takes part in the collectives
             return x.new_zeros(x.shape)
         x_TD = x.reshape(-1, self.dim)
         impl = self.resolved_impl()
@@ -243,17 +238,24 @@ class PEER(UsageTracking, nn.Module):
         g_THK = self._gates(scores_THK)
         if self.track_usage:
             self._accumulate_usage(ids_THK, g_THK)
+        return self._experts(x_TD, ids_THK, g_THK, impl).view(x.shape)
+
+    def _experts(self, x_TD: Tensor, ids_THK: Tensor, g_THK: Tensor, impl: str) -> Tensor:
+        """The expert mixture (T, D) on the path ``impl``, or on this rank's columns of sharded tables."""
+        if self.shard is not None:
+            from peerlm.parallel.experts import column_sharded_experts  # peerlm.parallel imports this module
+
+            return column_sharded_experts(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
+                                          self.shard, self.activation, self.sparse_grad, self.grad_reduction)
         if impl == "reference":
-            y_TD = self._experts_reference(x_TD, ids_THK, g_THK)
-        elif impl == "triton":
+            return self._experts_reference(x_TD, ids_THK, g_THK)
+        if impl == "triton":
             from peerlm.kernels import peer_experts_triton  # imports Triton on first use
 
-            y_TD = peer_experts_triton(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
+            return peer_experts_triton(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
                                        self.activation, self.sparse_grad)
-        else:
-            y_TD = peer_experts(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
-                                self.activation, self.sparse_grad)
-        return y_TD.view(x.shape)
+        return peer_experts(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
+                            self.activation, self.sparse_grad)
 
     def _experts_reference(self, x_TD: Tensor, ids_THK: Tensor, g_THK: Tensor) -> Tensor:
         """Algorithm 1 of the paper: materialises (T, H, K, D) twice."""

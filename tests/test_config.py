@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+import peerlm.config
 from peerlm.config import (
     DenseConfig,
     ModelConfig,
@@ -256,3 +260,25 @@ def test_apply_overrides_is_generic_over_nesting():
         apply_overrides(Run(), ["model.dim=3"])
     with pytest.raises(ValueError, match="cannot parse '0.8' as tuple"):
         apply_overrides(Run(), ["betas=0.8"])
+
+
+def test_config_imports_no_layer_module():
+    """The layers' option lists live with the configs, so config.py loads without any layer module (or
+    torch). peerlm's package __init__ imports the PEER layer, so a bare package stands in for it here."""
+    code = (
+        "import sys, types\n"
+        f"pkg = types.ModuleType('peerlm'); pkg.__path__ = [{os.path.dirname(peerlm.config.__file__)!r}]\n"
+        "sys.modules['peerlm'] = pkg\n"
+        "import peerlm.config\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('peerlm.', 'torch')))\n"
+        "assert loaded == ['peerlm.config', 'peerlm.configio'], loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_layers_take_their_option_lists_from_the_config():
+    from peerlm import fused, norms
+
+    assert norms.QUERY_NORMS is peerlm.config.QUERY_NORMS
+    assert tuple(fused.ACTIVATIONS) == peerlm.config.PEER_ACTIVATIONS

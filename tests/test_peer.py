@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from peerlm import PEER, peer_cost
+from peerlm.config import PEERConfig
 from peerlm.fused import PEERExperts
 
 SMALL = dict(dim=16, num_experts=64, heads=3, topk=4, dim_key=8)
@@ -327,7 +328,7 @@ def test_input_shapes_and_empty_batch():
         ({"num_experts": 0}, "perfect square"),
         ({"topk": 9}, r"topk must be in \[1, sqrt\(num_experts\)=8\]"),
         ({"topk": 0}, "topk"),
-        ({"dim_key": 7}, "dim_key must be an even"),
+        ({"dim_key": 7}, "dim_key must be even"),
         ({"heads": 0}, "heads must be"),
         ({"dim": 0}, "dim must be"),
         ({"activation": "tanh"}, "activation must be one of"),
@@ -341,6 +342,18 @@ def test_bad_config(kw, match):
     cfg = {**SMALL, **kw}
     with pytest.raises(ValueError, match=match):
         PEER(**cfg)
+
+
+@pytest.mark.parametrize("kw", [{"num_experts": 1000}, {"topk": 9}, {"heads": 0}, {"dim_key": 7},
+                                {"activation": "tanh"}, {"gate": "relu"}, {"impl": "cuda"}, {"sparse_grad": "yes"}])
+def test_the_layer_validates_its_options_as_its_config_does(kw):
+    """One validation: a bad option fails the layer with the config's own message."""
+    options = {k: v for k, v in {**SMALL, **kw}.items() if k != "dim"}
+    with pytest.raises(ValueError) as from_config:
+        PEERConfig(**options)
+    with pytest.raises(ValueError) as from_layer:
+        PEER(**{**SMALL, **kw})
+    assert str(from_layer.value) == str(from_config.value)
 
 
 def test_bad_config_fails_before_allocating():

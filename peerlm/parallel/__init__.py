@@ -1,12 +1,16 @@
 """Scale-out on torch.distributed: PEER expert tables sharded by columns across ranks, never gathered.
 
+A sharded layer is still a ``PEER`` (a ``PKM``): its ``shard`` (a ``ColumnShard``, ``peerlm.tables``)
+says which columns of its tables this rank stores, and its own forward and init take the sharded path
+for the expert step and the table draws. This package holds that path and the conversion:
+
 - ``arithmetic``: communication per token of column vs row sharding (and why columns), memory per rank.
-- ``experts``: the column layout (``ColumnShard``) and the collective expert mixture on a local shard
-  (``column_sharded_experts``; ``column_sharded_memory`` for PKM values), the fused embedding-bag path
-  with dense or row-sparse gradients.
-- ``shard``: ``ShardedPEER``, ``ShardedPKM`` and ``shard_experts(model, group)``, which converts a
-  model's PEER and PKM layers in place; DTensor ``Shard(1)`` views of the shards in state dicts, for
-  distributed checkpoints.
+- ``experts``: the collective expert mixture on a local column shard (``column_sharded_experts``;
+  ``column_sharded_memory`` for PKM values), the fused embedding-bag path with dense or row-sparse
+  gradients.
+- ``shard``: ``shard_experts(model, group)``, ``shard_peer`` and ``shard_pkm``, which shard a model's
+  or a layer's tables in place, ``sharded_peer``, which builds a sharded PEER without the whole table;
+  DTensor ``Shard(1)`` views of the shards in state dicts, and ``sharded_tables`` for checkpoints.
 - ``launch``: run a function on P local processes (tests, benchmarks).
 - ``dcp``: distributed checkpoints (``torch.distributed.checkpoint``) of FSDP2 and sharded-table runs,
   which reshard to any number of ranks or one process (imported by ``peerlm.checkpoint``, not here).
@@ -18,16 +22,17 @@
 from peerlm.parallel.arithmetic import comm_bytes_per_token, memory_per_rank
 from peerlm.parallel.experts import ColumnShard, column_sharded_experts, column_sharded_memory
 from peerlm.parallel.shard import (
-    ShardedPEER,
-    ShardedPKM,
+    ShardedTable,
     shard_experts,
     shard_peer,
     shard_pkm,
     sharded_parameter_names,
+    sharded_peer,
+    sharded_tables,
 )
 
 __all__ = [
-    "ColumnShard", "ShardedPEER", "ShardedPKM", "column_sharded_experts", "column_sharded_memory",
-    "comm_bytes_per_token", "memory_per_rank", "shard_experts", "shard_peer", "shard_pkm",
-    "sharded_parameter_names",
+    "ColumnShard", "ShardedTable", "column_sharded_experts", "column_sharded_memory", "comm_bytes_per_token",
+    "memory_per_rank", "shard_experts", "shard_peer", "shard_pkm", "sharded_parameter_names", "sharded_peer",
+    "sharded_tables",
 ]

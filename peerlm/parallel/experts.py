@@ -1,9 +1,11 @@
 """Column-sharded PEER experts (and PKM values): the fused expert mixture of ``peerlm.fused`` on 1/P of
-each table.
+each table, built from the same embedding-bag primitives (``peerlm.bags``). It is the expert step of a
+``PEER`` (a ``PKM``) whose tables are sharded: the layer's forward calls it in place of the unsharded path.
 
-Layout (``ColumnShard``): in a process group of P ranks, rank r holds columns [r C, (r+1) C), C = D/P,
-of every row of both expert tables, as a contiguous (N, C) tensor; this is DTensor's ``Shard(1)`` local
-chunk of the (N, D) table (``peerlm.parallel.shard`` presents it as such in state dicts). D must be a
+Layout (``ColumnShard``, ``peerlm.tables``): in a process group of P ranks, rank r holds columns
+[r C, (r+1) C), C = D/P, of every row of both expert tables, as a contiguous (N, C) tensor; this is
+DTensor's ``Shard(1)`` local chunk of the (N, D) table (``peerlm.parallel.shard`` presents it as such
+in state dicts). D must be a
 multiple of P. Every rank keeps its own tokens (data parallel; their counts may differ between ranks),
 and the routing that produced ids and gates (query, norm, sub-keys) is replicated.
 
@@ -46,58 +48,17 @@ D model dim, C = D / P columns per rank, N experts, U distinct experts retrieved
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from peerlm.fused import ACTIVATIONS, _bags, _sampled_dot, _table_grad
+from peerlm.bags import ACTIVATIONS, bag_dot, bags, table_grads
+from peerlm.tables import GRAD_REDUCTIONS, ColumnShard
 
 __all__ = ["ColumnShard", "ColumnShardedExperts", "ColumnShardedMemory", "column_sharded_experts",
            "column_sharded_memory", "GRAD_REDUCTIONS"]
-
-GRAD_REDUCTIONS = ("mean", "sum")
-
-
-@dataclass(frozen=True)
-class ColumnShard:
-    """Which columns of a (N, dim) table this rank holds, and the group it shares the table with.
-
-    ``group`` None with ``ranks == 1`` is one process without torch.distributed: no communication.
-    """
-
-    dim: int
-    rank: int = 0
-    ranks: int = 1
-    group: dist.ProcessGroup | None = None
-
-    def __post_init__(self) -> None:
-        if self.dim % self.ranks:
-            raise ValueError(f"d_model {self.dim} is not divisible by {self.ranks} ranks: column sharding gives "
-                             f"every rank d_model / ranks columns; use a number of ranks that divides {self.dim}")
-        assert 0 <= self.rank < self.ranks
-
-    @classmethod
-    def of(cls, dim: int, group: dist.ProcessGroup | None = None) -> ColumnShard:
-        """The shard of ``group`` (default: the default group when torch.distributed is initialised)."""
-        if group is None and not (dist.is_available() and dist.is_initialized()):
-            return cls(dim)
-        group = group or dist.group.WORLD
-        return cls(dim, dist.get_rank(group), dist.get_world_size(group), group)
-
-    def __deepcopy__(self, memo: dict) -> ColumnShard:
-        return self  # a copied layer lives on the same ranks; process groups cannot be copied
-
-    @property
-    def cols(self) -> int:
-        return self.dim // self.ranks
-
-    @property
-    def columns(self) -> slice:
-        return slice(self.rank * self.cols, (self.rank + 1) * self.cols)
 
 
 class _Exchange:
@@ -157,31 +118,6 @@ def _ids_to_all(ex: _Exchange, ids_TrK: Tensor, num_experts: int) -> Tensor:
     return ex.all_gather_rows(ids_TrK.to(wire)).long()
 
 
-def _table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK: Tensor, bag_size_T: Tensor,
-                 parts: list[tuple[Tensor, Tensor] | None]) -> list[Tensor | None]:
-    """For each (rows_TC, weights_TK): the (N, C) gradient sum over (t, s) of weights[t, s] * rows[t] into
-    row ids[t, s]; dense, or with ``sparse_grad`` coalesced COO over the distinct ids (the group's
-    batch, so the same rows on every rank) holding O(U C)."""
-    T, K = ids_TK.shape
-    if sparse_grad:
-        uniq_U, inv = torch.unique(ids_TK.reshape(-1), return_inverse=True)
-        rows, target_TK = uniq_U.numel(), inv.view(T, K)
-    else:
-        rows, target_TK = num_rows, ids_TK
-    grads = []
-    for part in parts:
-        if part is None:
-            grads.append(None)
-            continue
-        rows_TC, weights_TK = part
-        g = _table_grad(rows_TC, target_TK, offset2bag_TK, bag_size_T, rows, weights_TK)
-        if sparse_grad:
-            g = torch.sparse_coo_tensor(uniq_U.unsqueeze(0), g, (num_rows, g.shape[1]), is_coalesced=True,
-                                        check_invariants=False)
-        grads.append(g)
-    return grads
-
-
 class ColumnShardedExperts(torch.autograd.Function):
     """y_TrD = sum_K g * act(u[ids] . x) v[ids] with u, v column-sharded; see the module docstring."""
 
@@ -197,8 +133,8 @@ class ColumnShardedExperts(torch.autograd.Function):
         x_TC = ex.scatter_columns(x_TrD).to(dtype)  # moved in x's dtype (bf16 under autocast), then cast
         ids_TK = _ids_to_all(ex, ids_TrK, N)
         T = ids_TK.shape[0]
-        offsets_T, offset2bag_TK, _ = _bags(T, K, device)
-        z_TrK = ex.reduce_rows(_sampled_dot(x_TC, down_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
+        offsets_T, offset2bag_TK, _ = bags(T, K, device)
+        z_TrK = ex.reduce_rows(bag_dot(x_TC, down_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
         g_TrK = g_TrK.to(dtype)
         h_TK = ex.all_gather_rows(g_TrK * ACTIVATIONS[activation](z_TrK))
         y_TC = F.embedding_bag(ids_TK, up_NC, per_sample_weights=h_TK, mode="sum")
@@ -217,8 +153,8 @@ class ColumnShardedExperts(torch.autograd.Function):
         N = down_NC.shape[0]
         # every rank runs every collective, whatever it needs, so that no rank waits on another's choice
         dy_TC = ex.scatter_columns(dy_TrD.contiguous()).to(down_NC.dtype)
-        offsets_T, offset2bag_TK, bag_size_T = _bags(T, K, dy_TC.device)
-        dh_TrK = ex.reduce_rows(_sampled_dot(dy_TC, up_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
+        offsets_T, offset2bag_TK, bag_size_T = bags(T, K, dy_TC.device)
+        dh_TrK = ex.reduce_rows(bag_dot(dy_TC, up_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
         with torch.enable_grad():
             zz_TrK = z_TrK.detach().requires_grad_()
             a_TrK = ACTIVATIONS[ctx.activation](zz_TrK)
@@ -230,7 +166,7 @@ class ColumnShardedExperts(torch.autograd.Function):
 
         need_down, need_up = ctx.needs_input_grad[3:5]
         # the reduction's 1/P goes into the (T, K) weights, not the (N, C) result
-        d_down, d_up = _table_grads(ids_TK, N, ctx.sparse_grad, offset2bag_TK, bag_size_T,
+        d_down, d_up = table_grads(ids_TK, N, ctx.sparse_grad, offset2bag_TK, bag_size_T,
                                     [(x_TC, dz_TK * ctx.scale) if need_down else None,
                                      (dy_TC, h_TK * ctx.scale) if need_up else None])
         return dx_TrD, None, dg_TrK, d_down, d_up, None, None, None, None
@@ -266,9 +202,9 @@ class ColumnShardedMemory(torch.autograd.Function):
         ex = ctx.ex
         T, K = ids_TK.shape
         dy_TC = ex.scatter_columns(dy_TrD.contiguous()).to(values_NC.dtype)
-        offsets_T, offset2bag_TK, bag_size_T = _bags(T, K, dy_TC.device)
-        dg_TrK = ex.reduce_rows(_sampled_dot(dy_TC, values_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
-        (d_values,) = _table_grads(ids_TK, values_NC.shape[0], ctx.sparse_grad, offset2bag_TK, bag_size_T,
+        offsets_T, offset2bag_TK, bag_size_T = bags(T, K, dy_TC.device)
+        dg_TrK = ex.reduce_rows(bag_dot(dy_TC, values_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
+        (d_values,) = table_grads(ids_TK, values_NC.shape[0], ctx.sparse_grad, offset2bag_TK, bag_size_T,
                                    [(dy_TC, g_TK * ctx.scale) if ctx.needs_input_grad[2] else None])
         return None, dg_TrK, d_values, None, None, None, None
 

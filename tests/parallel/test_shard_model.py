@@ -14,10 +14,12 @@ import torch.distributed.checkpoint as dcp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from peerlm.config import ModelConfig, get_preset
+from peerlm.ffn import PKM
 from peerlm.model import Transformer, build_model
 from peerlm.optim import build_optimizer
-from peerlm.parallel import ShardedPEER, ShardedPKM, shard_experts, sharded_parameter_names
+from peerlm.parallel import shard_experts, sharded_parameter_names
 from peerlm.parallel.launch import spawn
+from peerlm.peer import PEER
 
 
 def _config(kind: str = "peer", **options) -> ModelConfig:
@@ -50,7 +52,8 @@ def _batch(cfg: ModelConfig, batch: int, seed: int) -> tuple[torch.Tensor, torch
 
 
 def _columns(model: Transformer) -> dict[str, slice]:
-    return {name: m.shard.columns for name, m in model.named_modules() if isinstance(m, (ShardedPEER, ShardedPKM))}
+    return {name: m.shard.columns for name, m in model.named_modules()
+            if type(m) in (PEER, PKM) and m.shard is not None}
 
 
 def _param_gaps(model: Transformer, ref: Transformer, grads: bool) -> dict[str, float]:

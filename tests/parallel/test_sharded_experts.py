@@ -16,15 +16,15 @@ from peerlm.ffn import PKM
 from peerlm.fused import peer_experts
 from peerlm.parallel import (
     ColumnShard,
-    ShardedPEER,
-    ShardedPKM,
     column_sharded_experts,
     column_sharded_memory,
+    shard_experts,
     shard_peer,
     shard_pkm,
+    sharded_peer,
 )
 from peerlm.parallel.launch import spawn
-from peerlm.parallel.shard import normal_columns_
+from peerlm.tables import normal_columns_
 
 N, D, K = 64, 8, 6
 LAYER = dict(dim=16, num_experts=64, heads=3, topk=4, dim_key=8)
@@ -112,13 +112,13 @@ def test_streamed_init_is_the_columns_of_one_draw(shape, ranks):
 def test_sharded_layer_on_one_process_is_the_peer_layer():
     ref = _peer_as_build_model_makes_it(**LAYER, query_norm="running")
     torch.manual_seed(0)
-    built = ShardedPEER(**LAYER, query_norm="running")  # never allocates the whole table
+    built = sharded_peer(**LAYER, query_norm="running")  # never allocates the whole table
     converted = shard_peer(_peer_as_build_model_makes_it(**LAYER, query_norm="running"))
     x = torch.randn(2, 5, LAYER["dim"])
     state = {k: v.clone() for k, v in ref.state_dict().items()}
     y_ref = ref(x)  # a training-mode forward moves the running statistics: once per layer
     for layer in (built, converted):
-        assert type(layer) is ShardedPEER and layer.shard.ranks == 1
+        assert type(layer) is PEER and layer.shard.ranks == 1
         assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), state.values()))
         torch.testing.assert_close(layer(x), y_ref, rtol=0, atol=1e-6)
 
@@ -129,8 +129,25 @@ def test_sharded_pkm_on_one_process_is_the_pkm():
     layer = shard_pkm(PKM(16, 64, heads=2, topk=4, dim_key=8, query_norm="none"))
     layer.load_state_dict(ref.state_dict())
     x = torch.randn(3, 16)
-    assert type(layer) is ShardedPKM
+    assert type(layer) is PKM and layer.shard.ranks == 1
     torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=1e-6)
+
+
+def test_a_sharded_layer_is_the_layer_with_its_forward_and_init():
+    """Sharding is a way to store the tables: no subclass, no second forward or init."""
+    peer, pkm = shard_peer(PEER(**LAYER)), shard_pkm(PKM(16, 64, heads=2, topk=4, dim_key=8))
+    built = sharded_peer(**LAYER)
+    for layer, kind in ((peer, PEER), (built, PEER), (pkm, PKM)):
+        assert type(layer) is kind and layer.shard is not None
+        assert type(layer).forward is kind.forward and type(layer).reset_parameters is kind.reset_parameters
+        assert "forward" not in vars(layer) and "reset_parameters" not in vars(layer)
+    assert "ranks=1, rank=0, columns=0:16, grad_reduction=mean" in repr(peer)
+    model = torch.nn.Sequential(PEER(**LAYER), PKM(16, 64, heads=2, topk=4, dim_key=8))
+    assert [type(m) for m in shard_experts(model)] == [PEER, PKM]
+    assert all(m.shard is not None for m in model)
+    tables = (model[0].w_down, model[1].values)
+    assert shard_experts(model) is model  # layers sharded already are left as they are
+    assert model[0].w_down is tables[0] and model[1].values is tables[1]
 
 
 def test_bad_layouts():
@@ -205,10 +222,10 @@ def test_two_ranks_equal_one_process_for_the_expert_mixture():
 
 
 def _layer_worker(rank: int, ranks: int) -> dict:
-    """A whole ShardedPEER (routing included) against PEER: different tokens per rank."""
+    """A whole sharded PEER (routing included) against PEER: different tokens per rank."""
     ref = _peer_as_build_model_makes_it(**LAYER, query_norm="running")
     torch.manual_seed(0)
-    built = ShardedPEER(**LAYER, query_norm="running")  # init on the shard only
+    built = sharded_peer(**LAYER, query_norm="running")  # init on the shard only
     cols, sd = built.shard.columns, built.state_dict()
     init_equal = all(torch.equal(sd[k].to_local(), v[:, cols]) if k in ("w_down", "w_up") else torch.equal(sd[k], v)
                      for k, v in ref.state_dict().items())

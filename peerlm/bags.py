@@ -1,0 +1,81 @@
+"""The embedding-bag primitives every non-Triton expert path is built from, unsharded (``peerlm.fused``)
+and column-sharded (``peerlm.parallel.experts``), and PEER's activations by name.
+
+A batch of T tokens with K retrieved rows each is T "bags" of exactly K rows (``bags``). Two of
+PyTorch's embedding-bag kernels then compute, row by row straight from an (N, D) table and without
+writing gathered rows:
+- ``bag_dot``: out[t*K + s] = table[ids[t, s]] . rows[t] (embedding-bag's per-sample-weight backward);
+- ``bag_table_grad``: out[e] = sum over (t, s) with ids[t, s] == e of weights[t, s] * rows[t]
+  (embedding-bag's dense backward);
+and ``table_grads`` hands table gradients out dense (N, D), or row-sparse: accumulated into one compact
+row per distinct id (U rows) and wrapped as coalesced COO tensors, as ``nn.Embedding(sparse=True)``
+would.
+
+Shape legend: T tokens (bags), K rows per bag, D row width, N table rows, U distinct ids,
+TK = T * K flattened (bag-major).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from peerlm.config import PEER_ACTIVATIONS
+
+__all__ = ["ACTIVATIONS", "bags", "bag_dot", "bag_table_grad", "table_grads"]
+
+ACTIVATIONS = {name: getattr(F, name) for name in PEER_ACTIVATIONS}  # gelu, relu, silu
+
+_MODE_SUM = 0
+_aten = torch.ops.aten
+
+
+def bags(T: int, K: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Offsets (T,), offset2bag (TK,) and bag sizes (T,) for T bags of exactly K rows."""
+    offsets_T = torch.arange(0, T * K, K, device=device)
+    offset2bag_TK = torch.arange(T, device=device).repeat_interleave(K)
+    bag_size_T = torch.full((T,), K, dtype=torch.long, device=device)
+    return offsets_T, offset2bag_TK, bag_size_T
+
+
+def bag_dot(rows_TD: Tensor, table_ND: Tensor, ids_TK: Tensor, offsets_T: Tensor, offset2bag_TK: Tensor) -> Tensor:
+    """out[t*K + s] = table[ids[t, s]] . rows[t], shape (TK,), without gathering the table rows."""
+    return _aten._embedding_bag_per_sample_weights_backward(
+        rows_TD, table_ND, ids_TK.reshape(-1), offsets_T, offset2bag_TK, _MODE_SUM
+    )
+
+
+def bag_table_grad(rows_TD: Tensor, ids_TK: Tensor, offset2bag_TK: Tensor, bag_size_T: Tensor,
+                   num_rows: int, weights_TK: Tensor) -> Tensor:
+    """out[e] = sum over (t, s) with ids[t, s] == e of weights[t, s] * rows[t]; shape (num_rows, D)."""
+    empty = torch.empty(0, dtype=torch.long, device=rows_TD.device)
+    return _aten._embedding_bag_dense_backward(
+        rows_TD, ids_TK.reshape(-1), offset2bag_TK, bag_size_T, empty, num_rows, False, _MODE_SUM,
+        weights_TK.reshape(-1),
+    )
+
+
+def table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK: Tensor, bag_size_T: Tensor,
+                parts: list[tuple[Tensor, Tensor] | None]) -> list[Tensor | None]:
+    """For each (rows_TD, weights_TK) of ``parts`` (None: no gradient wanted), the (num_rows, D) table
+    gradient ``bag_table_grad`` sums; dense, or with ``sparse_grad`` coalesced COO over the distinct ids,
+    holding O(U D) instead of O(N D)."""
+    T, K = ids_TK.shape
+    if sparse_grad:
+        uniq_U, inv = torch.unique(ids_TK.reshape(-1), return_inverse=True)
+        rows, target_TK = uniq_U.numel(), inv.view(T, K)
+    else:
+        rows, target_TK = num_rows, ids_TK
+    grads = []
+    for part in parts:
+        if part is None:
+            grads.append(None)
+            continue
+        rows_TD, weights_TK = part
+        g = bag_table_grad(rows_TD, target_TK, offset2bag_TK, bag_size_T, rows, weights_TK)
+        if sparse_grad:
+            g = torch.sparse_coo_tensor(uniq_U.unsqueeze(0), g, (num_rows, g.shape[1]), is_coalesced=True,
+                                        check_invariants=False)
+        grads.append(g)
+    return grads
