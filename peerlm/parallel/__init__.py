@@ -12,11 +12,12 @@ for the expert step and the table draws. This package holds that path and the co
   or a layer's tables in place, ``sharded_peer``, which builds a sharded PEER without the whole table;
   DTensor ``Shard(1)`` views of the shards in state dicts, and ``sharded_tables`` for checkpoints.
 - ``launch``: run a function on P local processes (tests, benchmarks).
-- ``dcp``: distributed checkpoints (``torch.distributed.checkpoint``) of FSDP2 and sharded-table runs,
-  which reshard to any number of ranks or one process (imported by ``peerlm.checkpoint``, not here).
 - ``runtime``: what the training loop needs to run on P ranks: the process group from torchrun's
   environment, DDP / FSDP2 around the trunk, each rank's rows of a batch, synchronised query norms
   (imported by ``peerlm.train``, not here).
+
+Distributed checkpoints of FSDP2 and sharded-table runs are a format of ``peerlm.checkpoint``
+(``peerlm.checkpoint.distributed``), which asks this package for ``sharded_tables`` and nothing else.
 """
 
 from peerlm.parallel.arithmetic import comm_bytes_per_token, memory_per_rank
