@@ -241,7 +241,7 @@ def test_a_file_is_not_a_prepared_directory(text_file: Path, tmp_path: Path,
         TokenDataset(text_file)
     assert str(e.value) == (f"{text_file} is a file, not a prepared directory; make one from it with "
                             f"`peerlm data prepare --text {text_file} --out DIR` and pass DIR")
-    with pytest.raises(DataError, match="does not exist; make it with `peerlm data prepare"):
+    with pytest.raises(DataError, match="does not exist, so it has no meta.json; make it with `peerlm data prepare"):
         TokenDataset(tmp_path / "nowhere")
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "meta.json").write_text("[1, 2]")

@@ -338,12 +338,20 @@ def test_hf_datasets_source(tmp_path: Path) -> None:
 
 def test_vocab_size_the_text_cannot_fill_is_said(corpus_dir: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    meta = prepare([corpus_dir], tmp_path / "big", vocab_size=100_000_000, progress=False)
+    from peerlm.data.cli import main_data
+
+    prep = ["data", "prepare", "--text", str(corpus_dir), "--vocab-size", "100000000"]
+    assert main_data([*prep, "--out", str(tmp_path / "big")]) == 0
+    meta = json.loads((tmp_path / "big" / "meta.json").read_text())
     actual = meta["vocab_size"]
     assert 257 <= actual < 100_000_000 == meta["requested_vocab_size"] and meta["dtype"] == "uint16"
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"note: the text gives only {actual:,} tokens; vocab_size is {actual:,}, not 100,000,000"]
-    prepare([corpus_dir], tmp_path / "small", vocab_size=300, progress=False)
+    note = f"note: the text gives only {actual:,} tokens; vocab_size is {actual:,}, not 100,000,000"
+    assert note in capsys.readouterr().err.splitlines()
+    assert main_data([*prep, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0  # said in its one line
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"prepared {tmp_path / 'quiet'} (vocab_size is {actual:,}, not 100,000,000: "
+                                f"the text gives only {actual:,} tokens)"] and err == ""
+    prepare([corpus_dir], tmp_path / "small", vocab_size=300)
     assert "note:" not in capsys.readouterr().err  # a vocabulary the text fills: nothing to say
 
 

@@ -92,8 +92,8 @@ class TokenDataset:
             raise DataError(f"{self.dir} is a file, not a prepared directory; make one from it with "
                             f"`peerlm data prepare --text {shlex.quote(str(self.dir))} --out DIR` and pass DIR")
         if not self.dir.exists():
-            raise DataError(f"{self.dir} does not exist; make it with `peerlm data prepare --text FILE "
-                            f"--out {shlex.quote(str(self.dir))}`")
+            raise DataError(f"{self.dir} does not exist, so it has no meta.json; make it with `peerlm data prepare "
+                            f"--text FILE --out {shlex.quote(str(self.dir))}`")
         try:
             self.meta: dict[str, Any] = json.loads((self.dir / "meta.json").read_text("utf-8"))
         except FileNotFoundError:

@@ -54,7 +54,8 @@ Other choices:
   complete. A write error (a full disk) is one `DataError` naming the disk error and the file, and
   leaves the output directory as it was (removed again if this call created it).
 - When the training text has fewer distinct merges than `vocab_size` asks for, the vocabulary is
-  smaller (meta.json's `vocab_size` vs `requested_vocab_size`), and a note on stderr says so.
+  smaller (meta.json's `vocab_size` vs `requested_vocab_size`), and a note on stderr says so (with
+  `progress`; `peerlm data prepare --quiet` says it in its one line on stdout instead).
 
 meta.json format 2 adds, beside format 1's fields (readers need neither addition), `split_by` (the
 mode asked for) and, in each entry of `sources`, `val_split`: `by` (the mode used: document, tail,
@@ -472,7 +473,7 @@ def prepare(sources: Sequence[Source | str | os.PathLike[str]], out_dir: str | o
             "split_by": split_by, "segment_chars": segment_chars, "splits": splits,
             "sources": [{**s.describe(), "val_split": rec} for s, rec in zip(srcs, records)],
             "eval_sources": {n: s.describe() for n, s in evals.items()}}
-    if actual < vocab_size:  # BpeTrainer stops when no pair of symbols is seen twice
+    if actual < vocab_size and progress:  # BpeTrainer stops when no pair of symbols is seen twice
         print(f"note: the text gives only {actual:,} tokens; vocab_size is {actual:,}, not {vocab_size:,}",
               file=sys.stderr)
     files = {"tokenizer.json": tok_text.encode("utf-8")}
