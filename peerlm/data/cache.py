@@ -1,9 +1,10 @@
 """Where cached corpora live, and atomic writes.
 
 The cache directory is `$PEERLM_CACHE` if set, else `$XDG_CACHE_HOME/peerlm`, else `~/.cache/peerlm`.
-Every file the data pipeline writes goes through `peerlm.fileio.atomic_writer` (re-exported here), so
-a crash or Ctrl-C never leaves a half-written corpus, token array or tokenizer behind that a later run
-would trust.
+Every file the data pipeline writes goes through `peerlm.fileio.atomic_writer` (re-exported here), or,
+for a prepared directory, into a temporary directory that is renamed into place file by file
+(`peerlm.data.prepare`), so a crash or Ctrl-C never leaves a half-written corpus, token array or
+tokenizer behind that a later run would trust.
 """
 
 from __future__ import annotations

@@ -93,9 +93,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         eval_sets = list(EVAL_CORPORA) if default else []
     if is_run_dir(args.out):  # its tokenizer.json would be replaced by another
         raise DataError(f"{args.out} holds a training run; prepare data into another directory")
-    prepare(sources, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-            eval_sets=eval_sets, seed=args.seed, progress=not args.quiet, split_by=args.split_by)
-    print(f"prepared {args.out}")
+    meta = prepare(sources, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                   eval_sets=eval_sets, seed=args.seed, progress=not args.quiet, split_by=args.split_by)
+    vocab = meta["vocab_size"]
+    capped = f" (vocab_size is {vocab:,}, not {args.vocab_size:,}: the text gives only {vocab:,} tokens)"
+    print(f"prepared {args.out}{capped if args.quiet and vocab < args.vocab_size else ''}")  # else prepare said it
     return 0
 
 

@@ -5,8 +5,11 @@ no RAM until its pages are touched. Split names are `train`, `val` and each eval
 meta.json formats 1 and 2 (2 only adds records of how the split was made) and refuses newer ones.
 `tokenizer_sha256` is the directory's tokenizer fingerprint (the one meta.json records, checked
 against tokenizer.json on opening; hashed from tokenizer.json where meta.json has none). Opening a
-split checks that every id is below the vocabulary (one pass over the array, on first use), so a
-damaged array is refused before training or evaluation reads it, not when a batch happens to hit it.
+split checks, in one pass over the array on first use, that every id is below the vocabulary and
+that the array's sha256 is the one meta.json records (where it records one: directories prepared
+before that have none and are checked for ids only), so a damaged or edited array is refused before
+training or evaluation reads it, not when a batch happens to hit it (about 0.05 s per 25 MB).
+A path that is a file, or a directory without meta.json, is refused with what to run instead.
 
 Training batches: `train_batch(batch_size, seq_len, step, seed)` samples without replacement within
 an epoch and is a pure function of (seed, step, batch_size, seq_len, data), so a run resumed at step
@@ -34,8 +37,10 @@ prediction target exactly once; the final short window comes as its own (1, r) b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shlex
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,12 +88,25 @@ class TokenDataset:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.dir = Path(directory)
+        if self.dir.is_file():  # else reading <file>/meta.json says "Not a directory"
+            raise DataError(f"{self.dir} is a file, not a prepared directory; make one from it with "
+                            f"`peerlm data prepare --text {shlex.quote(str(self.dir))} --out DIR` and pass DIR")
+        if not self.dir.exists():
+            raise DataError(f"{self.dir} does not exist, so it has no meta.json; make it with `peerlm data prepare "
+                            f"--text FILE --out {shlex.quote(str(self.dir))}`")
         try:
             self.meta: dict[str, Any] = json.loads((self.dir / "meta.json").read_text("utf-8"))
         except FileNotFoundError:
-            raise DataError(f"{self.dir}: no meta.json; run `peerlm data prepare --out {self.dir}`") from None
+            raise DataError(f"{self.dir}: no meta.json (not a prepared directory, or one whose preparation did "
+                            f"not finish); run `peerlm data prepare --out {shlex.quote(str(self.dir))}`") from None
         except ValueError as e:
             raise DataError(f"{self.dir}/meta.json is not valid JSON ({e}); prepare it again") from None
+        except OSError as e:
+            raise DataError(f"cannot read {self.dir}/meta.json: {e.strerror or e}") from None
+        if not isinstance(self.meta, dict) or not all(k in self.meta for k in ("vocab_size", "dtype", "eot_id",
+                                                                               "splits")):
+            raise DataError(f"{self.dir}/meta.json is not the meta.json of a prepared directory (it lacks "
+                            "vocab_size, dtype, eot_id or splits); prepare the directory again")
         fmt = self.meta.get("format", 1)
         if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
             raise DataError(f"{self.dir}/meta.json has format {fmt!r}, newer than this peerlm reads "
@@ -129,19 +147,28 @@ class TokenDataset:
                 raise DataError(f"{file} has {size} bytes but meta.json says {info['tokens']} {self.dtype} "
                                 "tokens; the directory is damaged, prepare it again")
             arr = np.memmap(file, dtype=self.dtype, mode="r") if size else np.zeros(0, dtype=self.dtype)
-            self._check_ids(file, arr)  # mmap above refuses empty files, hence zeros
+            self._check(file, arr, info.get("sha256"))  # mmap above refuses empty files, hence zeros
             self._arrays[split] = arr
         return self._arrays[split]
 
-    def _check_ids(self, file: Path, arr: np.ndarray, chunk: int = 1 << 24) -> None:
-        if not arr.size or np.iinfo(self.dtype).max < self.vocab_size:
-            return  # the dtype cannot hold an id past the vocabulary
+    def _check(self, file: Path, arr: np.ndarray, sha256: str | None, chunk: int = 1 << 24) -> None:
+        """One pass over `arr`: every id below the vocabulary, and its sha256 the one meta.json records
+        (directories prepared before checksums were recorded have none: ids only)."""
+        check_ids = np.iinfo(self.dtype).max >= self.vocab_size  # else the dtype cannot hold a bad id
+        h = hashlib.sha256() if sha256 else None
         for start in range(0, arr.size, chunk):
             block = arr[start : start + chunk]
-            if int(block.max()) >= self.vocab_size:
+            if check_ids and int(block.max()) >= self.vocab_size:
                 at = start + int(np.argmax(block >= self.vocab_size))
                 raise DataError(f"{file} holds token id {int(arr[at])} at position {at}, past the vocabulary "
                                 f"({self.vocab_size}); the file is damaged, prepare the directory again")
+            if h is not None:
+                h.update(block)
+        # ids changed into other valid ids pass the check above; only the checksum sees them
+        if h is not None and h.hexdigest() != sha256:
+            raise DataError(f"{file} is not the array meta.json records (sha256 {h.hexdigest()[:12]} vs "
+                            f"{sha256[:12]}): it was changed or damaged after it was prepared; prepare the "
+                            "directory again")
 
     def num_tokens(self, split: str) -> int:
         return int(self._info(split)["tokens"])

@@ -49,7 +49,13 @@ Other choices:
 - `bytes` in meta is the UTF-8 length of the pieces' text (separators excluded): bits per byte is
   `sum of per-token NLL in nats / ln 2 / bytes`.
 - Same inputs and arguments -> byte-identical files (nothing time- or order-dependent is recorded).
-  Every file is written atomically; `meta.json` last, so its presence means the directory is complete.
+- All or nothing: every file is first written and fsynced into a temporary directory inside the output
+  directory, then renamed into place, `meta.json` last, so its presence means the directory is
+  complete. A write error (a full disk) is one `DataError` naming the disk error and the file, and
+  leaves the output directory as it was (removed again if this call created it).
+- When the training text has fewer distinct merges than `vocab_size` asks for, the vocabulary is
+  smaller (meta.json's `vocab_size` vs `requested_vocab_size`), and a note on stderr says so (with
+  `progress`; `peerlm data prepare --quiet` says it in its one line on stdout instead).
 
 meta.json format 2 adds, beside format 1's fields (readers need neither addition), `split_by` (the
 mode asked for) and, in each entry of `sources`, `val_split`: `by` (the mode used: document, tail,
@@ -58,7 +64,9 @@ segment, or none when nothing is held out), `documents` (non-empty documents rea
 It also records `tokenizer_sha256`, the sha256 of tokenizer.json: the fingerprint that runs copy into
 their config and that every place a run meets data compares, since ids from another tokenizer of the
 same size are valid ids of other text. Directories prepared before it have none; readers hash their
-tokenizer.json instead.
+tokenizer.json instead. Each entry of `splits` also records `sha256`, the hash of its array, which
+`TokenDataset` checks when it opens the split: ids changed into other valid ids are caught by nothing
+else. Directories prepared before these were recorded have none, and their arrays are not checked.
 
 Token ids are checked against the vocabulary before an array is written (and `TokenDataset` checks
 them again when it opens one). The output directory is locked while it is written (`DirLock`), and a
@@ -67,11 +75,15 @@ run directory is refused as output.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -81,9 +93,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from peerlm.fileio import DirLock
+from peerlm.fileio import DirLock, fsync_dir
 
-from .cache import atomic_write_text, atomic_writer
 from .errors import DataError
 from .sources import Corpus, Source, as_source
 
@@ -314,7 +325,75 @@ def _encode_split(rel: str, tok: Tokenizer, pieces: Sequence[str], progress: boo
     if ids.size and int(ids.max()) >= tok.get_vocab_size():
         raise DataError(f"{rel}: the tokenizer produced id {int(ids.max())} >= its vocabulary "
                         f"{tok.get_vocab_size()}; nothing was written")
-    return ids, {"file": rel, "tokens": int(ids.size), "bytes": _nbytes(pieces), "pieces": len(pieces)}
+    return ids, {"file": rel, "tokens": int(ids.size), "bytes": _nbytes(pieces), "pieces": len(pieces),
+                 "sha256": hashlib.sha256(ids).hexdigest()}
+
+
+def _write_file(path: Path, data: bytes | np.ndarray) -> None:
+    with open(path, "xb") as f:
+        # f.write, not ndarray.tofile: a failed write then raises the OS error (ENOSPC, EDQUOT, EIO)
+        # instead of numpy's "N requested and M written"
+        f.write(memoryview(data).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_out(out: Path) -> None:
+    """DataError now, before hours of tokenizing, when `out` cannot become the output directory."""
+    p = out
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise DataError(f"{p} is a file, not a directory; choose another --out")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write in {p}: permission denied; choose another --out")
+
+
+def _write_dir(out: Path, files: Mapping[str, bytes | np.ndarray]) -> None:
+    """Write `files` ({path relative to `out`: contents}, meta.json last) into `out`, all or nothing.
+
+    Everything is first written and fsynced into a temporary directory inside `out`, where a full disk
+    or any other write error strikes; then the old meta.json (if any) is removed and the files are
+    renamed into place, meta.json last. On a write error `out` is left as it was: the temporary
+    directory is removed, and so is `out` itself (and its parents) when this call created them.
+    """
+    dest, replacing = out, False
+    try:
+        with DirLock(out, "data directory"):
+            stage = Path(tempfile.mkdtemp(prefix=".prepare.", suffix=".tmp", dir=out))
+            made: list[Path] = []
+            try:
+                for rel, data in files.items():
+                    dest = out / rel
+                    (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                    _write_file(stage / rel, data)
+                for rel in files:
+                    dest = out / rel
+                    if not dest.parent.is_dir():
+                        dest.parent.mkdir()
+                        made.append(dest.parent)
+                replacing = True  # renames within one directory: they do not run out of space
+                with contextlib.suppress(FileNotFoundError):  # until the new one lands, no meta.json: incomplete
+                    os.unlink(out / "meta.json")
+                for rel in files:
+                    dest = out / rel
+                    os.replace(stage / rel, dest)
+                for d in {(out / rel).parent for rel in files}:
+                    fsync_dir(d)
+            except BaseException:
+                for d in made:
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+                raise
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+    except OSError as e:
+        why = e.strerror or str(e)
+        if replacing:
+            raise DataError(f"could not write {dest}: {why}; {out} is incomplete, prepare it again") from None
+        hint = "free space on that disk or choose another --out" if e.errno in (errno.ENOSPC, errno.EDQUOT) \
+            else "choose another --out"
+        raise DataError(f"could not write {dest}: {why}; nothing was written ({hint})") from None
 
 
 def _nbytes(pieces: Iterable[str]) -> int:
@@ -357,6 +436,7 @@ def prepare(sources: Sequence[Source | str | os.PathLike[str]], out_dir: str | o
         if name in ("train", "val") or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
             raise DataError(f"bad eval set name {name!r}: use letters, digits, '-', '_' (not train/val)")
     out = Path(out_dir)
+    _check_out(out)
     loaded = [_load(s, progress) for s in srcs]
     modes = [resolve_split_by(docs, val_fraction, split_by) for docs in loaded]
     parts = [_split(docs, val_fraction, seed, segment_chars, m, force=False) for docs, m in zip(loaded, modes)]
@@ -393,12 +473,13 @@ def prepare(sources: Sequence[Source | str | os.PathLike[str]], out_dir: str | o
             "split_by": split_by, "segment_chars": segment_chars, "splits": splits,
             "sources": [{**s.describe(), "val_split": rec} for s, rec in zip(srcs, records)],
             "eval_sources": {n: s.describe() for n, s in evals.items()}}
-    with DirLock(out, "data directory"):  # everything is computed and checked: only writes from here
-        atomic_write_text(out / "tokenizer.json", tok_text)
-        for ids, info in arrays.values():
-            with atomic_writer(out / info["file"]) as f:
-                ids.tofile(f)
-        atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    if actual < vocab_size and progress:  # BpeTrainer stops when no pair of symbols is seen twice
+        print(f"note: the text gives only {actual:,} tokens; vocab_size is {actual:,}, not {vocab_size:,}",
+              file=sys.stderr)
+    files = {"tokenizer.json": tok_text.encode("utf-8")}
+    files.update((info["file"], ids) for ids, info in arrays.values())
+    files["meta.json"] = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
+    _write_dir(out, files)
     if progress:
         summary = ", ".join(f"{k} {v['tokens']:,} tok / {v['bytes']:,} B" for k, v in splits.items())
         print(f"peerlm: prepared {out} (vocab {actual}): {summary}", file=sys.stderr)
