@@ -76,7 +76,8 @@ def _check_square(obj: Any, name: str) -> int:
     value = getattr(obj, name)
     n = math.isqrt(max(value, 0))
     if value < 1 or n * n != value:
-        lo, hi = max(n, 1) ** 2, (n + 1) ** 2
+        m = max(n, 1)
+        lo, hi = m**2, (m + 1) ** 2
         _fail(obj, name, f"must be a perfect square n*n (product keys), got {value}",
               f"use e.g. {lo} or {hi}")
     return n

@@ -110,6 +110,8 @@ def _decode(value: Any, tp: Any, where: str, from_json: bool = True) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():  # 256.0 for 256: say how to write it
+            raise ValueError(f"{where}: expected a whole number, got {value!r}; write {int(value)}")
     elif tp in (bool, str):
         if isinstance(value, tp):
             return value

@@ -230,10 +230,10 @@ class PEER(UsageTracking, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if x.numel() == 0 and self.shard is None:  # a sharded layer still takes part in the collectives
-            return x.new_zeros(x.shape)
         x_TD = x.reshape(-1, self.dim)
         impl = self.resolved_impl()
+        if x_TD.shape[0] == 0 and impl == "triton":
+            impl = "fused"  # no kernel to launch; the empty output still belongs to the graph (zero gradients)
         scores_THK, ids_THK = self._route(x_TD, differentiable=impl == "reference")
         g_THK = self._gates(scores_THK)
         if self.track_usage:

@@ -85,8 +85,11 @@ class UsageTracking:
     def usage(self) -> dict[str, float]:
         """Usage, unevenness, distinct and effective over the tokens seen since the last reset (see the
         module docstring)."""
-        if self.usage_mass is None or float(self.usage_mass.sum()) == 0.0:
+        if self.usage_mass is None or (not self.track_usage and float(self.usage_mass.sum()) == 0.0):
             raise RuntimeError(f"no usage recorded: set track_usage=True on the {type(self).__name__} layer "
                                "and run it")
+        if float(self.usage_mass.sum()) == 0.0:
+            raise RuntimeError(f"no usage recorded yet: this {type(self).__name__} layer has seen no tokens since "
+                               "tracking began (or since reset_usage()); run it on a non-empty batch")
         distinct, effective = (self._usage_sums / self._usage_tokens).tolist()
         return usage_metrics(self.usage_mass) | {"distinct": distinct, "effective": effective}

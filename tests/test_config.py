@@ -170,7 +170,7 @@ FROM_DICT_ERRORS = [
     ({"ffn": {"kind": "moe", "topk": "2"}}, "ModelConfig.ffn.topk: expected int, got str '2'"),
     ({"placement": [1.5]}, r"ModelConfig.placement: expected str \| list\[int\]"),
     ({"placement": None}, r"ModelConfig.placement: expected str \| list\[int\], got None"),
-    ({"dim": 256.0}, "ModelConfig.dim: expected int, got float"),
+    ({"dim": 256.0}, "ModelConfig.dim: expected a whole number, got 256.0; write 256"),
     ({"mlp": None}, "ModelConfig.mlp: expected a DenseConfig"),
 ]
 

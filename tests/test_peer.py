@@ -321,11 +321,31 @@ def test_input_shapes_and_empty_batch():
         layer(torch.ones(3, 16, dtype=torch.long))
 
 
+@pytest.mark.parametrize("impl,sparse_grad", [("reference", False), ("fused", False), ("fused", True)])
+def test_an_empty_batch_is_part_of_the_graph(impl, sparse_grad):
+    """backward() through a batch of no tokens works and leaves zero gradients (no error blaming the
+    caller for an output cut off from the graph); with usage on, usage() says no tokens were seen."""
+    layer = PEER(**SMALL, impl=impl, sparse_grad=sparse_grad, track_usage=True)
+    x = torch.randn(0, 5, SMALL["dim"], requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape and y.requires_grad
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert layer.query.weight.grad is not None and not layer.query.weight.grad.any()
+    assert layer.w_down.grad is not None and not layer.w_down.grad.to_dense().any()
+    with pytest.raises(RuntimeError, match="has seen no tokens since tracking began"):
+        layer.usage()
+    layer.track_usage = False
+    layer.reset_usage()
+    with pytest.raises(RuntimeError, match="set track_usage=True"):
+        layer.usage()
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
         ({"num_experts": 1000}, "perfect square"),
-        ({"num_experts": 0}, "perfect square"),
+        ({"num_experts": 0}, r"perfect square .* got 0; use e.g. 1 or 4"),
         ({"topk": 9}, r"topk must be in \[1, sqrt\(num_experts\)=8\]"),
         ({"topk": 0}, "topk"),
         ({"dim_key": 7}, "dim_key must be even"),
