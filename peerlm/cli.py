@@ -166,7 +166,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = train(run, args.out, resume=args.resume, progress=not args.quiet, notes=notes)
     except TrainInterrupted as e:
-        print(f"peerlm: {e}; continue with `{_resume_command(args.out)}`", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 says it once
+            print(f"peerlm: {e}; continue with `{_resume_command(args.out)}`", file=sys.stderr)
         return 128 + e.signum
     except CheckpointDamaged as e:
         if e.intact is None:
