@@ -86,6 +86,11 @@ def steps_of(model: ModelConfig, t: TrainConfig) -> int:
     return plan_steps(RunConfig(model, t))[0]
 
 
+def tokens_of(model: ModelConfig, t: TrainConfig) -> int:
+    """The training tokens of those steps."""
+    return steps_of(model, t) * t.batch_size * t.grad_accum * model.context_length
+
+
 def train_run(run: RunConfig, out: Path, progress: bool,
               log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], float]:
     """Train ``run`` into ``out``, resuming from its checkpoints where it has some; the training
@@ -308,20 +313,24 @@ class Runner:
         return self.store.write_timing(meta, seconds)
 
     def format_plan(self, calibrate: bool = True) -> str:
+        """The pending runs as a table (each column as wide as its widest cell, so that the columns stay
+        apart at any budget) and the estimated hours of training."""
         pending = self.pending()
         per_step = self.calibrate() if calibrate and pending else {}
-        width = max([36] + [len(s.run_id) + 2 for s in pending])
-        lines = [f"{'phase':<10}{'run':<{width}}{'params':>10}{'tokens':>12}{'steps':>7}{'est. min':>10}"]
-        total = 0.0
+        head = ("phase", "run", "params", "tokens", "steps", "est. min")
+        rows, total = [], 0.0
         for spec in pending:
             cfg, t = spec.model(), spec.train()
             steps = steps_of(cfg, t)
-            est = steps * per_step.get(timing_key(spec), float("nan")) / 60
-            total += est if est == est else 0.0
-            lines.append(f"{spec.phase:<10}{spec.run_id:<{width}}{model_cost(cfg)['params'] / 1e6:>9.2f}M"
-                         f"{steps * t.batch_size * t.grad_accum * cfg.context_length:>12,}{steps:>7}{est:>10.1f}")
+            est = steps * per_step[timing_key(spec)] / 60 if timing_key(spec) in per_step else None
+            total += est or 0.0
+            rows.append((spec.phase, spec.run_id, f"{model_cost(cfg)['params'] / 1e6:.2f}M",
+                         f"{tokens_of(cfg, t):,}", f"{steps:,}", "-" if est is None else f"{est:,.1f}"))
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                 for r in [head, *rows]]
         done = len(self.records())
-        lines.append(f"{len(pending)} runs to go ({done} recorded); estimated {total / 60:.1f} h of training "
+        lines.append(f"{len(pending)} runs to go ({done} recorded); estimated {total / 60:,.1f} h of training "
                      f"at {self.threads} thread(s){'' if per_step else ' (not calibrated)'}; later phases "
                      "(ladder extensions, seeds) appear as the records decide them")
         return "\n".join(lines)
