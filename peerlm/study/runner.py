@@ -9,12 +9,15 @@ from its last checkpoint with the exact losses of an uninterrupted one. Plans ar
 two machines working from the same records agree on the next run.
 
 Every run is evaluated on the whole validation split (it picks the compute-optimal models) and on
-the first ``EVAL_TOKENS`` tokens of each held-out set.
+the first ``EVAL_TOKENS`` tokens of each held-out set. A run whose training loss becomes NaN or inf
+(training stops with a TrainError), or whose validation loss is not finite, is recorded as diverged
+(``peerlm.study.records``), so that the plan neither trains it again nor chooses it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import statistics
@@ -32,17 +35,18 @@ from peerlm.config import ModelConfig, to_dict
 from peerlm.data import EVAL_CORPORA, TRAIN_CORPORA, Corpus, TokenDataset, prepare
 from peerlm.evaluate import evaluate_run
 from peerlm.flops import model_cost
-from peerlm.runconfig import RunConfig, TrainConfig, data_info, plan_steps, resolve_device
+from peerlm.runconfig import RunConfig, TrainConfig, TrainError, data_info, plan_steps, resolve_device
 from peerlm.rundir import RunDir
 from peerlm.study.claims import RunClaimed, claim
 from peerlm.study.design import BATCH, CONTEXT, VOCAB, RunSpec
 from peerlm.study.records import Records, RecordStore, spec_of
 from peerlm.train import build_for_training, time_train_steps, train
 
-__all__ = ["Plan", "Runner", "EVAL_TOKENS", "timing_key", "machine", "main_log", "steps_of", "time_models",
-           "train_run"]
+__all__ = ["Plan", "Runner", "EVAL_TOKENS", "timing_key", "machine", "main_log", "steps_of", "tokens_of",
+           "time_models", "train_run"]
 
 EVAL_TOKENS = 65536
+DIVERGED_PREFIX = "loss is "  # how peerlm.train's TrainError for a NaN or inf training loss begins
 
 
 class Plan(Protocol):
@@ -216,14 +220,35 @@ class Runner:
         out = self.work / spec.run_id
         steps, _ = plan_steps(run)
         self.log(f"study: {spec.phase} {spec.run_id}: {steps} steps")
-        summary, wall = train_run(run, out, progress,
-                                   log=lambda s: None if s.startswith("step ") and "val" not in s else self.log(s))
-        wall_total = self._step_seconds(out)
+        try:
+            summary, wall = train_run(run, out, progress,
+                                       log=lambda s: None if s.startswith("step ") and "val" not in s else self.log(s))
+        except TrainError as e:
+            if not str(e).startswith(DIVERGED_PREFIX):
+                raise
+            # what the last logged step reached; the step that failed is not in the log
+            last = ([r for r in RunDir(out).metric_records() if "tokens" in r] or [{}])[-1]
+            summary = {"step": last.get("step", 0), "tokens": last.get("tokens", 0), "flops": last.get("flops", 0),
+                       "epochs": last.get("epochs", 0.0)}
+            return self._record(spec, run, out, summary, None, fingerprint, revision, diverged=" ".join(str(e).split()))
         t1 = time.time()
         results = evaluate_run(out, splits=["val"], batch_size=16, device=self.device)
         held = [n for n in TokenDataset(data).splits if n in EVAL_CORPORA]
         results.update(evaluate_run(out, splits=held, batch_size=16, max_tokens=EVAL_TOKENS, device=self.device))
+        evaluation = {"results": results, "seconds": time.time() - t1}
+        loss = results["val"]["loss"]
+        why = None if math.isfinite(loss) else f"the validation loss is {loss} after {summary['step']} steps"
+        rec = self._record(spec, run, out, summary | {"wall": wall}, evaluation, fingerprint, revision, diverged=why)
+        return rec
+
+    def _record(self, spec: RunSpec, run: RunConfig, out: Path, summary: dict[str, Any],
+                evaluation: dict[str, Any] | None, fingerprint: dict[str, Any], revision: str,
+                diverged: str | None = None) -> dict[str, Any]:
+        """Write the record of ``spec`` (trained into ``out``; ``evaluation`` None: not evaluated, as a
+        run that diverged in training is not) and log it."""
+        wall_total = self._step_seconds(out)
         cost = model_cost(run.model)
+        results = evaluation["results"] if evaluation else {}
         rec = {
             "run_id": spec.run_id, "phase": spec.phase,
             "spec": {"budget": spec.budget, "method": spec.method, "size": spec.size, "lr_mult": spec.lr_mult,
@@ -231,22 +256,29 @@ class Runner:
                      "sparse_optimizer": spec.sparse_optimizer}
             | ({"overrides": list(spec.overrides)} if spec.overrides else {})
             | ({"tokens": spec.tokens} if spec.tokens is not None else {}),
+            **({"diverged": diverged} if diverged else {}),
             "model": to_dict(run.model), "train": to_dict(run.train), "data": fingerprint,
             "params": cost["params"], "active_params": cost["active_params"],
             "expert_params": cost["expert_params"], "flops_train_per_token": cost["flops_train"],
             "steps": summary["step"], "train_tokens": summary["tokens"], "flops": summary["flops"],
-            "epochs": summary["epochs"], "train_seconds": wall_total, "wall_seconds_last_call": wall,
+            "epochs": summary["epochs"], "train_seconds": wall_total,
+            **({"wall_seconds_last_call": summary["wall"]} if "wall" in summary else {}),
             "tokens_per_second": summary["tokens"] / max(wall_total, 1e-9),
-            "eval_seconds": time.time() - t1, "eval_tokens_heldout": EVAL_TOKENS,
+            **({"eval_seconds": evaluation["seconds"], "eval_tokens_heldout": EVAL_TOKENS} if evaluation else {}),
             "eval": {k: {f: v[f] for f in ("loss", "perplexity", "bits_per_byte", "tokens") if f in v}
                      | ({"usage": v["usage"]} if v.get("usage") else {}) for k, v in results.items()},
             "last_train_loss": self._last_loss(out),
             "git_revision": revision, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(self.device), "threads": self.threads,
         }
-        self.store.write(rec)
-        self.log(f"study: done {spec.run_id}: val ppl {rec['eval']['val']['perplexity']:.2f}, "
-                 f"{rec['train_tokens']:,} tokens ({rec['epochs']:.2f} epochs) in {wall_total / 60:.1f} min")
+        path = self.store.write(rec)
+        if diverged:
+            self.log(f"study: {spec.run_id} diverged ({diverged}); recorded as diverged in {path}: the plan counts "
+                     f"it as worse than any run that did not diverge and does not train it again (to train it "
+                     f"again, move the record aside and delete {out})")
+        else:
+            self.log(f"study: done {spec.run_id}: val ppl {rec['eval']['val']['perplexity']:.2f}, "
+                     f"{rec['train_tokens']:,} tokens ({rec['epochs']:.2f} epochs) in {wall_total / 60:.1f} min")
         return rec
 
     @staticmethod
