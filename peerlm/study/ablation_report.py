@@ -8,7 +8,10 @@ memory's block ids) and ``method``, ``seed``,
 in records written before they were measured), each the mean over the memory blocks where there are
 several, ``train_tokens``,
 ``train_seconds`` (steps times ``timing.json``'s step time where ``--time-steps`` wrote one, else the
-run's own summed step times). The table averages seeds (± half their range) per variant.
+run's own summed step times), ``diverged`` (why, for a run that diverged: its one row, on val, has
+no perplexity or usage; null otherwise). The table averages seeds (± half their range) per variant
+and says ``diverged`` where a run did; the plot leaves diverged runs out. Without matplotlib the
+table and JSON are written, and the log says how to get the plot.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing import Any
 from peerlm.config import ModelConfig
 from peerlm.configio import from_dict
 from peerlm.fileio import atomic_write_text
-from peerlm.study.report import EVAL_ORDER, save_png, timing_note, train_seconds
+from peerlm.study.records import diverged
+from peerlm.study.report import EVAL_ORDER, plots_or_note, pyplot, save_png, timing_note, train_seconds
 from peerlm.study.runner import machine
 
 __all__ = ["ablation_rows", "write_ablation_report"]
@@ -44,12 +48,18 @@ def _settings(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def ablation_rows(ablation) -> list[dict[str, Any]]:
-    """One row per (planned run with a record, eval set)."""
+    """One row per (planned run with a record, eval set); one row on val for a diverged run."""
     recs, timing = ablation.records(), ablation.timing()
     rows = []
     for spec in ablation.planned(recs):
         rec = recs.get(spec.run_id)
         if rec is None:
+            continue
+        if diverged(rec):
+            rows.append({**_settings(rec), "seed": spec.seed, "eval_set": "val", "perplexity": None,
+                         "bits_per_byte": None, **{k: None for k in USAGE_KEYS}, "train_tokens": rec["train_tokens"],
+                         "train_seconds": train_seconds(rec, timing), "run_id": rec["run_id"],
+                         "diverged": rec.get("diverged", "the validation loss is not finite")})
             continue
         for name in EVAL_ORDER:
             ev = rec["eval"].get(name)
@@ -61,7 +71,7 @@ def ablation_rows(ablation) -> list[dict[str, Any]]:
             rows.append({**_settings(rec), "seed": spec.seed, "eval_set": name, "perplexity": ev["perplexity"],
                          "bits_per_byte": ev["bits_per_byte"], **{k: usage.get(k) for k in USAGE_KEYS},
                          "train_tokens": rec["train_tokens"],
-                         "train_seconds": train_seconds(rec, timing), "run_id": rec["run_id"]})
+                         "train_seconds": train_seconds(rec, timing), "run_id": rec["run_id"], "diverged": None})
     return rows
 
 
@@ -81,6 +91,12 @@ def _cell(rs: list[dict[str, Any]], key: str, fmt: str) -> str:
     return format(mean, fmt) + (f" ± {format((max(vals) - min(vals)) / 2, fmt)}" if len(vals) > 1 else "")
 
 
+def _perplexity_cell(rs: list[dict[str, Any]]) -> str:
+    """The seeds' mean perplexity, saying how many of them diverged (``diverged`` when all did)."""
+    cell, gone = _cell(rs, "perplexity", ".2f"), sum(r["diverged"] is not None for r in rs)
+    return cell if not gone else "diverged" if not cell else f"{cell} ({gone} seed(s) diverged)"
+
+
 def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) -> str:
     start = ablation.plan.start()
     lines = [f"# Ablation `{ablation.plan.name}`", "", f"Command: `{command}`  ",
@@ -95,7 +111,7 @@ def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) ->
              + " | usage | unevenness | distinct | effective | train time |", "|" + "---|" * (14 + len(EVAL_ORDER))]
     for key, by_set in _grouped(rows).items():
         method, n, h, k, qn, gate, ratio, blocks = key
-        cells = [_cell(by_set.get(name, []), "perplexity", ".2f") for name in EVAL_ORDER]
+        cells = [_perplexity_cell(by_set.get(name, [])) for name in EVAL_ORDER]
         val = by_set.get("val", [])
         usage, distinct = (_cell([dict(r, **{key: 100 * r[key]}) if r[key] is not None else r for r in val], key, ".1f")
                            for key in ("usage", "distinct"))
@@ -108,13 +124,9 @@ def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) ->
 
 
 def _plot(ablation, rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     spec = ablation.plan.spec
-    val = [r for r in rows if r["eval_set"] == "val"]
+    val = [r for r in rows if r["eval_set"] == "val" and r["diverged"] is None]
     fig, ax = plt.subplots(figsize=(6, 4.2))
     points = [spec.point(r) for r in val]
     places = sorted({x for _, x in points if isinstance(x, str)}, key=lambda b: (len(b), b))  # categories
@@ -158,4 +170,5 @@ def write_ablation_report(ablation, command: str | None = None) -> list[Path]:
             "ablation": ablation.plan.name}
     atomic_write_text(out / "summary.json", json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
     atomic_write_text(out / "table.md", format_ablation_table(ablation, rows, command))
-    return [out / "summary.json", out / "table.md", _plot(ablation, rows, out / f"{ablation.plan.name}.png")]
+    return [out / "summary.json", out / "table.md",
+            *plots_or_note(ablation, lambda: [_plot(ablation, rows, out / f"{ablation.plan.name}.png")])]

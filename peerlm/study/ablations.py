@@ -38,7 +38,6 @@ is one ``register(AblationSpec(...))``; ``peerlm study <name>`` and its report p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +45,9 @@ from typing import Any
 
 from peerlm.config import to_dict
 from peerlm.study.design import SIZES, RunSpec, budget_name, model_config, size
-from peerlm.study.isoflop import IsoflopPlan
-from peerlm.study.records import Records, RecordStore, spec_of
-from peerlm.study.runner import Runner
+from peerlm.study.isoflop import IsoflopPlan, stuck
+from peerlm.study.records import Records, RecordStore, diverged, read_record, spec_of
+from peerlm.study.runner import Runner, tokens_of
 
 __all__ = ["ABLATIONS", "AblationSpec", "AblationPlan", "Start", "StudyNotReady", "ablation_study", "register",
            "placement_refs"]
@@ -206,8 +205,11 @@ def _placement(s: Start) -> Iterator[RunSpec]:
             raise StudyNotReady(f"the isoFLOP study has no record of {ref.run_id} yet "
                                 f"({s.iso_runs}); run `peerlm study isoflop` first")
         yield ref
+        rec = s.iso[ref.run_id]
+        # a diverged reference stopped early: its variants train for the tokens it was planned for
+        tokens = rec["train_tokens"] if not diverged(rec) else tokens_of(ref.model(), ref.train())
         for where in PLACEMENTS:
-            yield ref.with_(phase=s.name, overrides=(f"placement={where}",), tokens=s.iso[ref.run_id]["train_tokens"])
+            yield ref.with_(phase=s.name, overrides=(f"placement={where}",), tokens=tokens)
 
 
 def _describe_placement(s: Start) -> str:
@@ -256,7 +258,11 @@ class AblationPlan:
         recs = self.iso_store.records()
         ch = self.iso_plan.choices(recs)
         b0 = self.iso_plan.budgets[0]
-        _, best = self.iso_plan.ladder(b0, "peer", recs, ch)
+        specs, best = self.iso_plan.ladder(b0, "peer", recs, ch)
+        if "peer" in ch["stuck"] or stuck(specs, best, recs):
+            sweep = "expert-LR sweep" if "peer" in ch["stuck"] else "ladder"
+            raise StudyNotReady(f"every run of the isoFLOP study's {sweep} of PEER at {budget_name(b0)} FLOPs "
+                                f"diverged ({self.iso_store.runs_dir}): it has no compute-optimal model to start from")
         if best is None:
             raise StudyNotReady(f"the isoFLOP study's PEER ladder at {budget_name(b0)} FLOPs is not bracketed yet "
                                 f"({self.iso_store.runs_dir}); run `peerlm study isoflop` first")
@@ -296,7 +302,7 @@ class AblationPlan:
             for run_id in sorted(run_ids - out.keys()):
                 f = runs / f"{run_id}.json"
                 if f.is_file():
-                    rec = json.loads(f.read_text("utf-8"))
+                    rec = read_record(f)
                     spec = spec_of(rec)
                     if rec["model"] == to_dict(spec.model()) and _but_device(rec["train"]) == _but_device(
                             to_dict(spec.train())):

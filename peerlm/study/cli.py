@@ -12,12 +12,28 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 from peerlm.argtypes import real, whole
 from peerlm.study.design import BUDGETS, METHODS, budget_name
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "budget"]
+
+# argparse reads an argument that starts with "-" as an option unless it looks like a negative number,
+# and its own test for that misses exponents ("-2e12"); the study's commands have no option that looks
+# like a number, so anything that starts with "-" and a digit is a value, and its type checks it
+NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
+
+
+def budget(text: str) -> float:
+    """The argparse type of ``--budget``: a finite, positive number of training FLOPs."""
+    try:
+        return real(0, lo_open=True)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"a budget must be a positive number of FLOPs (e.g. 2e12), got {text!r}") \
+            from None
 
 
 def _drive(study, write: Callable, args: argparse.Namespace) -> int:
@@ -53,6 +69,10 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     from peerlm.study.isoflop import isoflop_study
     from peerlm.study.runner import main_log
 
+    if not Path(args.isoflop_results).is_dir():
+        what = "is not a folder" if Path(args.isoflop_results).exists() else "does not exist"
+        raise ValueError(f"--isoflop-results {args.isoflop_results} {what}; name the folder of the isoFLOP study's "
+                         "records (the one holding runs/; default results/isoflop)")
     iso = isoflop_study(args.isoflop_results, work=args.work, threads=args.threads, log=main_log, device=args.device)
     return _drive(ablation_study(args.study, args.results or f"results/{args.study}", iso), write_ablation_report, args)
 
@@ -85,10 +105,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="records and reports (default: results/isoflop)")
     q.add_argument("--work", default=None, metavar="DIR",
                    help="data and checkpoints (default: $PEERLM_CACHE/study/isoflop)")
-    q.add_argument("--budget", action="append", type=real(0, lo_open=True, example="2e12"), metavar="FLOPS",
+    q.add_argument("--budget", action="append", type=budget, metavar="FLOPS",
                    help=f"training FLOP budget (repeatable; default: {', '.join(budget_name(b) for b in BUDGETS)})")
     q.add_argument("--method", action="append", choices=METHODS, help="only these methods (repeatable)")
     _common(q)
+    q._negative_number_matcher = NEGATIVE_NUMBER
     q.set_defaults(func=_cmd_isoflop)
     from peerlm.study.ablations import ABLATIONS
 
@@ -102,4 +123,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--work", default=None, metavar="DIR",
                        help="the isoFLOP study's work directory (default: $PEERLM_CACHE/study/isoflop)")
         _common(q)
+        q._negative_number_matcher = NEGATIVE_NUMBER
         q.set_defaults(func=_cmd_ablation)

@@ -13,12 +13,18 @@ Phases, in order; each later phase reads the choices of the earlier ones from th
 4. ``seed``: the compute-optimal model of every (budget, method) again with seed 1.
 5. ``optimizer``: the compute-optimal PEER model of the smaller budget with the row-sparse AdamW.
 
+A diverged run (``peerlm.study.records.diverged``) is recorded, so it is not trained again, and counts
+as worse than any run that did not diverge (``bracket``): it is never a sweep's choice or a compute-
+optimal size. A sweep whose runs all diverged has no choice, and the runs that would use it are not
+planned.
+
 Runs are chosen deterministically, so two machines working from the same records agree on the next
 one. Checkpoints live in the user cache (``$PEERLM_CACHE/study/isoflop/<run_id>``) by default.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,24 +42,40 @@ from peerlm.study.design import (
     RunSpec,
     initial_window,
 )
-from peerlm.study.records import Records, RecordStore, val_loss
+from peerlm.study.records import Records, RecordStore, choice_loss
 from peerlm.study.runner import Runner
 
-__all__ = ["IsoflopPlan", "isoflop_study", "bracket"]
+__all__ = ["IsoflopPlan", "isoflop_study", "bracket", "stuck"]
+
+
+def stuck(specs: list[RunSpec], best: Any, recs: Records) -> bool:
+    """Whether a sweep (``bracket``'s result) has every run recorded and still no best: all diverged."""
+    return best is None and all(s.run_id in recs for s in specs)
 
 
 def bracket(grid: tuple, first: tuple, make: Callable[[Any], RunSpec], recs: Records) -> tuple[list[RunSpec], Any]:
     """Runs of a 1-D sweep over ``grid`` that starts at the values ``first`` and grows by one value
     at the end where its best run lies, until the best has a neighbour on both sides (or the grid
-    ends). Returns the runs so far and the best value once that holds (None before)."""
+    ends). Returns the runs so far and the best value once that holds (None before).
+
+    Runs compare by ``choice_loss``: a diverged run counts as worse than any run that did not diverge,
+    so it is never the best while the sweep has a finite point, and it brackets a best beside it as
+    any worse run does. While every run of the sweep diverged, the sweep grows at its low end (the
+    smaller LR, ratio or model: the side that more often trains stably); once that end of the grid
+    is reached it has no best, and the result stays None with every run recorded (``stuck``)."""
     lo, hi = grid.index(first[0]), grid.index(first[-1])
     while True:
         specs = [make(grid[i]) for i in range(lo, hi + 1)]
         done = [recs.get(s.run_id) for s in specs]
         if not all(done):
             return specs, None
-        best = min(range(len(done)), key=lambda i: val_loss(done[i]))
-        if best == 0 and lo > 0:
+        losses = [choice_loss(r) for r in done]
+        best = min(range(len(done)), key=losses.__getitem__)
+        if math.isinf(losses[best]):  # every run diverged
+            if lo == 0:
+                return specs, None
+            lo -= 1
+        elif best == 0 and lo > 0:
             lo -= 1
         elif best == len(done) - 1 and hi < len(grid) - 1:
             hi += 1
@@ -83,17 +105,22 @@ class IsoflopPlan:
 
     def choices(self, recs: Records) -> dict[str, Any]:
         """The sweeps' runs and their choices: the LR multiplier and each memory method's expert-table
-        LR ratio (1.0 while a sweep is unfinished)."""
+        LR ratio (1.0 while a sweep is unfinished), and ``stuck``: the sweeps ("lr", "peer", "pkm") whose
+        runs all diverged, so that they have no choice."""
         b0 = self.budgets[0]
         mid = initial_window(b0)[1]
-        lr_specs, lr_mult = bracket(LR_GRID, LR_MULTIPLIERS, lambda m: RunSpec("lr", b0, "dense", mid, lr_mult=m), recs)
-        lr_mult = 1.0 if lr_mult is None else lr_mult
+        lr_specs, best_lr = bracket(LR_GRID, LR_MULTIPLIERS, lambda m: RunSpec("lr", b0, "dense", mid, lr_mult=m), recs)
+        lr_mult = 1.0 if best_lr is None else best_lr
         ratios, ratio_specs = {}, {}
+        stalled = {"lr"} if stuck(lr_specs, best_lr, recs) else set()
         for method in ("peer", "pkm"):
             ratio_specs[method], best = bracket(
                 RATIO_GRID, EXPERT_LR_RATIOS, lambda r, m=method: RunSpec("expert-lr", b0, m, mid, lr_mult, r), recs)
             ratios[method] = 1.0 if best is None else best
-        return {"lr_mult": lr_mult, "expert_ratio": ratios, "lr_specs": lr_specs, "ratio_specs": ratio_specs}
+            if stuck(ratio_specs[method], best, recs):
+                stalled.add(method)
+        return {"lr_mult": lr_mult, "expert_ratio": ratios, "lr_specs": lr_specs, "ratio_specs": ratio_specs,
+                "stuck": stalled}
 
     def ladder_spec(self, budget: float, method: str, size: str, ch: dict[str, Any], seed: int = 0) -> RunSpec:
         """The ladder run (seed 0) or its second seed of (budget, method, size) under the choices ``ch``."""
@@ -107,17 +134,23 @@ class IsoflopPlan:
         return bracket(names, tuple(initial_window(budget)), lambda sz: self.ladder_spec(budget, method, sz, ch), recs)
 
     def runs(self, recs: Records) -> Iterator[RunSpec]:
-        """Every run the study needs as far as the records decide, in the order they will run."""
+        """Every run the study needs as far as the records decide, in the order they will run. A sweep
+        whose runs all diverged decides nothing: with the LR sweep's, nothing after it is planned; with
+        a memory method's ratio sweep, none of that method's ladder runs."""
         b0 = self.budgets[0]
         ch = self.choices(recs)
         if "dense" in self.methods:
             yield from ch["lr_specs"]
+            if "lr" in ch["stuck"]:
+                return
         for method in ("peer", "pkm"):
             if method in self.methods:
                 yield from ch["ratio_specs"][method]
         best: dict[tuple[float, str], str | None] = {}
         for budget in self.budgets:
             for method in self.methods:
+                if method in ch["stuck"]:
+                    continue
                 specs, best[budget, method] = self.ladder(budget, method, recs, ch)
                 yield from specs
         for (budget, method), sz in best.items():

@@ -11,6 +11,11 @@
 
 Training seconds at equal wall time come from ``timing.json`` (``Runner.time_steps``: every model's
 step timed back to back under one load) when it exists, else from the runs' own step times.
+
+A diverged run (``peerlm.study.records.diverged``) is listed among every run as ``diverged`` and left
+out of everything else: it is never a compute-optimal model, a seed of one, a point of a curve or a
+run at equal wall time. The plots need matplotlib (the ``study`` extra); without it the tables and
+JSON are written and the study's log says how to get the plots.
 """
 
 from __future__ import annotations
@@ -25,16 +30,33 @@ from typing import Any
 
 from peerlm.fileio import atomic_write_bytes, atomic_write_text
 from peerlm.study.design import METHODS, budget_name
-from peerlm.study.records import spec_of, val_loss
+from peerlm.study.records import diverged, spec_of, val_loss
 from peerlm.study.runner import machine, timing_key
 
 __all__ = ["compute_optimal", "summary_records", "format_table", "write_report", "train_seconds", "timing_note",
-           "save_png"]
+           "save_png", "pyplot", "plots_or_note", "PlotsUnavailable", "PLOTS_NEED"]
 
 EVAL_ORDER = ("val", "wiki", "news", "fiction", "web")
 HELDOUT = EVAL_ORDER[1:]
 HELDOUT_MEAN = "heldout"  # the pseudo-set of the tables: geometric mean perplexity over HELDOUT
 TABLE_SETS = EVAL_ORDER + (HELDOUT_MEAN,)
+PLOTS_NEED = 'the plots need matplotlib: pip install "peerlm[study]"'
+
+
+class PlotsUnavailable(ImportError):
+    """matplotlib is not installed: the reports are written without their plots."""
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend; ``PlotsUnavailable`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise PlotsUnavailable(f"{PLOTS_NEED} ({e})") from None
+    return plt
 
 
 def heldout_loss(rec: dict[str, Any]) -> float | None:
@@ -45,27 +67,30 @@ def heldout_loss(rec: dict[str, Any]) -> float | None:
 
 
 def _ladder_runs(recs: dict[str, dict[str, Any]], budget: float, method: str) -> list[dict[str, Any]]:
-    return [r for r in recs.values() if r["spec"]["budget"] == budget and r["spec"]["method"] == method
-            and r["spec"]["seed"] == 0 and not r["spec"]["sparse_optimizer"] and r["phase"] in ("ladder", "lr",
-                                                                                                "expert-lr")]
+    """The runs of a (budget, method) on its ladder and the sweeps there, seed 0, diverged ones left out."""
+    return [r for r in recs.values() if not diverged(r) and r["spec"]["budget"] == budget
+            and r["spec"]["method"] == method and r["spec"]["seed"] == 0 and not r["spec"]["sparse_optimizer"]
+            and r["phase"] in ("ladder", "lr", "expert-lr")]
 
 
 def compute_optimal(plan, recs: dict[str, dict[str, Any]]) -> dict[tuple[float, str], dict[str, Any]]:
     """Of the isoFLOP ``plan``: (budget, method) -> the records of its best ladder size, seed 0 first
-    then other seeds, with ``bracketed``: whether that best size has a smaller and a larger run beside it."""
+    then other seeds, with ``bracketed``: whether that best size has a smaller and a larger run beside it,
+    and ``ladder``: its runs that did not diverge. Diverged runs are in no list; a ladder whose runs all
+    diverged has no entry."""
     ch = plan.choices(recs)
     out = {}
     for budget in plan.budgets:
         for method in plan.methods:
             specs, best = plan.ladder(budget, method, recs, ch)
-            done = [recs[s.run_id] for s in specs if s.run_id in recs]
+            done = [recs[s.run_id] for s in specs if s.run_id in recs and not diverged(recs[s.run_id])]
             if not done:
                 continue
             if best is None:  # ladder unfinished: report the best so far, marked as such
                 best = min(done, key=val_loss)["spec"]["size"]
             names = [s.size for s in specs]
             seeds = [r for r in recs.values() if r["spec"]["budget"] == budget and r["spec"]["method"] == method
-                     and r["spec"]["size"] == best and not r["spec"]["sparse_optimizer"]
+                     and r["spec"]["size"] == best and not r["spec"]["sparse_optimizer"] and not diverged(r)
                      and r["spec"]["lr_mult"] == ch["lr_mult"]
                      and r["spec"]["expert_ratio"] == ch["expert_ratio"].get(method, 1.0)]
             seeds.sort(key=lambda r: r["spec"]["seed"])
@@ -228,26 +253,28 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
         lines += ["", "At equal training time on this machine (1 thread): best validation perplexity of any "
                   "ladder run that trained no longer than dense's compute-optimal run. "
                   + timing_note(timing), "", *wall]
-    lines += ["", "## Every run", "",
-              "| phase | run | params | active | train FLOPs/token | tokens | epochs | val ppl | usage (unevenness) "
+    gone = sorted(r["run_id"] for r in recs.values() if diverged(r))
+    lines += ["", "## Every run", ""]
+    if gone:
+        lines += [f"{len(gone)} run(s) diverged (a NaN or inf loss; val ppl `diverged`, tokens and time as far as it "
+                  "trained): they count as worse than any other run of their sweep or ladder and "
+                  "are left out of every table and plot above: " + ", ".join(gone) + ".", ""]
+    lines += ["| phase | run | params | active | train FLOPs/token | tokens | epochs | val ppl | usage (unevenness) "
               "| train min | tokens/s |", "|" + "---|" * 11]
     for r in sorted(recs.values(), key=lambda r: (r["spec"]["budget"], METHODS.index(r["spec"]["method"]),
                                                  r["params"], r["run_id"])):
-        usage = ", ".join(f"{u['usage']:.1%} ({u['unevenness']:.2f})"
-                          for u in r["eval"]["val"].get("usage", {}).values())
+        bad = diverged(r)
+        usage = "" if bad else ", ".join(f"{u['usage']:.1%} ({u['unevenness']:.2f})"
+                                         for u in r["eval"]["val"].get("usage", {}).values())
         lines.append(f"| {r['phase']} | {r['run_id']} | {r['params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.3f}M | "
                      f"{r['flops_train_per_token'] / 1e6:.2f}M | {r['train_tokens'] / 1e6:.2f}M | {r['epochs']:.2f} | "
-                     f"{r['eval']['val']['perplexity']:.2f} | {usage} | {r['train_seconds'] / 60:.1f} | "
-                     f"{r['tokens_per_second']:,.0f} |")
+                     f"{'diverged' if bad else format(r['eval']['val']['perplexity'], '.2f')} | {usage} | "
+                     f"{r['train_seconds'] / 60:.1f} | {r['tokens_per_second']:,.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     ch = study.plan.choices(recs)
     # top row: total parameters (the paper's axis); bottom row: parameters used per token, where the
@@ -305,7 +332,8 @@ def save_png(fig, path: Path) -> Path:
 
 
 def write_report(study, command: str | None = None) -> list[Path]:
-    """Write summary.json, table.md and the plots under the study's results directory."""
+    """Write summary.json, table.md and the plots under the study's results directory (without
+    matplotlib: the tables and JSON, and a line in the study's log that says how to get the plots)."""
     recs = study.records()
     if not recs:
         raise ValueError(f"{study.runs_dir} holds no run records yet; run `peerlm study isoflop` first")
@@ -318,5 +346,14 @@ def write_report(study, command: str | None = None) -> list[Path]:
             "timing": (study.timing() or {}).get("meta")}
     atomic_write_text(out / "summary.json", json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
     atomic_write_text(out / "table.md", format_table(study, recs, command))
-    return [out / "summary.json", out / "table.md", *_plots(study, recs, out)]
+    return [out / "summary.json", out / "table.md", *plots_or_note(study, lambda: _plots(study, recs, out))]
+
+
+def plots_or_note(study, plot) -> list[Path]:
+    """The paths ``plot()`` writes, or none and a line in ``study``'s log when matplotlib is missing."""
+    try:
+        return plot()
+    except PlotsUnavailable:
+        study.log(f"study: wrote the tables and JSON but no plots: {PLOTS_NEED}")
+        return []
 

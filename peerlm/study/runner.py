@@ -9,12 +9,15 @@ from its last checkpoint with the exact losses of an uninterrupted one. Plans ar
 two machines working from the same records agree on the next run.
 
 Every run is evaluated on the whole validation split (it picks the compute-optimal models) and on
-the first ``EVAL_TOKENS`` tokens of each held-out set.
+the first ``EVAL_TOKENS`` tokens of each held-out set. A run whose training loss becomes NaN or inf
+(training stops with a TrainError), or whose validation loss is not finite, is recorded as diverged
+(``peerlm.study.records``), so that the plan neither trains it again nor chooses it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import statistics
@@ -32,17 +35,18 @@ from peerlm.config import ModelConfig, to_dict
 from peerlm.data import EVAL_CORPORA, TRAIN_CORPORA, Corpus, TokenDataset, prepare
 from peerlm.evaluate import evaluate_run
 from peerlm.flops import model_cost
-from peerlm.runconfig import RunConfig, TrainConfig, data_info, plan_steps, resolve_device
+from peerlm.runconfig import RunConfig, TrainConfig, TrainError, data_info, plan_steps, resolve_device
 from peerlm.rundir import RunDir
 from peerlm.study.claims import RunClaimed, claim
 from peerlm.study.design import BATCH, CONTEXT, VOCAB, RunSpec
 from peerlm.study.records import Records, RecordStore, spec_of
 from peerlm.train import build_for_training, time_train_steps, train
 
-__all__ = ["Plan", "Runner", "EVAL_TOKENS", "timing_key", "machine", "main_log", "steps_of", "time_models",
-           "train_run"]
+__all__ = ["Plan", "Runner", "EVAL_TOKENS", "timing_key", "machine", "main_log", "steps_of", "tokens_of",
+           "time_models", "train_run"]
 
 EVAL_TOKENS = 65536
+DIVERGED_PREFIX = "loss is "  # how peerlm.train's TrainError for a NaN or inf training loss begins
 
 
 class Plan(Protocol):
@@ -84,6 +88,11 @@ def main_log(msg: str) -> None:
 def steps_of(model: ModelConfig, t: TrainConfig) -> int:
     """The optimizer steps the budget of ``t`` buys ``model``: what training will run."""
     return plan_steps(RunConfig(model, t))[0]
+
+
+def tokens_of(model: ModelConfig, t: TrainConfig) -> int:
+    """The training tokens of those steps."""
+    return steps_of(model, t) * t.batch_size * t.grad_accum * model.context_length
 
 
 def train_run(run: RunConfig, out: Path, progress: bool,
@@ -211,14 +220,35 @@ class Runner:
         out = self.work / spec.run_id
         steps, _ = plan_steps(run)
         self.log(f"study: {spec.phase} {spec.run_id}: {steps} steps")
-        summary, wall = train_run(run, out, progress,
-                                   log=lambda s: None if s.startswith("step ") and "val" not in s else self.log(s))
-        wall_total = self._step_seconds(out)
+        try:
+            summary, wall = train_run(run, out, progress,
+                                       log=lambda s: None if s.startswith("step ") and "val" not in s else self.log(s))
+        except TrainError as e:
+            if not str(e).startswith(DIVERGED_PREFIX):
+                raise
+            # what the last logged step reached; the step that failed is not in the log
+            last = ([r for r in RunDir(out).metric_records() if "tokens" in r] or [{}])[-1]
+            summary = {"step": last.get("step", 0), "tokens": last.get("tokens", 0), "flops": last.get("flops", 0),
+                       "epochs": last.get("epochs", 0.0)}
+            return self._record(spec, run, out, summary, None, fingerprint, revision, diverged=" ".join(str(e).split()))
         t1 = time.time()
         results = evaluate_run(out, splits=["val"], batch_size=16, device=self.device)
         held = [n for n in TokenDataset(data).splits if n in EVAL_CORPORA]
         results.update(evaluate_run(out, splits=held, batch_size=16, max_tokens=EVAL_TOKENS, device=self.device))
+        evaluation = {"results": results, "seconds": time.time() - t1}
+        loss = results["val"]["loss"]
+        why = None if math.isfinite(loss) else f"the validation loss is {loss} after {summary['step']} steps"
+        rec = self._record(spec, run, out, summary | {"wall": wall}, evaluation, fingerprint, revision, diverged=why)
+        return rec
+
+    def _record(self, spec: RunSpec, run: RunConfig, out: Path, summary: dict[str, Any],
+                evaluation: dict[str, Any] | None, fingerprint: dict[str, Any], revision: str,
+                diverged: str | None = None) -> dict[str, Any]:
+        """Write the record of ``spec`` (trained into ``out``; ``evaluation`` None: not evaluated, as a
+        run that diverged in training is not) and log it."""
+        wall_total = self._step_seconds(out)
         cost = model_cost(run.model)
+        results = evaluation["results"] if evaluation else {}
         rec = {
             "run_id": spec.run_id, "phase": spec.phase,
             "spec": {"budget": spec.budget, "method": spec.method, "size": spec.size, "lr_mult": spec.lr_mult,
@@ -226,22 +256,29 @@ class Runner:
                      "sparse_optimizer": spec.sparse_optimizer}
             | ({"overrides": list(spec.overrides)} if spec.overrides else {})
             | ({"tokens": spec.tokens} if spec.tokens is not None else {}),
+            **({"diverged": diverged} if diverged else {}),
             "model": to_dict(run.model), "train": to_dict(run.train), "data": fingerprint,
             "params": cost["params"], "active_params": cost["active_params"],
             "expert_params": cost["expert_params"], "flops_train_per_token": cost["flops_train"],
             "steps": summary["step"], "train_tokens": summary["tokens"], "flops": summary["flops"],
-            "epochs": summary["epochs"], "train_seconds": wall_total, "wall_seconds_last_call": wall,
+            "epochs": summary["epochs"], "train_seconds": wall_total,
+            **({"wall_seconds_last_call": summary["wall"]} if "wall" in summary else {}),
             "tokens_per_second": summary["tokens"] / max(wall_total, 1e-9),
-            "eval_seconds": time.time() - t1, "eval_tokens_heldout": EVAL_TOKENS,
+            **({"eval_seconds": evaluation["seconds"], "eval_tokens_heldout": EVAL_TOKENS} if evaluation else {}),
             "eval": {k: {f: v[f] for f in ("loss", "perplexity", "bits_per_byte", "tokens") if f in v}
                      | ({"usage": v["usage"]} if v.get("usage") else {}) for k, v in results.items()},
             "last_train_loss": self._last_loss(out),
             "git_revision": revision, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(self.device), "threads": self.threads,
         }
-        self.store.write(rec)
-        self.log(f"study: done {spec.run_id}: val ppl {rec['eval']['val']['perplexity']:.2f}, "
-                 f"{rec['train_tokens']:,} tokens ({rec['epochs']:.2f} epochs) in {wall_total / 60:.1f} min")
+        path = self.store.write(rec)
+        if diverged:
+            self.log(f"study: {spec.run_id} diverged ({diverged}); recorded as diverged in {path}: the plan counts "
+                     f"it as worse than any run that did not diverge and does not train it again (to train it "
+                     f"again, move the record aside and delete {out})")
+        else:
+            self.log(f"study: done {spec.run_id}: val ppl {rec['eval']['val']['perplexity']:.2f}, "
+                     f"{rec['train_tokens']:,} tokens ({rec['epochs']:.2f} epochs) in {wall_total / 60:.1f} min")
         return rec
 
     @staticmethod
@@ -308,20 +345,24 @@ class Runner:
         return self.store.write_timing(meta, seconds)
 
     def format_plan(self, calibrate: bool = True) -> str:
+        """The pending runs as a table (each column as wide as its widest cell, so that the columns stay
+        apart at any budget) and the estimated hours of training."""
         pending = self.pending()
         per_step = self.calibrate() if calibrate and pending else {}
-        width = max([36] + [len(s.run_id) + 2 for s in pending])
-        lines = [f"{'phase':<10}{'run':<{width}}{'params':>10}{'tokens':>12}{'steps':>7}{'est. min':>10}"]
-        total = 0.0
+        head = ("phase", "run", "params", "tokens", "steps", "est. min")
+        rows, total = [], 0.0
         for spec in pending:
             cfg, t = spec.model(), spec.train()
             steps = steps_of(cfg, t)
-            est = steps * per_step.get(timing_key(spec), float("nan")) / 60
-            total += est if est == est else 0.0
-            lines.append(f"{spec.phase:<10}{spec.run_id:<{width}}{model_cost(cfg)['params'] / 1e6:>9.2f}M"
-                         f"{steps * t.batch_size * t.grad_accum * cfg.context_length:>12,}{steps:>7}{est:>10.1f}")
+            est = steps * per_step[timing_key(spec)] / 60 if timing_key(spec) in per_step else None
+            total += est or 0.0
+            rows.append((spec.phase, spec.run_id, f"{model_cost(cfg)['params'] / 1e6:.2f}M",
+                         f"{tokens_of(cfg, t):,}", f"{steps:,}", "-" if est is None else f"{est:,.1f}"))
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                 for r in [head, *rows]]
         done = len(self.records())
-        lines.append(f"{len(pending)} runs to go ({done} recorded); estimated {total / 60:.1f} h of training "
+        lines.append(f"{len(pending)} runs to go ({done} recorded); estimated {total / 60:,.1f} h of training "
                      f"at {self.threads} thread(s){'' if per_step else ' (not calibrated)'}; later phases "
                      "(ladder extensions, seeds) appear as the records decide them")
         return "\n".join(lines)

@@ -138,6 +138,9 @@ def test_time_steps_feed_an_ablations_train_seconds(iso, tmp_path, monkeypatch, 
 
 def test_bad_ablation_input(tmp_path, capsys):
     assert main(["study", "querynorm", "--isoflop-results", str(tmp_path / "none"), "--plan"]) == 2
+    assert f"--isoflop-results {tmp_path / 'none'} does not exist" in capsys.readouterr().err
+    (tmp_path / "started").mkdir()  # a study that has no PEER ladder yet
+    assert main(["study", "querynorm", "--isoflop-results", str(tmp_path / "started"), "--plan"]) == 2
     assert "not bracketed" in capsys.readouterr().err
 
 

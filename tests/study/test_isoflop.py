@@ -253,7 +253,7 @@ def test_cli_plan_and_bad_input(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2e12_dense_L2d64_lr0.5_s0" in out and "runs to go" in out
     assert main(["study", "isoflop", "--budget", "-1", "--plan"]) == 2
-    assert "--budget: expected a number > 0" in capsys.readouterr().err
+    assert "--budget: a budget must be a positive number of FLOPs (e.g. 2e12), got '-1'" in capsys.readouterr().err
     assert main(["study", "isoflop", "--max-runs", "0"]) == 2
     if not torch.cuda.is_available():  # an unusable device fails before any work, with the way out
         assert main(["study", "isoflop", "--results", str(tmp_path / "r"), "--device", "cuda", "--plan"]) == 2
