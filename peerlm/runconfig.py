@@ -27,6 +27,10 @@ class TrainError(Exception):
     """A problem with a run a user can fix (its directory, budget or resume state)."""
 
 
+class TrainDiverged(TrainError):
+    """The training loss became NaN or inf: the run cannot go on as configured."""
+
+
 class TrainInterrupted(KeyboardInterrupt):
     """Training stopped on a signal after writing a checkpoint. A KeyboardInterrupt, so that code
     around ``train`` that catches Exception does not carry on as if the run were complete."""

@@ -76,7 +76,15 @@ from peerlm.model import Transformer, build_model
 from peerlm.optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
 from peerlm.parallel import runtime
 from peerlm.parallel.runtime import Parallel
-from peerlm.runconfig import RunConfig, TrainConfig, TrainError, TrainInterrupted, plan_steps, resolve_device
+from peerlm.runconfig import (
+    RunConfig,
+    TrainConfig,
+    TrainDiverged,
+    TrainError,
+    TrainInterrupted,
+    plan_steps,
+    resolve_device,
+)
 from peerlm.rundir import RunDir, check_same_tokenizer
 
 __all__ = ["build_for_training", "time_train_steps", "validate", "train"]
@@ -489,7 +497,7 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
                     stop.received = "SIGTERM"  # another rank was signalled: stop with it, at this step
                 step += 1
                 if not math.isfinite(loss_val):
-                    raise TrainError(f"loss is {loss_val} at step {step}; lower train.lr or raise warmup")
+                    raise TrainDiverged(f"loss is {loss_val} at step {step}; lower train.lr or raise warmup")
                 dt = time.time() - t0
                 times.append(dt)
                 bar.update(1)

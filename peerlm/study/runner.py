@@ -10,7 +10,7 @@ two machines working from the same records agree on the next run.
 
 Every run is evaluated on the whole validation split (it picks the compute-optimal models) and on
 the first ``EVAL_TOKENS`` tokens of each held-out set. A run whose training loss becomes NaN or inf
-(training stops with a TrainError), or whose validation loss is not finite, is recorded as diverged
+(training stops with TrainDiverged), or whose validation loss is not finite, is recorded as diverged
 (``peerlm.study.records``), so that the plan neither trains it again nor chooses it.
 """
 
@@ -35,7 +35,7 @@ from peerlm.config import ModelConfig, to_dict
 from peerlm.data import EVAL_CORPORA, TRAIN_CORPORA, Corpus, TokenDataset, prepare
 from peerlm.evaluate import evaluate_run
 from peerlm.flops import model_cost
-from peerlm.runconfig import RunConfig, TrainConfig, TrainError, data_info, plan_steps, resolve_device
+from peerlm.runconfig import RunConfig, TrainConfig, TrainDiverged, data_info, plan_steps, resolve_device
 from peerlm.rundir import RunDir
 from peerlm.study.claims import RunClaimed, claim
 from peerlm.study.design import BATCH, CONTEXT, VOCAB, RunSpec
@@ -46,7 +46,6 @@ __all__ = ["Plan", "Runner", "EVAL_TOKENS", "timing_key", "machine", "main_log",
            "time_models", "train_run"]
 
 EVAL_TOKENS = 65536
-DIVERGED_PREFIX = "loss is "  # how peerlm.train's TrainError for a NaN or inf training loss begins
 
 
 class Plan(Protocol):
@@ -223,9 +222,7 @@ class Runner:
         try:
             summary, wall = train_run(run, out, progress,
                                        log=lambda s: None if s.startswith("step ") and "val" not in s else self.log(s))
-        except TrainError as e:
-            if not str(e).startswith(DIVERGED_PREFIX):
-                raise
+        except TrainDiverged as e:
             # what the last logged step reached; the step that failed is not in the log
             last = ([r for r in RunDir(out).metric_records() if "tokens" in r] or [{}])[-1]
             summary = {"step": last.get("step", 0), "tokens": last.get("tokens", 0), "flops": last.get("flops", 0),
