@@ -102,14 +102,3 @@ def test_product_keys_module_matches_brute_force(shared):
     scores2, ids2 = pk(q, k, differentiable=False)
     assert torch.equal(ids2, ids)
     torch.testing.assert_close(scores2, scores)
-
-
-@pytest.mark.parametrize("k", [1, 2, 5, 16, 32])
-def test_the_pruned_grid_holds_every_pair_that_can_make_the_top_k(k):
-    """(ra, rb) is kept iff fewer than k pairs of lower ranks in both lists can beat it."""
-    from peerlm.retrieval import _grid_pairs
-
-    ra, rb = _grid_pairs(k, torch.device("cpu"))
-    kept = set(zip(ra.tolist(), rb.tolist()))
-    assert kept == {(a, b) for a in range(k) for b in range(k) if (a + 1) * (b + 1) <= k}
-    assert len(kept) == {1: 1, 2: 3, 5: 10, 16: 50, 32: 119}[k]
