@@ -57,8 +57,8 @@ __all__ = ["PEERExpertsTriton", "peer_experts_triton"]
 _TILE = 8192
 # Registers a thread may use (.maxnreg), every kernel: 255, what 8-warp blocks allow. Without an explicit
 # budget, ptxas (run by Triton 3.9 with --regAllocOptLevel=2) aims at an occupancy step of its own and
-# spills 4 to 28 bytes to reach it; with one, it allocates what the code needs, at most ~110 registers
-# below 4096 wide (two 8-warp blocks per SM) but for sm_80's atomic backward (one block per SM).
+# spills 4 to 28 bytes to reach it; with one, it allocates what the code needs: at widths 256 to 4096 at
+# most 110 registers (two 8-warp blocks per SM), but up to 160 in sm_80's atomic backward.
 _MAXNREG = 255
 # The reduction's width block and pairs per step: most ids are retrieved by a few pairs only.
 _REDUCE_BLOCK_D = 1024
