@@ -18,10 +18,12 @@ TRITON_INTERPRET) and imported by ``benchmarks/triton_registers.py`` for the ful
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -32,7 +34,9 @@ assert not os.environ.get("TRITON_INTERPRET"), "compile with Triton's compiler, 
 # every compile must reach ptxas (a cache hit skips it, and with it the log), into a cache of our own
 os.environ["TRITON_ALWAYS_COMPILE"] = "1"
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="peer-aot-"))
+if "TRITON_CACHE_DIR" not in os.environ:
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="peer-aot-")
+    atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -94,8 +98,8 @@ class Result:
 
 def variants(storage: str, D: int, which: str = "all") -> list[Variant]:
     """The kernel variants the layer launches at width D: each activation's forward, its backward with
-    sorted and with atomic table gradients, and the segment reduction. ``compact``: one backward per
-    activation, with atomics for silu only (the heaviest, atomics adding x and dy rows in one program)."""
+    sorted and with atomic table gradients, and the segment reduction. ``compact``: the gelu forward, one
+    backward per activation (atomic for silu) and the reduction."""
     if which == "compact":
         return ([Variant("fwd", storage, D, act=0)]
                 + [Variant("bwd", storage, D, act=a, atomic=a == 2) for a in (0, 1, 2)]
@@ -116,7 +120,7 @@ def parse_ptxas_log(log: str) -> dict[str, int]:
 
 
 def _launch(v: Variant):
-    """(kernel, signature, constexprs, tiles) as ``peer_triton`` launches variant v."""
+    """(kernel, signature, constexprs, attrs, tiles, num_warps) as ``peer_triton`` launches variant v."""
     acc = "fp64" if v.storage == "fp64" else "fp32"
     tl_acc = tl.float64 if v.storage == "fp64" else tl.float32
     types = {"ids": "*i64", "perm": "*i64", "starts": "*i64", "counts": "*i64", "out_rows": "*i64", "rows": "*i64",
