@@ -23,9 +23,16 @@ from torch import Tensor
 
 from peerlm.config import PEER_ACTIVATIONS
 
-__all__ = ["ACTIVATIONS", "bags", "bag_dot", "bag_table_grad", "table_grads"]
+__all__ = ["ACTIVATIONS", "ACTIVATION_GRADS", "bags", "bag_dot", "bag_table_grad", "table_grads"]
 
 ACTIVATIONS = {name: getattr(F, name) for name in PEER_ACTIVATIONS}  # gelu, relu, silu
+# dL/dz from dL/da for a = act(z): the ops autograd runs for each of ACTIVATIONS, so the same bits; called
+# directly rather than through torch.autograd.grad, which torch.compile cannot trace in a backward
+ACTIVATION_GRADS = {
+    "gelu": lambda grad, z, a: torch.ops.aten.gelu_backward(grad, z),
+    "relu": lambda grad, z, a: torch.ops.aten.threshold_backward(grad, a, 0),
+    "silu": lambda grad, z, a: torch.ops.aten.silu_backward(grad, z),
+}
 
 _MODE_SUM = 0
 _aten = torch.ops.aten

@@ -54,6 +54,13 @@ from peerlm.usage import UsageTracking
 __all__ = ["DenseMLP", "MoE", "PKM", "build_ffn"]
 
 
+@torch.compiler.disable
+def _sparse_embedding_bag(ids: Tensor, table: Tensor, weights: Tensor) -> Tensor:
+    """``F.embedding_bag(sparse=True)``, run eagerly under torch.compile: the meta kernel of its backward
+    fails to trace (torch 2.13: a broadcast error in ``_embedding_bag_sparse_backward``)."""
+    return F.embedding_bag(ids, table, per_sample_weights=weights, mode="sum", sparse=True)
+
+
 def _fp32_off(x: Tensor):
     """Autocast off, so that routing math stays in fp32 under a bf16 autocast region."""
     return torch.autocast(x.device.type, enabled=False)
@@ -328,8 +335,11 @@ class PKM(UsageTracking, nn.Module):
             y_SD = column_sharded_memory(ids_SM, g_SM, self.values, self.shard, self.sparse_grad, self.grad_reduction,
                                          out_dtype=x.dtype)
             return y_SD.view(x.shape)
-        y_SD = F.embedding_bag(ids_SM, self.values, per_sample_weights=g_SM.to(self.values.dtype), mode="sum",
-                               sparse=self.sparse_grad)
+        w_SM = g_SM.to(self.values.dtype)
+        if self.sparse_grad:
+            y_SD = _sparse_embedding_bag(ids_SM, self.values, w_SM)
+        else:
+            y_SD = F.embedding_bag(ids_SM, self.values, per_sample_weights=w_SM, mode="sum")
         return y_SD.to(x.dtype).view(x.shape)
 
 

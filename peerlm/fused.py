@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from peerlm.bags import ACTIVATIONS, bag_dot, bag_table_grad, bags, table_grads
+from peerlm.bags import ACTIVATION_GRADS, ACTIVATIONS, bag_dot, bag_table_grad, bags, table_grads
 
 __all__ = ["ACTIVATIONS", "PEERExperts", "SampledDot", "peer_experts", "sampled_dot"]
 
@@ -101,18 +101,16 @@ class PEERExperts(torch.autograd.Function):
         dy_TD = dy_TD.to(w_down.dtype).contiguous()
         offsets_T, offset2bag_TK, bag_size_T = bags(T, K, dy_TD.device)
 
-        with torch.enable_grad():
-            zz_TK = z_TK.detach().requires_grad_()
-            a_TK = ACTIVATIONS[ctx.activation](zz_TK)
+        a_TK = ACTIVATIONS[ctx.activation](z_TK)
         dh_TK = bag_dot(dy_TD, w_up, ids_TK, offsets_T, offset2bag_TK).view(T, K)  # dL/d(g*a)
-        dg_TK = dh_TK * a_TK.detach() if need_g else None
-        (dz_TK,) = torch.autograd.grad(a_TK, zz_TK, dh_TK * g_TK)
+        dg_TK = dh_TK * a_TK if need_g else None
+        dz_TK = ACTIVATION_GRADS[ctx.activation](dh_TK * g_TK, z_TK, a_TK)
         dx_TD = None
         if need_x:
             dx_TD = F.embedding_bag(ids_TK, w_down, per_sample_weights=dz_TK, mode="sum").to(ctx.x_dtype)
         d_down, d_up = table_grads(ids_TK, N, ctx.sparse_grad, offset2bag_TK, bag_size_T,
                                    [(x_TD, dz_TK) if need_down else None,
-                                    (dy_TD, g_TK * a_TK.detach()) if need_up else None])
+                                    (dy_TD, g_TK * a_TK) if need_up else None])
         return dx_TD, None, dg_TK, d_down, d_up, None, None
 
 

@@ -49,9 +49,17 @@ from peerlm.kernels import peer_kernels as _k
 __all__ = ["PEERExpertsTriton", "peer_experts_triton"]
 
 # Elements of one (BLOCK_M, BLOCK_D) tile of gathered rows: 32 a thread at 8 warps for each of the u and
-# v tiles; many such programs in flight per SM hide the gathers' latency. At D <= 2048 the per-token
-# kernels compile for sm_90 without spills. Not tuned on a GPU yet: the benchmark's --tiles sweeps it.
+# v tiles; many such programs in flight per SM hide the gathers' latency. The atomic backward takes half:
+# its atomics need a 64-bit address per element on top of the gathered rows, and at D = 256 a full tile
+# needs more than the 255 registers a thread can have. Not tuned on a GPU yet: the benchmark's --tiles
+# sweeps it; tests/kernels/aot_compile.py and benchmarks/results/triton_registers.md hold what ptxas
+# makes of each variant for sm_80 and sm_90.
 _TILE = 8192
+# Registers a thread may use (.maxnreg), every kernel: 255, what 8-warp blocks allow. Without an explicit
+# budget, ptxas (run by Triton 3.9 with --regAllocOptLevel=2) aims at an occupancy step of its own and
+# spills 4 to 28 bytes to reach it; with one, it allocates what the code needs: at widths 256 to 4096 at
+# most 110 registers (two 8-warp blocks per SM), but up to 160 in sm_80's atomic backward.
+_MAXNREG = 255
 # The reduction's width block and pairs per step: most ids are retrieved by a few pairs only.
 _REDUCE_BLOCK_D = 1024
 _REDUCE_BLOCK_P = 4
@@ -75,16 +83,19 @@ def _check_device(device: torch.device) -> None:
     )
 
 
-def _row_tiles(M: int, D: int) -> tuple[int, int, int]:
-    """BLOCK_M, BLOCK_D (the whole width, masked) and num_warps of the per-token kernels."""
+def _row_tiles(M: int, D: int, atomic: bool = False) -> tuple[int, int, int]:
+    """BLOCK_M, BLOCK_D (the whole width, masked) and num_warps of the per-token kernels; ``atomic``: of
+    the backward that adds the table gradients with atomics."""
     block_d = triton.next_power_of_2(D)
-    block_m = max(1, min(triton.next_power_of_2(M), _TILE // block_d))
+    tile = _TILE // 2 if atomic else _TILE
+    block_m = max(1, min(triton.next_power_of_2(M), tile // block_d))
     return block_m, block_d, 4 if block_m * block_d <= 2048 else 8
 
 
-def _reduce_tiles(D: int) -> tuple[int, int]:
+def _reduce_tiles(D: int) -> tuple[int, int, int]:
+    """BLOCK_P (pairs a step), BLOCK_D (a width block) and num_warps of the segment reduction."""
     block_d = min(triton.next_power_of_2(D), _REDUCE_BLOCK_D)
-    return max(1, min(_REDUCE_BLOCK_P, _TILE // block_d)), block_d
+    return max(1, min(_REDUCE_BLOCK_P, _TILE // block_d)), block_d, 4
 
 
 def _sparse(rows_U: Tensor, values_UD: Tensor, N: int) -> Tensor:
@@ -115,13 +126,13 @@ def _sorted_table_grads(x_TD: Tensor, dy_TD: Tensor, ids_P: Tensor, dz_P: Tensor
         new = lambda: torch.zeros(N, D, dtype=dtype, device=dev)
     d_down = new() if dz_P is not None else None
     d_up = new() if h_P is not None else None
-    block_p, block_d = _reduce_tiles(D)
+    block_p, block_d, warps = _reduce_tiles(D)
     unused = dy_TD
     _k.peer_segment_reduce_kernel[(U, triton.cdiv(D, block_d))](
         x_TD, dy_TD, unused if dz_P is None else dz_P, unused if h_P is None else h_P, perm_P, starts_U, counts_U,
         out_U, unused if d_down is None else d_down, unused if d_up is None else d_up, M, D,
         ACC=tl.float64 if dtype == torch.float64 else tl.float32, NEED_DOWN=dz_P is not None,
-        NEED_UP=h_P is not None, BLOCK_P=block_p, BLOCK_D=block_d,
+        NEED_UP=h_P is not None, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps, maxnreg=_MAXNREG,
     )
     return rows_U, d_down, d_up
 
@@ -146,7 +157,7 @@ class PEERExpertsTriton(torch.autograd.Function):
         _k.peer_fwd_kernel[(T,)](
             x_TD, ids_TM, g_TM, w_down, w_up, y_TD, z_TM, M, D,
             ACT=_k.ACT_IDS[activation], ACC=tl.float64 if acc == torch.float64 else tl.float32,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps, maxnreg=_MAXNREG,
         )
         ctx.save_for_backward(x_TD, ids_TM, g_TM, z_TM, w_down, w_up)
         ctx.activation, ctx.sparse_grad, ctx.reduction = activation, sparse_grad, reduction
@@ -183,11 +194,11 @@ class PEERExpertsTriton(torch.autograd.Function):
             dz_P = torch.empty(T * M, dtype=acc, device=dev) if need_down else dg_TM
             h_P = torch.empty(T * M, dtype=acc, device=dev) if need_up else dg_TM
 
-        block_m, block_d, warps = _row_tiles(M, D)
+        block_m, block_d, warps = _row_tiles(M, D, atomic)
         _k.peer_bwd_token_kernel[(T,)](
             x_TD, dy_TD, ids_TM, g_TM, z_TM, w_down, w_up, dx_TD, dg_TM, dz_P, h_P, target_P, d_down, d_up, M, D,
             ACT=_k.ACT_IDS[ctx.activation], ACC=tl_acc, NEED_DX=need_x, NEED_DOWN=need_down, NEED_UP=need_up,
-            ATOMIC=atomic, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+            ATOMIC=atomic, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps, maxnreg=_MAXNREG,
         )
 
         if not (need_down or need_up):
