@@ -232,7 +232,10 @@ class Transformer(nn.Module):
                 if part is not None:
                     aux = aux + part
         loss = ce + aux
-        self.last_losses = {"ce": ce.detach(), "aux": aux.detach(), "loss": loss.detach()}
+        # one stacked copy, not detached aliases: torch.compile (inductor) folds ce + 0 into ce and would hand
+        # back the detached alias as the loss, without its graph
+        parts = torch.stack([ce, aux.to(ce.dtype), loss]).detach()
+        self.last_losses = dict(zip(("ce", "aux", "loss"), parts.unbind()))
         return logits_BTV, loss
 
     # -------------------------------------------------------------------------------- bookkeeping

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from peerlm.bags import ACTIVATIONS, bag_dot, bags, table_grads
+from peerlm.bags import ACTIVATION_GRADS, ACTIVATIONS, bag_dot, bags, table_grads
 from peerlm.tables import GRAD_REDUCTIONS, ColumnShard
 
 __all__ = ["ColumnShard", "ColumnShardedExperts", "ColumnShardedMemory", "column_sharded_experts",
@@ -155,11 +155,9 @@ class ColumnShardedExperts(torch.autograd.Function):
         dy_TC = ex.scatter_columns(dy_TrD.contiguous()).to(down_NC.dtype)
         offsets_T, offset2bag_TK, bag_size_T = bags(T, K, dy_TC.device)
         dh_TrK = ex.reduce_rows(bag_dot(dy_TC, up_NC, ids_TK, offsets_T, offset2bag_TK).view(T, K))
-        with torch.enable_grad():
-            zz_TrK = z_TrK.detach().requires_grad_()
-            a_TrK = ACTIVATIONS[ctx.activation](zz_TrK)
-        dg_TrK = dh_TrK * a_TrK.detach()
-        (dz_TrK,) = torch.autograd.grad(a_TrK, zz_TrK, dh_TrK * g_TrK)
+        a_TrK = ACTIVATIONS[ctx.activation](z_TrK)
+        dg_TrK = dh_TrK * a_TrK
+        dz_TrK = ACTIVATION_GRADS[ctx.activation](dh_TrK * g_TrK, z_TrK, a_TrK)
         dz_TK = ex.all_gather_rows(dz_TrK)
         dx_TC = F.embedding_bag(ids_TK, down_NC, per_sample_weights=dz_TK, mode="sum")
         dx_TrD = ex.gather_columns(dx_TC.to(ctx.x_dtype))
