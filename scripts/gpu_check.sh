@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one script for a lent machine (15 minutes of device time in all).
+#
+#   bash scripts/gpu_check.sh --prepare    # here, once: the study's prepared data and the peer-pytorch
+#                                          # wheel into .gpu/ (ignored by git), to be carried along
+#   then on the device:  command "bash scripts/gpu_check.sh", carry [".gpu"], timeout_s 600
+#
+# On the GPU machine (a python3 with torch and triton, no network) it runs these steps, each bounded in
+# time, each writing its own file under $OUT (results/gpu/ where $OUT is unset):
+#   device.txt          nvidia-smi, torch / triton versions, the device
+#   gpu_tests.txt       pytest -m gpu: the Triton kernels against the reference on CUDA
+#   triton.json, .txt   benchmarks/peer_triton_benchmark.py: triton (deterministic reduction) vs
+#                       triton-atomic vs fused vs reference (vs peer-pytorch when its wheel is carried),
+#                       time and achieved bandwidth, experts alone and the whole layer
+#   decode.txt          benchmarks/decode_benchmark.py on CUDA, where the script exists
+#   isoflop.json, .txt  a small isoFLOP comparison: the study's 2e12 optima of dense and PEER (and PKM)
+#                       re-trained on CUDA from their committed records: val loss against the CPU
+#                       record, and wall time
+# A failing step is written down and the next one runs; the exit status counts the failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+    set -e
+    data="${PEERLM_CACHE:-$HOME/.cache/peerlm}/study/data-v1024"
+    if [ ! -f "$data/meta.json" ]; then
+        echo "no prepared study data in $data: run 'peerlm study isoflop --plan' once (it prepares it)" >&2
+        exit 2
+    fi
+    mkdir -p .gpu/study .gpu/wheels
+    rm -rf .gpu/study/data-v1024 && cp -r "$data" .gpu/study/data-v1024
+    # peer-pytorch and what the GPU image lacks of its requirements (einops, numpy, sympy are there)
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels peer-pytorch==0.2.2 einx frozendict \
+        || echo "note: no peer-pytorch wheels; the benchmark runs without it"
+    du -sh .gpu
+    exit 0
+fi
+
+out="${OUT:-results/gpu}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-site .gpu/wheels/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/gpu-site"
+fi
+failed=0
+
+step() {  # step NAME SECONDS FILE COMMAND...: run with a time limit, output to FILE, count a failure
+    local name=$1 limit=$2 file=$3
+    shift 3
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$out/$file" 2>&1
+    local rc=$?
+    echo "$name: exit $rc in $((SECONDS - t0)) s" | tee -a "$out/device.txt"
+    [ $rc -eq 0 ] || failed=$((failed + 1))
+}
+
+{
+    date -u
+    nvidia-smi || true
+    "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__); \
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+} >"$out/device.txt" 2>&1
+
+step "gpu tests" 120 gpu_tests.txt "$py" -m pytest -q -p no:cacheprovider -m gpu tests
+step "triton benchmark" 240 triton.txt "$py" benchmarks/peer_triton_benchmark.py --repeats 10 --out "$out/triton.json"
+if [ -f benchmarks/decode_benchmark.py ]; then
+    step "decode" 90 decode.txt "$py" benchmarks/decode_benchmark.py --device cuda
+fi
+step "isoflop" 200 isoflop.txt "$py" - "$out/isoflop.json" <<'EOF'
+"""Re-train the study's 2e12 optima on CUDA from their records; val loss and wall time per run."""
+import json, sys, tempfile, time
+from pathlib import Path
+
+from peerlm.study.isoflop import isoflop_study
+from peerlm.study.records import spec_of
+
+RUNS = ("2e12_dense_L2d64_lr2_s0", "2e12_peer_L1d48_lr2_x3_s0", "2e12_pkm_L2d64_lr2_x10_s0")
+rows = []
+for run_id in RUNS:
+    rec = json.loads(Path(f"results/isoflop/runs/{run_id}.json").read_text())
+    study = isoflop_study(Path(tempfile.mkdtemp()), work=Path(".gpu/study/isoflop"), device="cuda",
+                          log=lambda s: print(s, flush=True))
+    t0 = time.time()
+    new = study.run_one(spec_of(rec))
+    rows.append({"run_id": run_id, "cpu_val_loss": rec["eval"]["val"]["loss"],
+                 "cuda_val_loss": new["eval"]["val"]["loss"], "cuda_seconds": time.time() - t0,
+                 "cuda_train_seconds": new["train_seconds"], "cpu_train_seconds": rec["train_seconds"],
+                 "machine": new["machine"]})
+    print(json.dumps(rows[-1]), flush=True)
+    Path(sys.argv[1]).write_text(json.dumps(rows, indent=1) + "\n")
+EOF
+
+echo "failed steps: $failed" | tee -a "$out/device.txt"
+exit "$failed"
