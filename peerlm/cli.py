@@ -81,9 +81,9 @@ def _overrides(cfg: Any, section: str, items: Sequence[tuple[str, str]]) -> Any:
         raise ValueError(f"--set {section}.*: {e}") from None
 
 
-def _stored_run(out: str) -> Any:
-    """The run config of the run in ``out``: its config.json, else (deleted, say) the one its newest
-    checkpoint holds; None when neither is there."""
+def _stored_run(out: str) -> tuple[Any, Path] | None:
+    """The run config of the run in ``out`` and the file it came from: its config.json, else (deleted,
+    say) the one its newest checkpoint holds; None when neither is there."""
     from peerlm.checkpoint import read_config
     from peerlm.runconfig import RunConfig
     from peerlm.rundir import RunDir
@@ -97,7 +97,7 @@ def _stored_run(out: str) -> Any:
             return None
         source, read = ckpt / "config.json", lambda: read_config(ckpt)
     try:
-        return RunConfig.from_dict(read())
+        return RunConfig.from_dict(read()), source
     except (CheckpointError, ValueError, TypeError) as e:  # JSON syntax or a config that does not validate
         raise ValueError(f"{source} is not a valid run config ({' '.join(str(e).split())[:200]}); pass "
                          "--preset and --data to rebuild it") from None
@@ -114,10 +114,11 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
     stored = RunDir(args.out).config
     notes = []
     if args.preset is None:
-        run = _stored_run(args.out) if args.resume else None
-        if run is None:
+        found = _stored_run(args.out) if args.resume else None
+        if found is None:
             raise ValueError("--preset is required (see `peerlm presets`), except with --resume on an "
                              f"existing run{'' if args.resume else ' (add --resume to continue one)'}")
+        run, stored = found
         model, train, data_dir = run.model, run.train, args.data or run.data.get("dir")
     else:
         if args.data is None:

@@ -100,7 +100,7 @@ def prepare_data(out: Path, progress: bool) -> Path:
 def calibrate(minutes: float) -> float:
     """A FLOP budget that fits both runs in ``minutes`` here, from timing 3 steps of each model (after
     one untimed step): the seconds both runs take per FLOP of budget are their steps at a large
-    budget (``peerlm.train.plan_steps``) times their step times, over that budget."""
+    budget (``peerlm.runconfig.plan_steps``) times their step times, over that budget."""
     runs = plan(RATE_FLOPS)
     per_step = time_models(((r.preset, r.model(), r.train()) for r in runs), steps=3)
     seconds_per_flop = sum(steps_of(r.model(), r.train()) * per_step[r.preset] for r in runs) / RATE_FLOPS

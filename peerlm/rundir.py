@@ -138,16 +138,22 @@ def load_run(run_dir: str | os.PathLike[str], device: torch.device | str = "cpu"
     being read disappears meanwhile, the newest one is read instead (up to ``attempts`` times)."""
     attempt = 1
     while True:
-        ckpt = find_checkpoint(run_dir, notes)
+        said: list[str] = []  # this attempt's notes only, so that a retry does not repeat one
+        ckpt = find_checkpoint(run_dir, said)
+        existed = ckpt.is_dir()
         try:
-            return _load_checkpoint_model(ckpt, device)
+            model_config = _load_checkpoint_model(ckpt, device)
         except (CheckpointError, OSError):
-            if ckpt.exists():
-                raise  # damaged, not deleted
+            if not existed or ckpt.exists():
+                raise  # missing from the start, or damaged: not deleted under us
             if Path(run_dir).resolve() == ckpt.resolve() or attempt == attempts:
                 raise CheckpointError(f"{ckpt} was deleted while it was read: the run is being written faster "
                                       "than it can be read; try again, or read a copy of the run") from None
-        attempt += 1
+            attempt += 1
+            continue
+        if notes is not None:
+            notes.extend(said)
+        return model_config
 
 
 def _load_checkpoint_model(ckpt: Path, device: torch.device | str) -> tuple[Transformer, dict]:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one script for a lent machine (15 minutes of device time in all).
 #
-#   bash scripts/gpu_check.sh --prepare    # here, once: the study's prepared data and the peer-pytorch
-#                                          # wheel into .gpu/ (ignored by git), to be carried along
+#   bash scripts/gpu_check.sh --prepare    # here, once: the study's prepared data (prepared if need be)
+#                                          # and the peer-pytorch wheels into .gpu/ (ignored by git)
 #   then on the device:  command "bash scripts/gpu_check.sh", carry [".gpu"], timeout_s 600
 #
 # On the GPU machine (a python3 with torch and triton, no network) it runs these steps, each bounded in
@@ -22,11 +22,10 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--prepare" ]; then
     set -e
-    data="${PEERLM_CACHE:-$HOME/.cache/peerlm}/study/data-v1024"
-    if [ ! -f "$data/meta.json" ]; then
-        echo "no prepared study data in $data: run 'peerlm study isoflop --plan' once (it prepares it)" >&2
-        exit 2
-    fi
+    here="${PYTHON:-.venv/bin/python}"
+    # the study's prepared data (prepared here first if it is not yet: the corpora come from the registries)
+    data=$("$here" -c "import sys; from peerlm.study.isoflop import isoflop_study
+print(isoflop_study('results/isoflop', log=lambda s: print(s, file=sys.stderr)).data_dir())")
     mkdir -p .gpu/study .gpu/wheels
     rm -rf .gpu/study/data-v1024 && cp -r "$data" .gpu/study/data-v1024
     # peer-pytorch and what the GPU image lacks of its requirements (einops, numpy, sympy are there)

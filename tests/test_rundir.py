@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import peerlm.checkpoint.local as local
-from peerlm.checkpoint import CheckpointError, CheckpointWriteError
+from peerlm.checkpoint import CheckpointDamaged, CheckpointError, CheckpointWriteError
 from peerlm.cli import main
-from peerlm.data import prepare
+from peerlm.data import DataError, prepare
 from peerlm.rundir import RunDir, is_run_dir, load_run
 from peerlm.train import train
 
@@ -97,7 +97,17 @@ def test_data_prepare_refuses_a_run_directory(data_dir, tmp_path, capsys):
     text = write_text(tmp_path / "t.txt")
     assert main(["data", "prepare", "--text", str(text), "--out", str(rd.path), "--vocab-size", "300"]) != 0
     assert "holds a training run" in capsys.readouterr().err
+    with pytest.raises(DataError, match="not a prepared directory"):  # the library refuses it too
+        prepare([text], rd.path, vocab_size=300, progress=False)
     assert rd.tokenizer.read_bytes() == before and not (rd.path / "meta.json").exists()
+
+
+def test_load_run_of_a_checkpoint_that_never_existed_names_the_intact_one(data_dir, tmp_path):
+    run = make_run(data_dir, max_steps=4, ckpt_every=2, eval_every=100)
+    rd = RunDir(tmp_path / "r")
+    train(run, rd.path, progress=False, log=_quiet)
+    with pytest.raises(CheckpointDamaged, match="step_00000002 is intact"):
+        load_run(rd.checkpoints / "step_00000003")
 
 
 def test_load_run_reads_the_newest_checkpoint_when_training_deletes_the_one_it_reads(data_dir, tmp_path,

@@ -81,8 +81,8 @@ def _as_global(value: Tensor, fqn: str, tables: dict[str, ShardedTable]) -> Tens
 # ------------------------------------------------------------------------------------------- saving
 
 
-def save(root: Path, step: int, model: nn.Module, config: dict[str, Any], optimizer: Any,
-         state: dict[str, Any] | None, keep: int = 2, group: Any = None) -> Path:
+def save(root: Path, step: int, model: nn.Module, config: dict[str, Any], optimizer: Any = None,
+         state: dict[str, Any] | None = None, keep: int = 2, group: Any = None) -> Path:
     """Write ``step_<step>`` under ``root`` with DCP, on every rank of the default group (collective);
     ``state`` is rank 0's train state (ignored elsewhere). Returns the checkpoint directory."""
     name = step_name(step)
@@ -101,8 +101,9 @@ def save(root: Path, step: int, model: nn.Module, config: dict[str, Any], optimi
     tmp = Path(said[0])
     tables = sharded_tables(model)
     model_sd = model.state_dict()
-    optim_sd = {f"{fqn}.{k}": _as_global(v, fqn, tables) for i, fqn, p in _named(model, optimizer)
-                for k, v in optimizer.optimizers[i].state.get(p, {}).items() if isinstance(v, Tensor)}
+    optim_sd = {} if optimizer is None else {
+        f"{fqn}.{k}": _as_global(v, fqn, tables) for i, fqn, p in _named(model, optimizer)
+        for k, v in optimizer.optimizers[i].state.get(p, {}).items() if isinstance(v, Tensor)}
     rngs: list[Any] = [None] * (dist.get_world_size() if _active() else 1)
     if _active():
         dist.all_gather_object(rngs, rng_to_json(capture_rng()), group=group)
@@ -115,10 +116,11 @@ def save(root: Path, step: int, model: nn.Module, config: dict[str, Any], optimi
             dcp.save(model_sd, storage_writer=dcp.FileSystemWriter(tmp / "model"), no_dist=not _active())
             dcp.save(optim_sd, storage_writer=dcp.FileSystemWriter(tmp / "state"), no_dist=not _active())
         if rank == 0:
-            meta = {"step": step, "train": state or {}, "ranks": len(rngs), "rng": rngs,
-                    "optimizer": {"kinds": [type(o).__name__ for o in optimizer.optimizers],
-                                  "param_groups": [[{k: v for k, v in g.items() if k != "params"}
-                                                    for g in o.param_groups] for o in optimizer.optimizers]}}
+            meta = {"step": step, "train": state or {}, "ranks": len(rngs), "rng": rngs, "optimizer": None}
+            if optimizer is not None:
+                meta["optimizer"] = {"kinds": [type(o).__name__ for o in optimizer.optimizers],
+                                     "param_groups": [[{k: v for k, v in g.items() if k != "params"}
+                                                       for g in o.param_groups] for o in optimizer.optimizers]}
             write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
             write_text(tmp / "state.json", json.dumps(meta) + "\n")
             final = publish(root, name, tmp, step, fmt=DISTRIBUTED)

@@ -70,7 +70,8 @@ else. Directories prepared before these were recorded have none, and their array
 
 Token ids are checked against the vocabulary before an array is written (and `TokenDataset` checks
 them again when it opens one). The output directory is locked while it is written (`DirLock`), and a
-run directory is refused as output.
+directory holding a tokenizer.json that is not a prepared directory's (a training run's, say) is
+refused as output; the command line also names a run directory as such.
 """
 
 from __future__ import annotations
@@ -347,6 +348,11 @@ def _check_out(out: Path) -> None:
         raise DataError(f"{p} is a file, not a directory; choose another --out")
     if not os.access(p, os.W_OK | os.X_OK):
         raise DataError(f"cannot write in {p}: permission denied; choose another --out")
+    # what prepare writes is a prepared directory's own: a tokenizer.json beside no meta.json belongs to
+    # something else (a training run keeps its tokenizer so), which the new one would replace
+    if (out / "tokenizer.json").exists() and not (out / "meta.json").is_file():
+        raise DataError(f"{out} holds a tokenizer.json but is not a prepared directory (a training run, say); "
+                        "prepare data into another directory")
 
 
 def _write_dir(out: Path, files: Mapping[str, bytes | np.ndarray]) -> None:

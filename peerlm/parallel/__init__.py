@@ -17,7 +17,8 @@ for the expert step and the table draws. This package holds that path and the co
   (imported by ``peerlm.train``, not here).
 
 Distributed checkpoints of FSDP2 and sharded-table runs are a format of ``peerlm.checkpoint``
-(``peerlm.checkpoint.distributed``), which asks this package for ``sharded_tables`` and nothing else.
+(``peerlm.checkpoint.distributed``), which asks this package for ``sharded_tables`` and
+``sharded_parameter_names`` and nothing else.
 """
 
 from peerlm.parallel.arithmetic import comm_bytes_per_token, memory_per_rank

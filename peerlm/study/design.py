@@ -121,7 +121,7 @@ def recipe(method: str, sz: Size, budget: float, lr_mult: float, expert_ratio: f
 
 def initial_window(budget: float, width: int = 4) -> list[str]:
     """``width`` consecutive sizes around the dense size a 20-tokens-per-parameter rule suggests
-    (C = 6 N D = 120 N^2); the driver extends the ladder while the best size is at an end."""
+    (C = 6 N D = 120 N^2); the plan extends the ladder while the best size is at an end."""
     from peerlm.flops import model_cost
 
     target = math.sqrt(budget / 120)

@@ -216,3 +216,28 @@ def test_distributed_checkpoint_round_trip_and_atomic_failure_in_one_process(tmp
         dcp.save(tmp_path, 4, model, _config(cfg), opt, {"pos": 4})
     assert latest_checkpoint(tmp_path) == first and list_checkpoints(tmp_path) == [first]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_save_picks_the_format_from_the_model(tmp_path):
+    """A plain model: the one-process format; a rank other than 0 of a data-parallel run writes nothing;
+    a model with sharded tables: the distributed format (also without an optimizer), which loads back."""
+    from peerlm.checkpoint import is_distributed
+    from peerlm.parallel import shard_experts
+
+    cfg, model, opt = _trained()
+    assert save(tmp_path / "none", 1, model, _config(cfg), opt, main=False) is None
+    assert not (tmp_path / "none").exists()
+    plain = save(tmp_path / "plain", 1, model, _config(cfg), opt)
+    assert not is_distributed(plain) and (plain / "model.safetensors").is_file()
+    sharded = shard_experts(build_model(cfg))
+    sharded.load_state_dict(model.state_dict())
+    for main in (True, False):  # every rank writes its part of a distributed checkpoint
+        out = save(tmp_path / f"sharded{main}", 1, sharded, _config(cfg), main=main)
+        assert out is not None and is_distributed(out)
+    fresh = build_model(cfg)
+    load_weights(out, fresh, expected_model=to_dict(cfg))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+    other = build_model(cfg)
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        load(out, other, build_optimizer(other, 1e-2, 0.1, (0.9, 0.95)))
