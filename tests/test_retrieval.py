@@ -102,3 +102,31 @@ def test_product_keys_module_matches_brute_force(shared):
     scores2, ids2 = pk(q, k, differentiable=False)
     assert torch.equal(ids2, ids)
     torch.testing.assert_close(scores2, scores)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("shared", [True, False])
+def test_rescoring_paths_give_the_differentiable_gradients(dense, shared, monkeypatch):
+    # the search without autograd + re-scoring of the winners (dense: from the full sub-key scores, with a
+    # matmul backward; sparse: embedding-bag dot products) must give the scores and the gradients, in the
+    # queries and in both sub-key tables, of differentiating through the full scoring
+    import peerlm.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "DENSE_RESCORE_RATIO", 10**9 if dense else 0)
+    torch.manual_seed(1)
+    heads, n, dk, k = 3, 12, 8, 5
+    pk = ProductKeys(n * n, dk, heads, shared=shared).double()
+    q = torch.randn(2, 7, heads, dk, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 7, heads, k, dtype=torch.float64)
+    grads = []
+    for differentiable in (True, False):
+        scores, ids = pk(q, k, differentiable=differentiable)
+        (scores * w).sum().backward()
+        grads.append((scores.detach(), ids, q.grad.clone(), pk.keys.grad.clone()))
+        q.grad, pk.keys.grad = None, None
+    (s1, i1, gq1, gk1), (s2, i2, gq2, gk2) = grads
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(s2, s1)
+    torch.testing.assert_close(gq2, gq1)
+    torch.testing.assert_close(gk2, gk1)
+    assert gk1.abs().sum() > 0 and gq1.abs().sum() > 0
