@@ -36,13 +36,14 @@ from dataclasses import dataclass
 from peerlm.config import ModelConfig, MoEConfig, PEERConfig, PKMConfig, apply_overrides
 from peerlm.runconfig import TrainConfig
 
-__all__ = ["Size", "SIZES", "METHODS", "BUDGETS", "VOCAB", "CONTEXT", "model_config", "recipe", "base_lr",
+__all__ = ["Size", "SIZES", "METHODS", "BUDGETS", "SEEDS", "VOCAB", "CONTEXT", "model_config", "recipe", "base_lr",
            "budget_name", "initial_window", "RunSpec"]
 
 VOCAB = 1024
 CONTEXT = 128
 BATCH = 16
-BUDGETS = (2e12, 8e12)
+BUDGETS = (2e12, 8e12, 3.2e13)
+SEEDS = 4  # seeds of every compute-optimal model (0 is its ladder run)
 METHODS = ("dense", "moe", "moe-fine", "pkm", "peer")
 SLOTS = 256**2
 LR_MULTIPLIERS = (0.5, 1.0, 2.0)  # the first sweep; it grows along LR_GRID while its best is at an end

@@ -10,7 +10,8 @@ Phases, in order; each later phase reads the choices of the earlier ones from th
    (extended along ``RATIO_GRID`` likewise); each method keeps its best ratio.
 3. ``ladder``: every method at every budget over the initial window of sizes; while the best size of
    a (budget, method) is at an end of what was run and a further size exists, the ladder grows.
-4. ``seed``: the compute-optimal model of every (budget, method) again with seed 1.
+4. ``seed``: the compute-optimal model of every (budget, method) again with seeds 1 .. ``seeds`` - 1,
+   once its budget's ladders are bracketed (phases 3 and 4 go budget by budget, smallest first).
 5. ``optimizer``: the compute-optimal PEER model of the smaller budget with the row-sparse AdamW.
 
 A diverged run (``peerlm.study.records.diverged``) is recorded, so it is not trained again, and counts
@@ -38,6 +39,7 @@ from peerlm.study.design import (
     LR_MULTIPLIERS,
     METHODS,
     RATIO_GRID,
+    SEEDS,
     SIZES,
     RunSpec,
     initial_window,
@@ -90,6 +92,7 @@ class IsoflopPlan:
     budgets: tuple[float, ...] = BUDGETS
     methods: tuple[str, ...] = METHODS
     name: str = "isoflop"
+    seeds: int = SEEDS
 
     def __post_init__(self) -> None:
         if len(self.budgets) < 1 or any(not b > 0 for b in self.budgets):
@@ -99,6 +102,8 @@ class IsoflopPlan:
             raise ValueError(f"unknown methods {bad}; choose among {', '.join(METHODS)}")
         object.__setattr__(self, "budgets", tuple(sorted(self.budgets)))
         object.__setattr__(self, "methods", tuple(self.methods))
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
 
     def records(self, own: Records) -> Records:
         return own
@@ -123,7 +128,7 @@ class IsoflopPlan:
                 "stuck": stalled}
 
     def ladder_spec(self, budget: float, method: str, size: str, ch: dict[str, Any], seed: int = 0) -> RunSpec:
-        """The ladder run (seed 0) or its second seed of (budget, method, size) under the choices ``ch``."""
+        """The ladder run (seed 0) or another seed of (budget, method, size) under the choices ``ch``."""
         return RunSpec("ladder" if seed == 0 else "seed", budget, method, size, ch["lr_mult"],
                        ch["expert_ratio"].get(method, 1.0), seed)
 
@@ -153,18 +158,19 @@ class IsoflopPlan:
                     continue
                 specs, best[budget, method] = self.ladder(budget, method, recs, ch)
                 yield from specs
-        for (budget, method), sz in best.items():
-            if sz is not None:
-                yield self.ladder_spec(budget, method, sz, ch, seed=1)
+            for method in self.methods:
+                if best.get((budget, method)) is not None:
+                    for seed in range(1, self.seeds):
+                        yield self.ladder_spec(budget, method, best[budget, method], ch, seed=seed)
         if "peer" in self.methods and best.get((b0, "peer")):
             yield self.ladder_spec(b0, "peer", best[b0, "peer"], ch).with_(phase="optimizer", sparse_optimizer=True)
 
 
 def isoflop_study(results: str | os.PathLike[str], work: str | os.PathLike[str] | None = None,
                   budgets: tuple[float, ...] = BUDGETS, methods: tuple[str, ...] = METHODS, threads: int = 1,
-                  log: Callable[[str], None] = print, device: str = "cpu") -> Runner:
+                  log: Callable[[str], None] = print, device: str = "cpu", seeds: int = SEEDS) -> Runner:
     """The runner of the isoFLOP study over ``results`` (records, reports) and ``work`` (data beside
     it, checkpoints in it; default ``$PEERLM_CACHE/study/isoflop``)."""
     work = work if work is not None else cache_dir() / "study" / "isoflop"
-    return Runner(IsoflopPlan(tuple(budgets), tuple(methods)), RecordStore(results), work, threads=threads, log=log,
-                  device=device)
+    plan = IsoflopPlan(tuple(budgets), tuple(methods), seeds=seeds)
+    return Runner(plan, RecordStore(results), work, threads=threads, log=log, device=device)

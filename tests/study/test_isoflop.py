@@ -19,6 +19,7 @@ from peerlm.study.design import (
     EXPERT_LR_RATIOS,
     LR_MULTIPLIERS,
     METHODS,
+    SEEDS,
     SIZES,
     RunSpec,
     budget_name,
@@ -134,7 +135,7 @@ def test_the_ladder_grows_until_its_best_is_bracketed_then_seeds_and_the_optimiz
     for method in ("dense", "peer"):
         o = opt[B0, method]
         assert o["size"] == names[optimum] and o["bracketed"]
-        assert [r["spec"]["seed"] for r in o["runs"]] == [0, 1]
+        assert [r["spec"]["seed"] for r in o["runs"]] == list(range(SEEDS))
         ran = {r["spec"]["size"] for r in o["ladder"]}
         assert names[optimum - 1] in ran and names[optimum + 1] in ran and names[optimum + 2] not in ran
     assert any(r["spec"]["sparse_optimizer"] and r["spec"]["size"] == names[optimum] for r in recs.values())
@@ -142,7 +143,7 @@ def test_the_ladder_grows_until_its_best_is_bracketed_then_seeds_and_the_optimiz
     rows = summary_records(opt)
     val = [r for r in rows if r["eval_set"] == "val"]
     assert {r["method"] for r in val} == {"dense", "peer"}
-    assert all(r["perplexity_spread"] > 0 and r["seeds"] == [0, 1] for r in val)
+    assert all(r["perplexity_spread"] > 0 and r["seeds"] == list(range(SEEDS)) for r in val)
     for key in ("budget", "method", "eval_set", "perplexity", "params", "active_params", "train_tokens"):
         assert all(key in r for r in rows)
 

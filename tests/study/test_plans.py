@@ -19,10 +19,11 @@ from peerlm.study.ablations import register
 ROOT = Path(__file__).resolve().parents[2]
 PINNED = json.loads((Path(__file__).parent / "data" / "committed_plans.json").read_text("utf-8"))
 STUDIES = ("isoflop", "experts", "active", "querynorm", "expert-lr", "placement")
+FIRST_PASS = {"budgets": (2e12, 8e12), "seeds": 2}  # the isoFLOP study the committed records finished
 
 
 def studies(results: Path) -> dict:
-    iso = isoflop_study(results / "isoflop", log=lambda s: None)
+    iso = isoflop_study(results / "isoflop", log=lambda s: None, **FIRST_PASS)
     return {"isoflop": iso} | {name: ablation_study(name, results / name, iso) for name in ABLATIONS}
 
 
