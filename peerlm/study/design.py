@@ -109,12 +109,12 @@ def base_lr(dim: int) -> float:
 
 
 def recipe(method: str, sz: Size, budget: float, lr_mult: float, expert_ratio: float, seed: int,
-           sparse_optimizer: bool = False) -> TrainConfig:
+           sparse_optimizer: bool = False, routing_ratio: float = ROUTING_LR_RATIO) -> TrainConfig:
     """The training config of one run (see the module docstring)."""
     memory = method in ("pkm", "peer")
     return TrainConfig(
         lr=base_lr(sz.dim) * lr_mult, expert_lr_ratio=expert_ratio if memory else 1.0,
-        routing_lr_ratio=ROUTING_LR_RATIO if memory else 1.0, weight_decay=0.1, betas=(0.9, 0.95),
+        routing_lr_ratio=routing_ratio if memory else 1.0, weight_decay=0.1, betas=(0.9, 0.95),
         warmup_frac=0.05, min_lr_ratio=0.1, grad_clip=1.0, batch_size=BATCH, flops=budget, eval_every=250,
         eval_batches=8, ckpt_every=250, keep=1, seed=seed, device="cpu", log_every=1,
         sparse_optimizer=sparse_optimizer)
@@ -140,6 +140,7 @@ class RunSpec:
     ``ffn.num_experts=16384``) and ``tokens`` replaces the FLOP budget by a token count (the ablations
     compare at equal tokens, so that the FLOP charge of retrieval does not change the data seen);
     ``budget`` then only names the budget whose compute-optimal shape the run starts from.
+    ``routing_ratio`` (PEER and PKM) replaces the recipe's routing LR ratio ``ROUTING_LR_RATIO``.
     """
 
     phase: str
@@ -152,6 +153,7 @@ class RunSpec:
     sparse_optimizer: bool = False
     overrides: tuple[str, ...] = ()
     tokens: int | None = None
+    routing_ratio: float | None = None
 
     @property
     def run_id(self) -> str:
@@ -159,6 +161,8 @@ class RunSpec:
         parts = [budget_name(self.budget), self.method, self.size, f"lr{self.lr_mult:g}"]
         if memory:
             parts.append(f"x{self.expert_ratio:g}")
+        if memory and self.routing_ratio is not None:
+            parts.append(f"r{self.routing_ratio:g}")
         parts += [o.removeprefix("ffn.").replace("=", "").replace("_", "").replace("[", "").replace("]", "")
                   .replace(",", "-") for o in self.overrides]
         if self.tokens is not None:
@@ -173,8 +177,9 @@ class RunSpec:
         return apply_overrides(cfg, self.overrides) if self.overrides else cfg
 
     def train(self) -> TrainConfig:
+        routing = {} if self.routing_ratio is None else {"routing_ratio": self.routing_ratio}
         t = recipe(self.method, size(self.size), self.budget, self.lr_mult, self.expert_ratio, self.seed,
-                   self.sparse_optimizer)
+                   self.sparse_optimizer, **routing)
         return t if self.tokens is None else dataclasses.replace(t, flops=None, max_tokens=self.tokens)
 
     def with_(self, **changes) -> RunSpec:

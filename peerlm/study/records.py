@@ -216,4 +216,4 @@ def spec_of(rec: dict[str, Any]) -> RunSpec:
     """The RunSpec a record was trained from."""
     s = rec["spec"]
     return RunSpec(rec["phase"], s["budget"], s["method"], s["size"], s["lr_mult"], s["expert_ratio"], s["seed"],
-                   s["sparse_optimizer"], tuple(s.get("overrides", ())), s.get("tokens"))
+                   s["sparse_optimizer"], tuple(s.get("overrides", ())), s.get("tokens"), s.get("routing_ratio"))

@@ -92,7 +92,9 @@ def compute_optimal(plan, recs: dict[str, dict[str, Any]]) -> dict[tuple[float, 
             seeds = [r for r in recs.values() if r["spec"]["budget"] == budget and r["spec"]["method"] == method
                      and r["spec"]["size"] == best and not r["spec"]["sparse_optimizer"] and not diverged(r)
                      and r["spec"]["lr_mult"] == ch["lr_mult"]
-                     and r["spec"]["expert_ratio"] == ch["expert_ratio"].get(method, 1.0)]
+                     and r["spec"]["expert_ratio"] == ch["expert_ratio"].get(method, 1.0)
+                     and not r["spec"].get("overrides") and r["spec"].get("tokens") is None
+                     and r["spec"].get("routing_ratio") is None]
             seeds.sort(key=lambda r: r["spec"]["seed"])
             i = names.index(best)
             out[budget, method] = {"size": best, "runs": seeds, "bracketed": 0 < i < len(names) - 1

@@ -252,7 +252,8 @@ class Runner:
                      "expert_ratio": spec.expert_ratio, "seed": spec.seed,
                      "sparse_optimizer": spec.sparse_optimizer}
             | ({"overrides": list(spec.overrides)} if spec.overrides else {})
-            | ({"tokens": spec.tokens} if spec.tokens is not None else {}),
+            | ({"tokens": spec.tokens} if spec.tokens is not None else {})
+            | ({"routing_ratio": spec.routing_ratio} if spec.routing_ratio is not None else {}),
             **({"diverged": diverged} if diverged else {}),
             "model": to_dict(run.model), "train": to_dict(run.train), "data": fingerprint,
             "params": cost["params"], "active_params": cost["active_params"],

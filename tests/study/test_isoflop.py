@@ -44,7 +44,8 @@ def fake_record(spec: RunSpec, loss: float, seconds: float = 60.0) -> dict:
             "spec": {"budget": spec.budget, "method": spec.method, "size": spec.size, "lr_mult": spec.lr_mult,
                      "expert_ratio": spec.expert_ratio, "seed": spec.seed, "sparse_optimizer": spec.sparse_optimizer}
             | ({"overrides": list(spec.overrides)} if spec.overrides else {})
-            | ({"tokens": spec.tokens} if spec.tokens is not None else {}),
+            | ({"tokens": spec.tokens} if spec.tokens is not None else {})
+            | ({"routing_ratio": spec.routing_ratio} if spec.routing_ratio is not None else {}),
             "params": cost["params"], "active_params": cost["active_params"], "train_tokens": 10**6, "steps": 488,
             "epochs": 0.1, "flops_train_per_token": cost["flops_train"], "train_seconds": seconds,
             "tokens_per_second": 10**6 / seconds, "eval": ev, "git_revision": "abc", "machine": "test"}

@@ -1,0 +1,106 @@
+"""The tuned table's protocol (``peerlm.study.tuned``) on fake records: every knob swept from the
+paper settings in order, each choice carried into the next sweep, the size re-laddered with the LR
+swept at every size, seeds at the tuned optimum, and the first table's runs read, not trained again."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from test_isoflop import B0, finish_pending
+
+from peerlm.study import isoflop_study
+from peerlm.study.design import SEEDS, SIZES, RunSpec
+from peerlm.study.tuned import SPLITS, TunedPlan, _overrides, knobs, tuned_study
+
+NAMES = [s.name for s in SIZES]
+
+
+def loss(spec: RunSpec) -> float:
+    """One landscape for both tables (a run both need is one run): LR multiplier 4 best; for PEER, the
+    expert ratio 3, the split (2, 64), routing ratio 0.3 and the running norm, and with h = 2 the best
+    size one rung above the paper settings' (L3d80)."""
+    ffn = spec.model().ffn
+    best_size = 4
+    out = 3.0 + 0.01 * abs(math.log2(spec.lr_mult) - 2) + 0.001 * spec.seed
+    if spec.method == "peer":
+        best_size += ffn.heads == 2
+        out += 0.1 * abs(math.log2(ffn.heads / 2)) + 0.02 * abs(math.log10((spec.routing_ratio or 0.1) / 0.3))
+        out += (ffn.query_norm != "running") * 0.03 + 0.01 * abs(math.log10(spec.expert_ratio / 3))
+    return out + 0.05 * (NAMES.index(spec.size) - best_size) ** 2
+
+
+@pytest.fixture
+def studies(tmp_path):
+    paper = isoflop_study(tmp_path / "paper", work=tmp_path / "work", budgets=(B0,), methods=("dense", "peer"),
+                          log=lambda s: None)
+    finish_pending(paper, loss)
+    tuned = tuned_study(tmp_path / "tuned", tmp_path / "paper", work=tmp_path / "work", budgets=(B0,),
+                        methods=("dense", "peer"), log=lambda s: None)
+    return paper, tuned
+
+
+def test_every_knob_is_tuned_in_order_and_the_optimum_gets_seeds(studies):
+    paper, tuned = studies
+    finish_pending(tuned, loss, limit=400)
+    assert tuned.pending() == []
+    opt = tuned.plan.optima(tuned.records())
+    peer = opt[B0, "peer"]["spec"]
+    ffn = peer.model().ffn
+    assert (ffn.heads, ffn.topk, ffn.query_norm, peer.routing_ratio) == (2, 64, "running", 0.3)
+    assert peer.expert_ratio == 3.0 and peer.lr_mult == 4.0
+    assert paper.plan.choices(paper.records())["lr_mult"] == 4.0
+    assert opt[B0, "dense"]["spec"].size == NAMES[4]
+    assert opt[B0, "peer"]["spec"].size == NAMES[5]  # one rung past the paper optimum: the ladder grew
+    for method in ("dense", "peer"):
+        o = opt[B0, method]
+        assert [r["spec"]["seed"] for r in o["runs"]] == list(range(SEEDS))
+        assert o["tuning_runs"] >= 3
+    assert opt[B0, "peer"]["tuning_runs"] > opt[B0, "dense"]["tuning_runs"]
+    # a tuning point at paper settings is the paper run: read from the first table, never trained again
+    own = {p.stem for p in tuned.runs_dir.glob("*.json")}
+    assert own and not own & {p.stem for p in paper.runs_dir.glob("*.json")}
+    # every sweep started at the paper value and its neighbours: the split sweep ran (4, 32) .. (1, 128)
+    splits = {(r["model"]["ffn"]["heads"], r["model"]["ffn"]["topk"]) for r in tuned.records().values()
+              if r["spec"]["method"] == "peer" and r["phase"] == "tune"}
+    assert {(1, 128), (2, 64), (4, 32), (8, 16), (16, 8)} <= splits and (32, 4) not in splits
+
+
+def test_nothing_is_planned_before_the_paper_optimum_is_bracketed(tmp_path):
+    tuned = tuned_study(tmp_path / "tuned", tmp_path / "paper", work=tmp_path / "work", budgets=(B0,),
+                        methods=("dense", "peer"), log=lambda s: None)
+    assert tuned.pending() == []
+
+
+def test_a_knob_at_the_trunks_own_value_is_no_override():
+    spec = RunSpec("tune", B0, "peer", "L3d80", 2.0, 3.0)
+    assert _overrides(spec, placement=[1], **{"ffn.heads": 8, "ffn.query_norm": "batchnorm"}).run_id == spec.run_id
+    moved = _overrides(spec, placement=[0], **{"ffn.heads": 4, "ffn.topk": 32})
+    assert moved.overrides == ("ffn.heads=4", "ffn.topk=32", "placement=[0]")
+    assert moved.model().sparse_blocks() == [0] and moved.model().ffn.heads * moved.model().ffn.topk == 128
+    assert [k.name for k in knobs("peer", 3)] == ["lr", "expert-lr", "split", "routing-lr", "query-norm", "block"]
+    assert [k.name for k in knobs("peer", 1)][-1] == "query-norm" and [k.name for k in knobs("dense", 2)] == ["lr"]
+    assert all(h * k == 128 for h, k in SPLITS["peer"]) and all(h * k == 256 for h, k in SPLITS["pkm"])
+
+
+def test_moe_fine_granularity_keeps_flops_and_parameters():
+    from peerlm.flops import model_cost
+
+    spec = RunSpec("tune", B0, "moe-fine", "L2d64", 2.0)
+    knob = knobs("moe-fine", 2)[1]
+    base = model_cost(spec.model())
+    block = spec.model().sparse_blocks()[0]
+    for g in knob.grid:
+        cost = model_cost(knob.put(spec, g).model())
+        assert cost["params"] == pytest.approx(base["params"], rel=0.02)
+        # the experts cost the same; the router grows with the expert count (1.5% of the parameters, 3% of the FLOPs at 128)
+        experts = cost["blocks"][block]["ffn"]["flops"]["experts"]
+        assert experts == base["blocks"][block]["ffn"]["flops"]["experts"]
+        assert cost["flops_train"] == pytest.approx(base["flops_train"], rel=0.05)
+    assert knob.put(spec, knob.get(spec)).run_id == spec.run_id
+
+
+def test_bad_tuned_budgets():
+    paper = isoflop_study("unused", budgets=(B0,)).plan
+    with pytest.raises(ValueError, match="tuned budgets"):
+        TunedPlan(paper, dict, budgets=(B0,), tuned_budgets=(8e12,))
