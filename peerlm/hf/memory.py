@@ -27,10 +27,10 @@ and leaves tensors that the checkpoint lacks uninitialised (PEER's tables would 
 the ``_init_weights`` of the sub-model that owns them (``model.*``), never the outer class's for those.
 So: memory built on a real device is initialised by its own ``reset_parameters`` at once and marked
 initialised (later ``post_init`` / ``init_weights`` passes skip it); memory built on the meta device
-is initialised after transformers' own pass (``initialize_weights`` of the outer class, which both
-``post_init`` and ``from_pretrained`` call on the root): each ``MemoryFFN`` with a tensor the checkpoint
-did not hold runs its own ``reset_parameters`` and gets back the tensors that were loaded
-(``init_missing``). (A per-module ``_init_weights`` on the outer class would not do: transformers
+is initialised just before transformers' own pass (in ``initialize_weights`` of the outer class, which
+both ``post_init`` and ``from_pretrained`` call on the root): each ``MemoryFFN`` with a tensor the
+checkpoint did not hold runs its own ``reset_parameters``, gets back the tensors that were loaded and is
+flagged initialised, so that the pass leaves it alone (``init_missing``). (A per-module ``_init_weights`` on the outer class would not do: transformers
 skips the root's hook for custom classes whose root holds no tensor of its own.)
 
 ``param_groups(model, lr, ...)``: the optimizer groups of ``peerlm train`` (``peerlm.optim``): tables
@@ -194,9 +194,14 @@ def _attach(model: nn.Module, spec: dict[str, Any]) -> list[MemoryFFN]:
     ``from_pretrained``): initialised and marked so on a real device, left for the loader on meta."""
     cfg = from_dict(KINDS[spec["kind"]], spec["options"])
     built = []
-    for i in spec["layers"]:
+    mlps = {i: _get(model, spec["mlp_path"].format(i=i), i) for i in spec["layers"]}  # all found, or none built
+    for i, mlp in mlps.items():
         path = spec["mlp_path"].format(i=i)
-        mlp = _get(model, path, i)
+        if spec["mode"] == "parallel" and hasattr(mlp, "memory"):
+            raise ValueError(f"add_memory: {path} already has an attribute 'memory'; it has memory already "
+                             "or needs mode='replace'")
+    for i, mlp in mlps.items():
+        path = spec["mlp_path"].format(i=i)
         ref = next(mlp.parameters(), None)
         device = ref.device if ref is not None else torch.empty(()).device
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
@@ -204,14 +209,11 @@ def _attach(model: nn.Module, spec: dict[str, Any]) -> list[MemoryFFN]:
             layer = build_ffn(cfg, spec["dim"])
         if device.type != "meta":
             layer.to_empty(device=device)
-        memory = MemoryFFN(layer, spec["mode"]).to(dtype=dtype)
+        memory = MemoryFFN(layer, spec["mode"]).to(dtype=dtype).train(mlp.training)  # in the model's mode
         if spec["mode"] == "replace":
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, name, memory)
         else:
-            if hasattr(mlp, "memory"):
-                raise ValueError(f"add_memory: {path} already has an attribute 'memory'; it has memory already "
-                                 "or needs mode='replace'")
             mlp.memory = memory
             mlp.register_forward_hook(_add_parallel_memory, with_kwargs=True)
         if device.type != "meta":  # initialised: transformers' init passes must leave it (nn.Linear -> 0.02)
@@ -233,22 +235,28 @@ class _WithMemory:
             _attach(self, spec)
 
     def initialize_weights(self) -> None:
-        super().initialize_weights()
-        # after transformers' own pass, whose per-module hooks belong to the sub-models (``model.*``) and
+        # before transformers' own pass, whose per-module hooks belong to the sub-models (``model.*``) and
         # do not know these layers: each memory layer with a tensor that is not initialised (not loaded)
-        # runs its own init, keeping what was loaded
+        # runs its own init, keeping what was loaded, and is flagged, so that the pass leaves it alone
         for m in self.modules():
             if isinstance(m, MemoryFFN):
                 init_missing(m, m.reset_parameters)
+        super().initialize_weights()
 
 
 @functools.cache
 def memory_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """``base`` with memory: a subclass that builds the memory recorded in its config."""
+    """``base`` with memory: a subclass that builds the memory recorded in its config. It keeps the base
+    class's name and counts as the library's own code where ``base`` does, so transformers applies the
+    base's checkpoint key conversions (GPT-NeoX's ``embed_out``, ...) and config.json names the base
+    architecture; ``type(model).__module__`` is this module."""
     if issubclass(base, _WithMemory):
         return base
-    return type(f"{base.__name__}WithMemory", (_WithMemory, base),
-                {"__module__": __name__, "__doc__": f"{base.__name__} with peerlm memory layers (peerlm.hf.memory)."})
+    return type(base.__name__, (_WithMemory, base), {
+        "__module__": __name__, "__qualname__": base.__qualname__,
+        "__doc__": f"{base.__name__} with peerlm memory layers (peerlm.hf.memory).",
+        "is_custom_code": classmethod(lambda cls: base.is_custom_code()),
+    })
 
 
 def add_memory(model: PreTrainedModel, kind: str = "peer", layers: list[int] | tuple[int, ...] = (),

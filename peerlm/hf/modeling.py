@@ -44,10 +44,10 @@ __all__ = ["PeerLMForCausalLM", "init_missing"]
 
 @torch.no_grad()
 def init_missing(module: nn.Module, reset: Callable[[], None]) -> bool:
-    """Run ``reset`` (the module's own init) when any parameter or persistent buffer of ``module`` was
-    not loaded from a checkpoint (transformers flags loaded tensors ``_is_hf_initialized``), and put the
-    loaded ones back afterwards; return whether it ran. A module whose tensors were all loaded is left
-    as it is."""
+    """Run ``reset`` (the module's own init) when any parameter or persistent buffer of ``module`` is not
+    flagged ``_is_hf_initialized`` (transformers flags the tensors it loads from a checkpoint; this flags
+    the ones it initialises), and put the flagged ones back afterwards; return whether it ran. Every
+    tensor is flagged after, so that a later init pass (``post_init`` again) leaves the module as it is."""
     tensors = module.state_dict(keep_vars=True)
     loaded = {k: t for k, t in tensors.items() if getattr(t, "_is_hf_initialized", False)}
     if len(loaded) == len(tensors):
@@ -57,6 +57,7 @@ def init_missing(module: nn.Module, reset: Callable[[], None]) -> bool:
     for k, t in module.state_dict(keep_vars=True).items():
         if k in kept:
             t.data.copy_(kept[k])
+        t._is_hf_initialized = True
     return True
 
 
