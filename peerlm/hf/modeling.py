@@ -122,7 +122,8 @@ class PeerLMForCausalLM(PreTrainedModel, GenerationMixin):
         B, T = input_ids.shape
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("PeerLMForCausalLM does not take padded batches (attention_mask has zeros); pass "
-                             "sequences of one length, or one sequence at a time")
+                             "sequences of one length, one at a time, or attention_mask=torch.ones_like(input_ids) "
+                             "where the zeros stood for <|endoftext|> tokens, not padding")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         view = None
         if use_cache:
