@@ -30,8 +30,9 @@ initialised (later ``post_init`` / ``init_weights`` passes skip it); memory buil
 is initialised just before transformers' own pass (in ``initialize_weights`` of the outer class, which
 both ``post_init`` and ``from_pretrained`` call on the root): each ``MemoryFFN`` with a tensor the
 checkpoint did not hold runs its own ``reset_parameters``, gets back the tensors that were loaded and is
-flagged initialised, so that the pass leaves it alone (``init_missing``). (A per-module ``_init_weights`` on the outer class would not do: transformers
-skips the root's hook for custom classes whose root holds no tensor of its own.)
+flagged initialised, so that the pass leaves it alone (``init_missing``). A per-module ``_init_weights``
+on the outer class would not do: it never sees modules under a sub-model, and transformers skips even
+the root's call for custom classes whose root holds no tensor of its own.
 
 ``param_groups(model, lr, ...)``: the optimizer groups of ``peerlm train`` (``peerlm.optim``): tables
 at their own LR, routing at its own.
