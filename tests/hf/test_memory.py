@@ -173,3 +173,24 @@ def test_bad_input_is_one_line_naming_the_fix():
     add(model, layers=[1], **PEER_OPTIONS)
     _one_line_error("block\\(s\\) \\[1\\] already have memory; pick other layers", add, model, layers=[1],
                     **PEER_OPTIONS)
+
+
+def test_peft_lora_beside_trainable_memory():
+    """The retrofit recipe: LoRA on attention, the memory trained whole (peft's modules_to_save)."""
+    peft = pytest.importorskip("peft")
+    model = ph.add_memory(tiny_model("llama"), "peer", layers=[1], **PEER_OPTIONS)
+    x = tokens()
+    before = model(x).logits
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                      modules_to_save=["memory"]))
+    assert torch.equal(lora(x).logits, before)  # LoRA's B and the memory's scale start at zero
+    groups = {g["name"]: g for g in ph.param_groups(lora, 1e-2, expert_lr=3e-2)}
+    [trained] = [m.layer for m in memory_layers(lora) if m.layer.w_down.requires_grad]
+    assert {id(p) for p in groups["experts"]["params"]} == {id(trained.w_down), id(trained.w_up)}
+    trainable = {id(p) for p in lora.parameters() if p.requires_grad}
+    assert {id(p) for g in groups.values() for p in g["params"]} == trainable
+    lora.train()
+    lora(input_ids=x, labels=x).loss.backward()
+    torch.optim.AdamW(list(groups.values())).step()
+    lora.eval()
+    assert not torch.equal(lora(x).logits, before)
