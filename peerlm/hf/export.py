@@ -134,6 +134,9 @@ def load_exported(path: str | os.PathLike[str], device: torch.device | str = "cp
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}/config.json is not the config of an exported peerlm model ({e}); export "
                               "the run again with `peerlm export RUN --hf DIR`") from None
+    if raw.get("peerlm_memory"):
+        raise CheckpointError(f"{path} holds memory layers added by peerlm.hf.add_memory, which peerlm's own model "
+                              "does not have; load it with peerlm.hf.from_pretrained")
     source = run.get("source")
     if not (path / WEIGHTS).is_file():
         raise _damaged(path, source, "missing")

@@ -131,6 +131,10 @@ class PeerLMForCausalLM(PreTrainedModel, GenerationMixin):
                 cache = DynamicCache(config=self.config)
             view = _CacheView(cache, B, self.config.max_position_embeddings)
         past = view.pos if view is not None else 0
+        context = self.config.max_position_embeddings
+        if past + T > context:
+            raise ValueError(f"{past + T} positions do not fit the model's context of {context} "
+                             f"(max_position_embeddings); keep prompt plus new tokens within {context}")
         if position_ids is not None:
             expected = torch.arange(past, past + T, device=position_ids.device).expand(B, T)
             if not torch.equal(position_ids.reshape(-1, T).expand(B, T), expected):

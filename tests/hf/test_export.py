@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-import peerlm.hf  # noqa: E402,F401 (registers the classes)
+import peerlm.hf  # noqa: E402 (also registers the classes)
 from peerlm.cli import main  # noqa: E402
 from peerlm.data import load_tokenizer  # noqa: E402
 from peerlm.rundir import load_run  # noqa: E402
@@ -139,3 +139,8 @@ def test_refusals_and_a_damaged_weight_file(exported, capsys, tmp_path):
     _error(capsys, ["generate", str(bad), "--prompt", "x", "--quiet"], "model.safetensors is damaged")
     weights.unlink()
     _error(capsys, ["eval", str(bad), "--quiet"], "model.safetensors is damaged (missing)")
+    with_memory = peerlm.hf.add_memory(AutoModelForCausalLM.from_pretrained(exported / "hf"), "pkm", layers=[0],
+                                       num_keys=256, heads=2, topk=4, dim_key=16)
+    with_memory.save_pretrained(tmp_path / "memory")
+    capsys.readouterr()
+    _error(capsys, ["eval", str(tmp_path / "memory"), "--quiet"], "load it with peerlm.hf.from_pretrained")

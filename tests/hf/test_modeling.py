@@ -125,8 +125,11 @@ def test_bad_input_is_one_line_naming_the_fix():
         with pytest.raises(ValueError, match=match) as e:
             model(x, **kwargs)
         assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="does not fit the context of 32"):
+    with pytest.raises(ValueError, match="33 positions do not fit the model's context of 32"):
         model(torch.randint(1, 256, (1, 33)))
+    ids = torch.tensor([[0, 5, 6]])
+    with pytest.raises(ValueError, match="keep prompt plus new tokens within 32"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch and transformers: about 7 s
