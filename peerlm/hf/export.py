@@ -45,17 +45,9 @@ from peerlm.rundir import load_run, run_tokenizer_file
 from .configuration import PeerLMConfig
 from .modeling import PeerLMForCausalLM
 
-__all__ = ["export_run", "load_exported", "is_exported", "WEIGHTS"]
+__all__ = ["export_run", "load_exported", "WEIGHTS"]
 
 WEIGHTS = "model.safetensors"
-
-
-def is_exported(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a directory written by ``export_run`` (a config.json of model type peerlm)."""
-    try:
-        return json.loads((Path(path) / "config.json").read_text("utf-8")).get("model_type") == PeerLMConfig.model_type
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 @contextlib.contextmanager

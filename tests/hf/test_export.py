@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
 
 import peerlm.hf  # noqa: E402 (also registers the classes)
 from peerlm.cli import main  # noqa: E402
@@ -56,6 +56,7 @@ def test_the_directory_and_its_config(exported):
 def test_auto_tokenizer_encodes_as_peerlm(exported):
     ours = load_tokenizer(exported / "r" / "tokenizer.json")
     theirs = AutoTokenizer.from_pretrained(exported / "hf")
+    assert isinstance(theirs, PreTrainedTokenizerFast)  # a fast tokenizer (transformers 5: TokenizersBackend)
     assert theirs.eos_token == theirs.bos_token == theirs.pad_token == "<|endoftext|>"
     assert theirs.eos_token_id == 0
     texts = [(exported / "f.txt").read_text()[:3000], "  two  spaces\tand a tab\n\nnew lines  ",
