@@ -116,7 +116,7 @@ class PeerLMForCausalLM(PreTrainedModel, GenerationMixin):
         (B, T) are given (labels[:, t + 1] is the target of position t; -100 ignored), plus the MoE
         router losses in training mode; ``cache`` holds the keys and values of earlier positions."""
         if cache is None:
-            cache = kwargs.pop("past_key_values", None)  # the name before transformers 5
+            cache = kwargs.pop("past_key_values", None)  # transformers' older name of ``cache``
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("PeerLMForCausalLM takes input_ids (token ids), not inputs_embeds")
         B, T = input_ids.shape
@@ -124,7 +124,8 @@ class PeerLMForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("PeerLMForCausalLM does not take padded batches (attention_mask has zeros); pass "
                              "sequences of one length, one at a time, or attention_mask=torch.ones_like(input_ids) "
                              "where the zeros stood for <|endoftext|> tokens, not padding")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # a training step keeps no keys and values around
+            use_cache = self.config.use_cache and not self.training
         view = None
         if use_cache:
             if cache is None:

@@ -112,6 +112,11 @@ def test_labels_give_the_shifted_mean_cross_entropy():
     logits = out.logits[:, :-1].reshape(-1, 256)
     want = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, want)
+    model.train()
+    out = model(x, labels=labels)
+    assert out.cache is None  # a training step keeps no keys and values
+    out.loss.backward()
+    assert model.model.tok_emb.weight.grad.abs().sum() > 0
 
 
 def test_bad_input_is_one_line_naming_the_fix():
