@@ -15,11 +15,12 @@ Qwen3, OLMo2, GPT-2, GPT-NeoX, peerlm), else ``mlp_path="...{i}..."``.
 
 Saving and loading: the memory settings are recorded in ``config.peerlm_memory`` (a list of specs,
 one per ``add_memory`` call), so config.json carries them. The model's class becomes
-``memory_class(type(model))``, a subclass of the base class whose ``__init__`` rebuilds the recorded
-memory, so ``type(model).from_pretrained(dir)``, and ``from_pretrained(dir)`` here for any directory,
-load the memory's weights exactly (``AutoModelForCausalLM.from_pretrained`` builds the base class and
-leaves the memory's weights out). ``from_pretrained(base_dir, memory={...})`` adds new memory to a plain
-checkpoint.
+``memory_class(type(model))``, a subclass of the base class (of the same name, so config.json's
+``architectures`` and transformers' checkpoint key conversions stay the base's) whose ``__init__``
+rebuilds the recorded memory, so ``type(model).from_pretrained(dir)``, and ``from_pretrained(dir)``
+here for any directory, load the memory's weights exactly (``AutoModelForCausalLM.from_pretrained``
+builds the base class and leaves the memory's weights out). ``from_pretrained(base_dir, memory={...})``
+adds new memory to a plain checkpoint.
 
 Init, against the traps of transformers 5: its ``post_init`` resets every ``nn.Linear`` (PEER's query
 projection would drop from N(0, 1/dim) to N(0, 0.02)); ``from_pretrained`` builds on the meta device
