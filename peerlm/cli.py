@@ -1,10 +1,11 @@
-"""The ``peerlm`` command: data, train, eval, generate, presets, flops, demo.
+"""The ``peerlm`` command: data, train, eval, generate, export, presets, flops, demo.
 
     peerlm data prepare --text notes.txt --out data/notes
     peerlm train --preset tiny --data data/notes --out runs/tiny --max-steps 100 --set train.lr=3e-3
     peerlm train --out runs/tiny --resume --max-steps 200     # continue, same config
     peerlm eval runs/tiny --text other.txt --json
     peerlm generate runs/tiny --prompt "Once upon" --max-new-tokens 40 --temperature 0.8 --top-k 50
+    peerlm export runs/tiny --hf hf/tiny                        # a transformers directory (extra hf)
     peerlm presets
     peerlm flops --preset peer-small
     peerlm demo --out runs/demo
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -195,12 +197,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- eval / generate
 
 
+def _is_hf_export(path: str) -> bool:
+    """Whether ``path`` is a directory of ``peerlm export --hf`` (its config.json's model type), read
+    without importing transformers."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text("utf-8")).get("model_type") == "peerlm"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _load_run(args: argparse.Namespace, device: Any = "cpu") -> tuple[Any, dict, list[str]]:
-    """The model and config of ``args.run``, and the lines that say which checkpoint it is (and any
-    fallback), for the command to print once it has done its work (a failure stays one line). A
-    damaged checkpoint's error names this same command on the intact older one."""
+    """The model and config of ``args.run`` (a run, a checkpoint or an exported directory), and the
+    lines that say which checkpoint it is (and any fallback), for the command to print once it has
+    done its work (a failure stays one line). A damaged checkpoint's error names this same command on
+    the intact older one."""
     from peerlm.rundir import load_run
 
+    if _is_hf_export(args.run):
+        from peerlm.hf.export import load_exported
+
+        model, config = load_exported(args.run, device)
+        return model, config, [f"peerlm: {args.command}: exported model of checkpoint step "
+                               f"{config['checkpoint_step']} ({args.run})"]
     notes: list[str] = []
     try:
         model, config = load_run(args.run, device, notes)
@@ -211,6 +229,27 @@ def _load_run(args: argparse.Namespace, device: Any = "cpu") -> tuple[Any, dict,
         raise CheckpointError(f"{e}; `{shlex.join(['peerlm', *argv])}` reads it") from None
     notes.append(f"{args.command}: checkpoint step {config['checkpoint_step']} ({config['checkpoint']})")
     return model, config, [f"peerlm: {n.removeprefix('note: ')}" for n in notes]
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from peerlm.hf.export import export_run
+    except ImportError as e:
+        raise ValueError(f"export --hf needs transformers ({e}); install the extra: pip install 'peerlm[hf]'") from None
+    notes: list[str] = []
+    try:
+        config = export_run(args.run, args.hf, notes)
+    except CheckpointDamaged as e:
+        if e.intact is None:
+            raise
+        argv = [str(e.intact) if a == args.run else a for a in args.argv]
+        raise CheckpointError(f"{e}; `{shlex.join(['peerlm', *argv])}` reads it") from None
+    for n in notes:
+        print(f"peerlm: {n.removeprefix('note: ')}", file=sys.stderr)
+    print(f"exported {args.run} (checkpoint step {config['checkpoint_step']}) to {args.hf}: load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(args.hf)!r}) after `import peerlm.hf`, or with "
+          "trust_remote_code=True")
+    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -332,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and bits per byte on held-out text",
                        description="Evaluate a run on the held-out sets of a data directory and/or "
                                    "text files.")
-    p.add_argument("run", metavar="RUN", help="run directory (or a checkpoint directory)")
+    p.add_argument("run", metavar="RUN", help="run directory, checkpoint directory or `export --hf` directory")
     p.add_argument("--data", metavar="DIR", help="prepared data directory (default: the run's)")
     p.add_argument("--text", action="append", metavar="PATH", help="a UTF-8 text file (repeatable)")
     p.add_argument("--split", action="append", metavar="NAME", help="only these splits of --data")
@@ -346,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a run", description="Sample a continuation.")
-    p.add_argument("run", metavar="RUN", help="run directory (or a checkpoint directory)")
+    p.add_argument("run", metavar="RUN", help="run directory, checkpoint directory or `export --hf` directory")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=argtypes.nonnegative_int, default=100,
                    help="tokens to add (default: 100)")
@@ -358,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=argtypes.seed, default=None, help="seed of the sampler")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("export", help="write a run as a Hugging Face transformers model directory",
+                       description="Write a run's newest checkpoint (or a checkpoint directory) as a transformers "
+                                   "directory: config.json, model.safetensors, generation_config.json and the "
+                                   "tokenizer (extra `hf`). `eval` and `generate` read it too.")
+    p.add_argument("run", metavar="RUN", help="run directory (or a checkpoint directory)")
+    p.add_argument("--hf", required=True, metavar="OUT", help="the directory to write (absent or empty)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("presets", help="list model presets with parameters and FLOPs per token")
     p.set_defaults(func=_cmd_presets)

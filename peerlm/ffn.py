@@ -39,6 +39,7 @@ K top-k, C expert capacity, A (token, expert) assignments, H heads, Dk key width
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -341,6 +342,30 @@ class PKM(UsageTracking, nn.Module):
         else:
             y_SD = F.embedding_bag(ids_SM, self.values, per_sample_weights=w_SM, mode="sum")
         return y_SD.to(x.dtype).view(x.shape)
+
+
+def memory_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every PEER and PKM layer in ``model`` (any module: a peerlm Transformer, a
+    transformers model with memory added, a wrapper around either)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (PEER, PKM))]
+
+
+def expert_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The large lookup tables of ``model``'s memory layers: PEER ``w_down``/``w_up`` and PKM ``values``."""
+    for _, m in memory_layers(model):
+        if isinstance(m, PEER):
+            yield m.w_down
+            yield m.w_up
+        else:
+            yield m.values
+
+
+def routing_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """What picks the experts of ``model``'s PEER and PKM layers: query projections, query norms, sub-keys."""
+    for _, m in memory_layers(model):
+        yield from m.query.parameters()
+        yield from m.norm.parameters()
+        yield from m.keys.parameters()
 
 
 def build_ffn(cfg: DenseConfig | PEERConfig | MoEConfig | PKMConfig, dim: int, mlp: DenseConfig | None = None,

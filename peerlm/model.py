@@ -5,7 +5,9 @@ Pre-norm blocks (RMSNorm), causal multi-head attention with rotary positions (Ro
 to the token embedding. ``forward(idx, targets, kv_cache)`` returns (logits, loss) with
 loss = mean cross-entropy + the sum of the feed-forwards' auxiliary losses (MoE router losses, in
 training mode only); ``last_losses`` keeps the parts. A ``KVCache`` allows prefill then one token at a
-time; the cached path gives the logits of a full forward.
+time; the cached path gives the logits of a full forward. Attention asks a cache only for ``pos``,
+``max_len``, ``batch`` and ``update(layer, k, v)``, so another cache can stand in (``peerlm.hf`` puts
+transformers' ``Cache`` behind these names).
 
 Attention runs through ``F.scaled_dot_product_attention`` (``attn_impl="sdpa"``) or a plain
 matmul-softmax-matmul reference (``"eager"``), which FLOP counters can see into.
@@ -29,9 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peerlm.config import ModelConfig
-from peerlm.ffn import PKM, build_ffn
+from peerlm.ffn import build_ffn, expert_parameters, memory_layers, routing_parameters
 from peerlm.norms import RMSNorm
-from peerlm.peer import PEER
 
 __all__ = ["KVCache", "Attention", "Block", "Transformer", "build_model"]
 
@@ -242,23 +243,15 @@ class Transformer(nn.Module):
 
     def memory_layers(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of every PEER and PKM layer, for usage statistics."""
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, (PEER, PKM))]
+        return memory_layers(self)
 
     def expert_parameters(self) -> Iterator[nn.Parameter]:
         """The large lookup tables: PEER ``w_down``/``w_up`` and PKM ``values`` (their own param group)."""
-        for _, m in self.memory_layers():
-            if isinstance(m, PEER):
-                yield m.w_down
-                yield m.w_up
-            else:
-                yield m.values
+        return expert_parameters(self)
 
     def routing_parameters(self) -> Iterator[nn.Parameter]:
         """What picks the experts of PEER and PKM layers: query projections, query norms, sub-keys."""
-        for _, m in self.memory_layers():
-            yield from m.query.parameters()
-            yield from m.norm.parameters()
-            yield from m.keys.parameters()
+        return routing_parameters(self)
 
     def other_parameters(self) -> Iterator[nn.Parameter]:
         """Every parameter not in ``expert_parameters``."""

@@ -5,12 +5,12 @@ Parameter groups (``param_groups``):
 - ``no_decay``: norms, biases, the token embedding (and the tied head) and product sub-keys. Sub-keys
   are a lookup table compared by dot products; decaying them would only shrink the retrieval scores,
   i.e. flatten the softmax gates.
-- ``experts``: PEER ``w_down``/``w_up`` and PKM ``values`` (``model.expert_parameters()``), with their
+- ``experts``: PEER ``w_down``/``w_up`` and PKM ``values`` (``peerlm.ffn.expert_parameters``), with their
   own learning rate and ``expert_weight_decay`` (0 by default: a row is read by few tokens per batch,
   so a per-step decay would pull rarely retrieved experts to zero regardless of their use).
 - ``routing`` / ``routing_no_decay``: what decides which experts a token retrieves, i.e. the query
   projections (decayed like other matrices) and the sub-keys and query-norm affines (not decayed) of
-  PEER and PKM layers (``model.routing_parameters()``), with their own learning rate. Adam moves every
+  PEER and PKM layers (``peerlm.ffn.routing_parameters``), with their own learning rate. Adam moves every
   element by about lr per step whatever its scale, and sub-keys start at std sqrt(2/d_key) (0.125 at
   d_key 128): at a trunk LR of 2e-3 they travel their own scale in about 60 steps, and retrieval
   collapses onto a fraction of the experts. A routing LR below the trunk's keeps the keys near their
@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peerlm.ffn import expert_parameters, memory_layers, routing_parameters
 from peerlm.norms import BatchNorm, RMSNorm, RunningNorm
 from peerlm.retrieval import ProductKeys
 
@@ -62,8 +63,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, expert_lr: fl
                  expert_weight_decay: float = 0.0, routing_lr: float | None = None) -> list[dict[str, Any]]:
     """The groups of the module docstring (empty groups are dropped); each carries ``name`` and
     ``base_lr`` (the peak the schedule scales). ``expert_lr`` / ``routing_lr`` None: ``lr``."""
-    experts = list(model.expert_parameters()) if hasattr(model, "expert_parameters") else []
-    routing = {id(p) for p in model.routing_parameters()} if hasattr(model, "routing_parameters") else set()
+    experts = list(expert_parameters(model))
+    routing = {id(p) for p in routing_parameters(model)}
     buckets: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "routing": [], "routing_no_decay": []}
     seen: set[int] = {id(p) for p in experts}
     for module in model.modules():
@@ -262,7 +263,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     """
     groups = param_groups(model, lr, weight_decay, expert_lr, expert_weight_decay, routing_lr)
     # torch's AdamW rejects sparse gradients: a layer built with sparse_grad=True needs the row-sparse one
-    layers = model.memory_layers() if hasattr(model, "memory_layers") else []
+    layers = memory_layers(model)
     sparse_experts = sparse_experts or any(getattr(m, "sparse_grad", False) for _, m in layers)
     sparse = [g for g in groups if sparse_experts and g["name"] == "experts"]
     dense = [g for g in groups if g not in sparse]

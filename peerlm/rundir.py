@@ -45,7 +45,7 @@ from peerlm.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from peerlm.model import Transformer, build_model
 
 __all__ = ["RunDir", "MetricsLog", "is_run_dir", "load_run", "run_fingerprint", "run_tokenizer",
-           "check_same_tokenizer"]
+           "run_tokenizer_file", "check_same_tokenizer"]
 
 
 class RunDir:
@@ -199,10 +199,10 @@ def check_same_tokenizer(run_fp: str | None, data_fp: str | None, what: str, fix
                         f"the run's {run_fp[:12]}): its token ids stand for other text; {fix}")
 
 
-def run_tokenizer(run_dir: str | os.PathLike[str], config: dict,
-                  data_dir: str | os.PathLike[str] | None = None) -> Tokenizer:
-    """The run's own tokenizer: the first tokenizer.json of the run directory, ``data_dir`` or the
-    run's recorded data directory whose fingerprint is the run's (any, for a run that records none)."""
+def run_tokenizer_file(run_dir: str | os.PathLike[str], config: dict,
+                       data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The run's own tokenizer.json: the first of the run directory, ``data_dir`` or the run's recorded
+    data directory whose fingerprint is the run's (any, for a run that records none)."""
     expected = run_fingerprint(run_dir, config)
     candidates = [RunDir(d).tokenizer for d in _run_dirs(Path(run_dir), config)]
     candidates += [Path(d) / "tokenizer.json" for d in (data_dir, config.get("data", {}).get("dir")) if d]
@@ -210,9 +210,15 @@ def run_tokenizer(run_dir: str | os.PathLike[str], config: dict,
     for f in candidates:
         if f.is_file():
             if expected is None or sha256_file(f) == expected:
-                return load_tokenizer(f)
+                return f
             wrong.append(str(f))
     if wrong:
         raise DataError(f"{run_dir}: no tokenizer of this run found ({', '.join(wrong)} is another "
                         "tokenizer); evaluate with the run's own tokenizer.json in its directory")
     raise DataError(f"{run_dir}: no tokenizer.json in the run or its data directory")
+
+
+def run_tokenizer(run_dir: str | os.PathLike[str], config: dict,
+                  data_dir: str | os.PathLike[str] | None = None) -> Tokenizer:
+    """The run's own tokenizer (``run_tokenizer_file``), loaded."""
+    return load_tokenizer(run_tokenizer_file(run_dir, config, data_dir))

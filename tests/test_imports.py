@@ -2,9 +2,10 @@
 
 Every import counts, also one inside a function (a lazy import is still a dependency). Layers, low to
 high: the base (file I/O, config I/O, the data error), the library (layers, kernels, models,
-optimizer, FLOPs, parallel building blocks, data, argument types), persistence (checkpoints, the run
-directory), runs (run config, training, evaluation, generation, the parallel runtime), drivers (the
-study, the demo), and the command line. A new module must be placed in ``LAYERS``.
+optimizer, FLOPs, parallel building blocks, data, argument types, the transformers classes),
+persistence (checkpoints, the run directory, the transformers export), runs (run config, training,
+evaluation, generation, the parallel runtime), drivers (the study, the demo), and the command line.
+A new module must be placed in ``LAYERS``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "peerlm"
 # prefix -> layer; the longest matching prefix wins
 LAYERS = {
     "peerlm.fileio": 0, "peerlm.configio": 0, "peerlm.data.errors": 0,
-    "peerlm": 1, "peerlm.data": 1, "peerlm.kernels": 1, "peerlm.parallel": 1,
-    "peerlm.checkpoint": 2, "peerlm.rundir": 2,
+    "peerlm": 1, "peerlm.data": 1, "peerlm.kernels": 1, "peerlm.parallel": 1, "peerlm.hf": 1,
+    "peerlm.checkpoint": 2, "peerlm.rundir": 2, "peerlm.hf.export": 2,
     "peerlm.runconfig": 3, "peerlm.train": 3, "peerlm.evaluate": 3, "peerlm.generate": 3,
     "peerlm.parallel.runtime": 3, "peerlm.parallel.launch": 3,
     "peerlm.study": 4, "peerlm.demo": 4,
