@@ -5,6 +5,8 @@
     peerlm study isoflop --max-runs 1           # one run, e.g. to commit its record before the next
     peerlm study isoflop --report               # summary.json, table.md and plots from the records
     peerlm study isoflop --time-steps           # time every recorded model under one load, then --report
+    peerlm study isoflop-tuned --plan           # the second table: every method tuned by one protocol,
+                                                # from the first table's optima; results/isoflop-tuned/
     peerlm study experts --plan                 # an ablation (experts, active, querynorm, expert-lr, placement),
                                                 # isoFLOP study's compute-optimal PEER model; results/<name>/
 """
@@ -63,6 +65,19 @@ def _cmd_isoflop(args: argparse.Namespace) -> int:
     return _drive(study, write_report, args)
 
 
+def _cmd_tuned(args: argparse.Namespace) -> int:
+    from peerlm.study.runner import main_log
+    from peerlm.study.tuned import tuned_study
+    from peerlm.study.tuned_report import write_tuned_report
+
+    if not Path(args.paper_results).is_dir():
+        raise ValueError(f"--paper-results {args.paper_results} is not a folder; name the folder of the isoFLOP "
+                         "study's records (the one holding runs/; default results/isoflop)")
+    study = tuned_study(args.results, args.paper_results, work=args.work, budgets=tuple(args.budget or BUDGETS),
+                        methods=tuple(args.method or METHODS), threads=args.threads, log=main_log, device=args.device)
+    return _drive(study, write_tuned_report, args)
+
+
 def _cmd_ablation(args: argparse.Namespace) -> int:
     from peerlm.study.ablation_report import write_ablation_report
     from peerlm.study.ablations import ablation_study
@@ -111,6 +126,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(q)
     q._negative_number_matcher = NEGATIVE_NUMBER
     q.set_defaults(func=_cmd_isoflop)
+    q = studies.add_parser("isoflop-tuned", help="the isoFLOP study with every method tuned by one protocol",
+                           description="The isoFLOP study's second table: each method's knobs tuned at its "
+                                       "paper-settings optimum, the size re-laddered, four seeds; see "
+                                       "peerlm/study/tuned.py.")
+    q.add_argument("--results", default="results/isoflop-tuned", metavar="DIR",
+                   help="records and reports (default: results/isoflop-tuned)")
+    q.add_argument("--paper-results", default="results/isoflop", metavar="DIR",
+                   help="the paper-settings table's records (default: results/isoflop)")
+    q.add_argument("--work", default=None, metavar="DIR",
+                   help="data and checkpoints (default: $PEERLM_CACHE/study/isoflop)")
+    q.add_argument("--budget", action="append", type=budget, metavar="FLOPS",
+                   help=f"training FLOP budget (repeatable; default: {', '.join(budget_name(b) for b in BUDGETS)})")
+    q.add_argument("--method", action="append", choices=METHODS, help="only these methods (repeatable)")
+    _common(q)
+    q._negative_number_matcher = NEGATIVE_NUMBER
+    q.set_defaults(func=_cmd_tuned)
     from peerlm.study.ablations import ABLATIONS
 
     for name, ablation in ABLATIONS.items():

@@ -32,6 +32,7 @@ from peerlm.fileio import atomic_write_bytes, atomic_write_text
 from peerlm.study.design import METHODS, budget_name
 from peerlm.study.records import diverged, spec_of, val_loss
 from peerlm.study.runner import machine, timing_key
+from peerlm.study.stats import compare, mean_sd
 
 __all__ = ["compute_optimal", "summary_records", "format_table", "write_report", "train_seconds", "timing_note",
            "save_png", "pyplot", "plots_or_note", "PlotsUnavailable", "PLOTS_NEED"]
@@ -103,7 +104,43 @@ def compute_optimal(plan, recs: dict[str, dict[str, Any]]) -> dict[tuple[float, 
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (max(values) - min(values)) / 2 if len(values) > 1 else float("nan")
+    """Mean and standard deviation over seeds (nan for one seed)."""
+    return mean_sd(values)
+
+
+def _seed_losses(runs: list[dict[str, Any]], eval_set: str) -> dict[int, float]:
+    if eval_set == HELDOUT_MEAN:
+        return {r["spec"]["seed"]: heldout_loss(r) for r in runs if heldout_loss(r) is not None}
+    return {r["spec"]["seed"]: r["eval"][eval_set]["loss"] for r in runs if eval_set in r["eval"]}
+
+
+def comparison_lines(seeds: dict[tuple[float, str], list[dict[str, Any]]], budgets: tuple[float, ...],
+                     methods: tuple[str, ...], subject: str = "peer") -> list[str]:
+    """A markdown table of ``subject`` against every other method at each budget, from the records of
+    each compute-optimal model's seeds: the perplexity ratio other / subject over their common seeds with
+    its paired 95% interval (``peerlm.study.stats``) on val and on the held-out mean, and a verdict word
+    (``ahead``: the subject's perplexity is lower) only where the interval excludes 1."""
+    lines = [f"| budget | {subject} against | seeds | val: ppl ratio [95% interval] | verdict | "
+             "held-out: ppl ratio [95% interval] | verdict |", "|" + "---|" * 7]
+    for budget in budgets:
+        mine = seeds.get((budget, subject))
+        if not mine:
+            continue
+        for other in methods:
+            theirs = seeds.get((budget, other))
+            if other == subject or not theirs:
+                continue
+            cells, common = [], ()
+            for eval_set in ("val", HELDOUT_MEAN):
+                c = compare(_seed_losses(mine, eval_set), _seed_losses(theirs, eval_set))
+                if c is None:
+                    cells += ["", ""]
+                    continue
+                common = c.seeds
+                r, lo, hi = c.ratio
+                cells += [f"{r:.3f} [{lo:.3f}, {hi:.3f}]" if len(c.seeds) > 1 else f"{r:.3f}", c.verdict]
+            lines.append(f"| {budget_name(budget)} | {other} | {len(common)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def summary_records(opt: dict[tuple[float, str], dict[str, Any]]) -> list[dict[str, Any]]:
@@ -215,7 +252,7 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
              f"{machine()}; runs at git revisions {', '.join(revs)}; {len(recs)} run records.", "",
              "Perplexity (per token of the study's 1024-token BPE) of each method's compute-optimal model on the "
              "whole validation split and on the first 65,536 tokens of each held-out set; `heldout` is their "
-             "geometric mean. ± is half the range over seeds (where a second seed has finished). A size marked "
+             "geometric mean. ± is the standard deviation over seeds (where a second seed has finished). A size marked "
              "* is not yet bracketed by smaller and larger runs. Sizes, the LR multiplier and the table LR "
              "ratios are chosen on val, which is in-distribution (part of it is the last pages of the training "
              "books); the held-out sets are other corpora. " + _selection_check(opt), "",
@@ -249,6 +286,10 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
             cells = [f"{by[budget, method, n]['perplexity'] / by[budget, 'dense', n]['perplexity']:.3f}"
                      if (budget, method, n) in by and (budget, "dense", n) in by else "" for n in TABLE_SETS]
             lines.append(f"| {method} ({budget_name(budget)}) | " + " | ".join(cells) + " |")
+    lines += ["", "PEER against each baseline, seed by seed (the same seed is the same data order; ratio > 1: PEER's "
+              "perplexity is lower; 95% interval of the paired mean difference in loss, Student's t; a verdict "
+              "only where the interval excludes 1):", "",
+              *comparison_lines({k: o["runs"] for k, o in opt.items()}, study.plan.budgets, study.plan.methods)]
     timing = study.timing()
     wall = _equal_wall_time(recs, study, timing)
     if wall:

@@ -104,3 +104,23 @@ def test_bad_tuned_budgets():
     paper = isoflop_study("unused", budgets=(B0,)).plan
     with pytest.raises(ValueError, match="tuned budgets"):
         TunedPlan(paper, dict, budgets=(B0,), tuned_budgets=(8e12,))
+
+
+def test_report_of_the_tuned_table(studies):
+    from peerlm.study.tuned_report import write_tuned_report
+
+    paper, tuned = studies
+    with pytest.raises(ValueError, match="no tuned optimum"):
+        write_tuned_report(tuned)
+    finish_pending(tuned, loss, limit=400)
+    paths = write_tuned_report(tuned, command="peerlm study isoflop-tuned --report")
+    assert {p.name for p in paths} == {"summary.json", "table.md", "isoflop-tuned.png"}
+    table = (tuned.results / "table.md").read_text()
+    assert "| peer (2e12) | L4d96 | LR x4, tables x3, h 2 k 64, routing x0.3, running, block " in table
+    assert "| 2e12 | dense | 4 |" in table  # PEER against dense over four common seeds
+    import json
+
+    rows = {r["method"]: r for r in json.loads((tuned.results / "summary.json").read_text())["records"]}
+    assert rows["peer"]["seeds"] == list(range(SEEDS)) and rows["peer"]["tuning_runs"] > rows["dense"]["tuning_runs"]
+    # tuning moved PEER's optimum: better than its paper-settings optimum
+    assert rows["peer"]["paper_val_perplexity"] > rows["peer"]["val"]["perplexity"]

@@ -1,0 +1,151 @@
+"""The tuned table's report: ``results/isoflop-tuned/{summary.json, table.md, isoflop-tuned.png}``.
+
+Per (budget, method): the tuned optimum's settings, how many tuning runs it took, val and held-out
+perplexity over its seeds (mean and standard deviation), the ratio to the paper-settings optimum of the
+same method, and PEER against each baseline with paired 95% intervals (``report.comparison_lines``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from peerlm.fileio import atomic_write_text
+from peerlm.study.design import ROUTING_LR_RATIO, SIZES, RunSpec, budget_name
+from peerlm.study.records import diverged
+from peerlm.study.report import (
+    HELDOUT_MEAN,
+    comparison_lines,
+    compute_optimal,
+    heldout_loss,
+    mean_sd,
+    plots_or_note,
+    pyplot,
+    save_png,
+)
+from peerlm.study.runner import machine
+
+__all__ = ["settings", "tuned_rows", "write_tuned_report"]
+
+
+def settings(spec: RunSpec) -> str:
+    """A run's tuned settings in words (what differs from the recipe is named)."""
+    parts = [f"LR x{spec.lr_mult:g}"]
+    if spec.method in ("peer", "pkm"):
+        ffn = spec.model().ffn
+        parts += [f"tables x{spec.expert_ratio:g}", f"h {ffn.heads} k {ffn.topk}",
+                  f"routing x{ROUTING_LR_RATIO if spec.routing_ratio is None else spec.routing_ratio:g}",
+                  f"{ffn.query_norm}", f"block {spec.model().sparse_blocks()[0]}"]
+    elif spec.method == "moe-fine":
+        ffn = spec.model().ffn
+        parts.append(f"{ffn.num_experts} experts of {ffn.expert_hidden}, top {ffn.topk}")
+    return ", ".join(parts)
+
+
+def _stats(runs: list[dict[str, Any]], eval_set: str) -> tuple[float, float] | None:
+    losses = [heldout_loss(r) if eval_set == HELDOUT_MEAN else r["eval"].get(eval_set, {}).get("loss") for r in runs]
+    ppl = [math.exp(x) for x in losses if x is not None]
+    return mean_sd(ppl) if ppl else None
+
+
+def tuned_rows(study, recs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per decided (budget, method) of the tuned table."""
+    paper = compute_optimal(study.plan.paper, study.plan.paper_records())
+    rows = []
+    for (budget, method), o in study.plan.optima(recs).items():
+        runs = [r for r in o["runs"] if not diverged(r)]
+        if not runs:
+            continue
+        row = {"budget": budget, "method": method, "size": o["spec"].size, "run_id": o["spec"].run_id,
+               "settings": settings(o["spec"]), "tuning_runs": o["tuning_runs"],
+               "seeds": [r["spec"]["seed"] for r in runs], "params": runs[0]["params"],
+               "train_tokens": runs[0]["train_tokens"]}
+        for name in ("val", HELDOUT_MEAN):
+            st = _stats(runs, name)
+            row[name] = None if st is None else {"perplexity": st[0], "sd": st[1]}
+        base = paper.get((budget, method))
+        base_st = _stats(base["runs"], "val") if base and base["runs"] else None
+        row["paper_val_perplexity"] = None if base_st is None else base_st[0]
+        rows.append(row)
+    return rows
+
+
+def _fmt(st: dict[str, float] | None) -> str:
+    if st is None:
+        return ""
+    return f"{st['perplexity']:.2f}" + ("" if math.isnan(st["sd"]) else f" ± {st['sd']:.2f}")
+
+
+def format_tuned_table(study, recs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], command: str) -> str:
+    revs = sorted({r["git_revision"] for r in recs.values()})
+    lines = ["# isoFLOP study, tuned per method: compute-optimal models at equal training FLOPs", "",
+             f"Command: `{command}`  ", f"Report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on "
+             f"{machine()}; runs at git revisions {', '.join(revs)}.", "",
+             "Every method tuned by one protocol (`peerlm/study/tuned.py`): the knobs swept one after the other "
+             "at its paper-settings optimum, then the size re-laddered with the LR swept at each size; ± is the "
+             "standard deviation over seeds. `vs paper` is the paper-settings optimum's val perplexity over this "
+             "one's (> 1: tuning helped).", "",
+             "| model (budget) | size | settings | tuning runs | seeds | val ppl | held-out ppl | vs paper |",
+             "|" + "---|" * 8]
+    for r in rows:
+        gain = (f"{r['paper_val_perplexity'] / r['val']['perplexity']:.3f}"
+                if r["paper_val_perplexity"] and r["val"] else "")
+        lines.append(f"| {r['method']} ({budget_name(r['budget'])}) | {r['size']} | {r['settings']} | "
+                     f"{r['tuning_runs']} | {len(r['seeds'])} | {_fmt(r['val'])} | {_fmt(r[HELDOUT_MEAN])} | {gain} |")
+    seeds = {(b, m): o["runs"] for (b, m), o in study.plan.optima(recs).items()}
+    lines += ["", "PEER against each baseline, seed by seed (ratio > 1: PEER's perplexity is lower; paired 95% "
+              "interval, Student's t; a verdict only where the interval excludes 1):", "",
+              *comparison_lines(seeds, study.plan.budgets, study.plan.methods)]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+    plt = pyplot()
+    budgets = study.plan.budgets
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.0), squeeze=False)
+    names = [s.name for s in SIZES]
+    optima = study.plan.optima(recs)
+    for ax, budget in zip(axes[0], budgets):
+        for method in study.plan.methods:
+            o = optima.get((budget, method))
+            if o is None:
+                continue
+            knobs = set(o["spec"].overrides), o["spec"].expert_ratio, o["spec"].routing_ratio
+            best: dict[str, dict[str, Any]] = {}  # the best-LR run of each size with the tuned knobs
+            for r in recs.values():
+                s = r["spec"]
+                if (s["budget"], s["method"], s["seed"]) != (budget, method, 0) or diverged(r):
+                    continue
+                if (set(s.get("overrides", ())), s["expert_ratio"], s.get("routing_ratio")) != knobs:
+                    continue
+                if s["size"] not in best or r["eval"]["val"]["loss"] < best[s["size"]]["eval"]["val"]["loss"]:
+                    best[s["size"]] = r
+            pts = sorted(best.values(), key=lambda r: names.index(r["spec"]["size"]))
+            ax.plot([r["params"] for r in pts], [r["eval"]["val"]["perplexity"] for r in pts], "o-", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters (total)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_title(f"tuned per method, {budget_name(budget)} FLOPs")
+        if ax.lines:
+            ax.legend()
+    return [save_png(fig, out / "isoflop-tuned.png")]
+
+
+def write_tuned_report(study, command: str | None = None) -> list[Path]:
+    """Write summary.json, table.md and the plot of the tuned table under its results directory."""
+    recs = study.records()
+    rows = tuned_rows(study, recs)
+    if not rows:
+        raise ValueError("no tuned optimum has its seeds yet; run `peerlm study isoflop-tuned` first")
+    command = command or "peerlm " + " ".join(sys.argv[1:])
+    out = study.results
+    own = study.store.records()
+    meta = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "runs": len(own), "git_revisions": sorted({r["git_revision"] for r in recs.values()})}
+    atomic_write_text(out / "summary.json", json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
+    atomic_write_text(out / "table.md", format_tuned_table(study, recs, rows, command))
+    return [out / "summary.json", out / "table.md", *plots_or_note(study, lambda: _plot(study, recs, out))]
