@@ -287,14 +287,16 @@ class _StopSignals:
 def _train_step(model: Transformer, opt: Any, params: list[torch.Tensor], ds: TokenDataset, run: RunConfig,
                 step: int, total: int, device: torch.device, autocast: Callable,
                 par: Parallel | None = None, module: torch.nn.Module | None = None,
-                stop: bool = False, hooks: StepHooks | None = None) -> tuple[float, float, float, float, bool]:
+                stop: bool = False,
+                hooks: StepHooks | None = None) -> tuple[float, float, float, float, bool]:
     """One optimizer step (0-based ``step``), with accumulation and clipping.
 
     Data parallel (``par``): this rank's rows of each micro-batch through ``module`` (the DDP / FSDP
     wrapper of ``model``), the losses averaged over ranks, the global gradient norm. ``stop``: this
     rank received a stop signal; what is returned is whether any rank did, so that all stop at
-    the same step. ``hooks``: see ``StepHooks``. Returns (mean loss over micro-batches, its cross-entropy part (the loss less
-    auxiliary router losses), gradient norm before clipping, LR factor, stop)."""
+    the same step. ``hooks``: see ``StepHooks``. Returns (mean loss over micro-batches, its
+    cross-entropy part (the loss less auxiliary router losses), gradient norm before clipping, LR
+    factor, stop)."""
     t, T = run.train, run.model.context_length
     par = par or Parallel()
     module = module or model

@@ -45,7 +45,7 @@ from peerlm.config import ModelConfig, PEERConfig, from_dict, to_dict
 from peerlm.continual.background import background_frequencies
 from peerlm.continual.grow import KEY_INITS, GrowRows, grow_model, grown_config
 from peerlm.continual.lora import TRUNK_TARGETS, attach_lora, lora_config
-from peerlm.continual.memory import RoutingFrozen, SparseRows, num_slots, table_parameters
+from peerlm.continual.memory import RoutingFrozen, SparseRows, table_parameters
 from peerlm.data import DataError, TokenDataset
 from peerlm.fileio import LOCK_NAME
 from peerlm.model import Transformer, build_model

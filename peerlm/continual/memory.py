@@ -144,7 +144,8 @@ def keep_rows(grad: Tensor, rows: Tensor) -> Tensor:
         keep_U = torch.isin(idx_U, rows)
         return torch.sparse_coo_tensor(idx_U[keep_U].unsqueeze(0), g.values()[keep_U], g.shape,
                                        is_coalesced=True, check_invariants=False)
-    return torch.sparse_coo_tensor(rows.unsqueeze(0), grad.index_select(0, rows), grad.shape, is_coalesced=True, check_invariants=False)
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), grad.index_select(0, rows), grad.shape, is_coalesced=True,
+                                   check_invariants=False)
 
 
 def keep_mask(grad: Tensor, trainable_N: Tensor) -> Tensor:
