@@ -1,4 +1,4 @@
-"""The ``peerlm`` command: data, train, eval, generate, presets, flops, demo.
+"""The ``peerlm`` command: data, train, finetune, eval, generate, presets, flops, demo.
 
     peerlm data prepare --text notes.txt --out data/notes
     peerlm train --preset tiny --data data/notes --out runs/tiny --max-steps 100 --set train.lr=3e-3
@@ -300,6 +300,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from peerlm.continual.cli import add_facts_parser
+    from peerlm.continual.cli import add_parser as add_finetune_parser
     from peerlm.data.cli import add_parser as add_data_parser
     from peerlm.study.cli import add_parser as add_study_parser
 
@@ -311,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_parser(sub)
     add_study_parser(sub)
+    add_finetune_parser(sub)
+    add_facts_parser(sub)
 
     p = sub.add_parser("train", help="train a model on a prepared data directory",
                        description="Train a preset on prepared data; the run directory gets config.json, "
