@@ -71,7 +71,8 @@ def new_rows_mask(n: int, m: int, device: torch.device | str = "cpu") -> Tensor:
 @torch.no_grad()
 def grow_model(base: Transformer, m: int, key_init: str = "zero") -> Transformer:
     """A new model with every PEER layer of ``base`` grown by ``m`` sub-keys per half (see the module
-    docstring); ``base`` is not changed. New parameters draw from torch's global generator."""
+    docstring), in ``base``'s training or eval mode; ``base`` is not changed. New parameters draw from
+    torch's global generator."""
     if key_init not in KEY_INITS:
         raise ValueError(f"key_init must be one of {KEY_INITS}, got {key_init!r}")
     cfg = grown_config(base.cfg, m)
@@ -95,7 +96,7 @@ def grow_model(base: Transformer, m: int, key_init: str = "zero") -> Transformer
         if key_init == "zero":
             new.keys.keys.zero_()
         new.keys.keys[:, :, :n] = old.keys.keys
-    return grown
+    return grown.train(base.training)
 
 
 class GrowRows(RoutingFrozen):
