@@ -46,7 +46,7 @@ def base_peer(bases):
 def test_grown_layer_retrieves_and_computes_what_the_base_did(base_peer):
     torch.manual_seed(0)
     grown = grow_model(base_peer, 3)
-    (name, old), (_, new) = base_peer.memory_layers()[0], grown.memory_layers()[0]
+    (_, old), (_, new) = base_peer.memory_layers()[0], grown.memory_layers()[0]
     assert new.n == old.n + 3
     # every old expert's rows moved to its new id; new experts' v rows are zero
     rows = old_rows(old.n, 3)
@@ -117,7 +117,8 @@ def test_training_a_grown_model_moves_only_new_rows_and_new_sub_keys(base_peer):
         if k.endswith(("w_down", "w_up")):
             assert torch.equal(v[~new], before[k][~new]), k
         elif k.endswith("keys.keys"):
-            assert torch.equal(v[:, :, :n], before[k][:, :, :n]) and not torch.equal(v[:, :, n:], before[k][:, :, n:])
+            assert torch.equal(v[:, :, :n], before[k][:, :, :n])
+            assert not torch.equal(v[:, :, n:], before[k][:, :, n:])
         else:
             assert torch.equal(v, before[k]), k  # trunk, routing and the query norm's statistics
     assert not torch.equal(after[f"{name}.w_up"][new], before[f"{name}.w_up"][new])

@@ -72,7 +72,7 @@ def test_counter_sees_the_ids_forward_uses_and_only_in_training_mode():
             assert counter.take()[name][0].numel() == 0  # eval: not counted
             model.train()
             captured = {}
-            h = layer.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].detach()))
+            h = layer.register_forward_pre_hook(lambda m, a, c=captured: c.setdefault("x", a[0].detach()))
             model(x)
             h.remove()
             ids_U, counts_U = counter.take()[name]
@@ -94,7 +94,7 @@ def test_document_frequencies_count_batches_not_retrievals():
     model.eval()
     for x in batches:
         captured = {}
-        h = layer.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].detach()))
+        h = layer.register_forward_pre_hook(lambda m, a, c=captured: c.setdefault("x", a[0].detach()))
         with torch.no_grad():
             model(x)
         h.remove()
