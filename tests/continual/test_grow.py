@@ -8,6 +8,7 @@ import torch
 from peerlm.config import get_preset
 from peerlm.continual.grow import GrowRows, grow_model, grown_config, new_rows_mask, old_rows
 from peerlm.data import TokenDataset
+from peerlm.optim import RowSparseAdamW
 from peerlm.rundir import load_run
 
 
@@ -97,9 +98,8 @@ def test_training_a_grown_model_moves_only_new_rows_and_new_sub_keys(base_peer):
         p.requires_grad = any(p is q for q in trainable)
     before = {k: v.clone() for k, v in grown.state_dict().items()}
     hooks = GrowRows(grown, {name: layer.n - 2})
-    from peerlm.optim import RowSparseAdamW
-
-    opts = [RowSparseAdamW([layer.w_down, layer.w_up], lr=1e-2), torch.optim.AdamW([layer.keys.keys], lr=1e-2, weight_decay=0.0)]
+    opts = [RowSparseAdamW([layer.w_down, layer.w_up], lr=1e-2),
+            torch.optim.AdamW([layer.keys.keys], lr=1e-2, weight_decay=0.0)]  # sub-keys take no decay
     for step in range(3):
         grown.train()
         hooks.begin_step(grown, step)
