@@ -222,32 +222,37 @@ def load_tests(data_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def exact_match(model: torch.nn.Module, tokenizer: Tokenizer, tests: Sequence[dict[str, Any]], bos_id: int = 0,
                 batch_size: int = 64) -> dict[str, Any]:
     """Share of ``tests`` whose answer greedy decoding reproduces exactly after the prompt (the start
-    token ``bos_id`` first, as training pieces follow one), overall and by kind and attribute."""
+    token ``bos_id`` first, as training pieces follow one), overall and by kind and attribute. A test
+    whose prompt and answer do not fit the model's context is not scored (``too_long`` counts them);
+    ValueError when none fits."""
     model.eval()
     device = next(model.parameters()).device
     T = model.cfg.context_length
+    scored: list[dict[str, Any]] = []
+    encoded = []
+    for t in tests:
+        p = [bos_id] + tokenizer.encode(t["prompt"]).ids
+        a = tokenizer.encode(" " + t["answer"]).ids
+        if len(p) + len(a) - 1 <= T:
+            scored.append(t)
+            encoded.append((p + a, len(p)))
+    if not scored and tests:
+        raise ValueError(f"no test prompt with its answer fits the model's context of {T} tokens")
     hits: list[bool] = []
-    for start in range(0, len(tests), batch_size):
-        chunk = tests[start:start + batch_size]
-        seqs, spans = [], []
-        for t in chunk:
-            p = [bos_id] + tokenizer.encode(t["prompt"]).ids
-            a = tokenizer.encode(" " + t["answer"]).ids
-            seq = (p + a)[-T - 1:]
-            seqs.append(seq)
-            spans.append((len(seq) - len(a), len(seq)))
-        width = max(len(s) for s in seqs)
-        x = torch.zeros(len(seqs), width - 1, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            x[i, : len(s) - 1] = torch.tensor(s[:-1])
-        logits, _ = model(x.to(device))
-        pred = logits.argmax(-1).cpu()
-        for i, (s, (lo, hi)) in enumerate(zip(seqs, spans)):
-            hits.append(bool(torch.equal(pred[i, lo - 1:hi - 1], torch.tensor(s[lo:hi]))))
-    out: dict[str, Any] = {"exact_match": sum(hits) / max(len(hits), 1), "tests": len(hits)}
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(s) for s, _ in chunk) - 1
+        x_BT = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, (s, _) in enumerate(chunk):
+            x_BT[i, : len(s) - 1] = torch.tensor(s[:-1])  # right padding: causal, so it changes nothing before
+        pred_BT = model(x_BT.to(device))[0].argmax(-1).cpu()
+        for i, (s, lo) in enumerate(chunk):
+            hits.append(pred_BT[i, lo - 1:len(s) - 1].tolist() == s[lo:])
+    out: dict[str, Any] = {"exact_match": sum(hits) / max(len(hits), 1), "tests": len(hits),
+                           "too_long": len(tests) - len(scored)}
     for key in ("kind", "attribute"):
         groups: dict[str, list[bool]] = {}
-        for t, h in zip(tests, hits):
+        for t, h in zip(scored, hits):
             groups.setdefault(t[key], []).append(h)
         out[f"by_{key}"] = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
     return out

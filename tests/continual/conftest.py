@@ -52,7 +52,7 @@ def other_data_dir(tmp_path_factory) -> Path:
 
 def base_run(root: Path, data_dir: Path, preset: str, steps: int = 12) -> Path:
     info = data_info(data_dir)
-    model = apply_overrides(get_preset(preset), [f"vocab_size={info['vocab_size']}"])
+    model = apply_overrides(get_preset(preset), [f"vocab_size={info['vocab_size']}", "context_length=64"])
     t = TrainConfig(lr=3e-3, warmup=2, batch_size=4, max_steps=steps, eval_every=6, eval_batches=2, ckpt_every=6,
                     seed=0, device="cpu")
     train(RunConfig(model, t, info), root, progress=False, log=lambda s: None)
