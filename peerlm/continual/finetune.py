@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from peerlm.checkpoint import checkpoint_step, find_checkpoint, load_weights, read_config, verify_checkpoint
+from peerlm.checkpoint import checkpoint_step, find_checkpoint, read_config, verify_checkpoint
 from peerlm.checkpoint.local import WEIGHT_FILES
 from peerlm.config import ModelConfig, PEERConfig, from_dict, to_dict
 from peerlm.continual.background import background_frequencies
@@ -272,7 +272,10 @@ class _LateHooks(StepHooks):
 
 
 def _load_base(spec: FinetuneSpec, device: torch.device) -> Transformer:
+    """The base model (weights of the recorded checkpoint; a LoRA run's adapters merged)."""
     model, _ = load_run(spec.checkpoint, device)
+    for p in model.parameters():
+        p.requires_grad = True
     return model
 
 
@@ -285,10 +288,12 @@ def _builder(spec: FinetuneSpec, hooks: _LateHooks, log: Callable[[str], None],
             else:
                 model = grow_model(_load_base(spec, device), spec.grow, spec.key_init)
             base_n = {name: layer.n - spec.grow for name, layer in model.memory_layers()}
+        elif resuming:
+            model = build_model(cfg, device)  # the checkpoint brings the weights
         else:
-            model = build_model(cfg, device)
-            if not resuming:
-                load_weights(spec.checkpoint, model, expected_model=to_dict(cfg))
+            model = _load_base(spec, device)  # through load_run: a LoRA base comes merged
+            if to_dict(model.cfg) != to_dict(cfg):
+                raise ValueError(f"{spec.checkpoint} holds another model than the run config names")
         model.train()
         if spec.method == "full":
             opt = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, t.lr, t.expert_weight_decay,

@@ -194,3 +194,42 @@ def test_an_existing_output_run_needs_resume(bases, facts_dir, tmp_path, capsys)
                  "--max-steps", "2"]) == 2
     assert "--resume" in capsys.readouterr().err
     assert tree_state(out) == before
+
+
+def test_a_lora_run_is_a_base_like_any_other(bases, facts_dir, tmp_path):
+    run_finetune(bases["peer"], facts_dir, tmp_path / "lora", "lora", steps=2)
+    from peerlm.rundir import load_run
+
+    merged, _ = load_run(tmp_path / "lora")
+    run_finetune(tmp_path / "lora", facts_dir, tmp_path / "mem", "memory", steps=2)
+    new = weights(tmp_path / "mem")
+    for k, v in merged.state_dict().items():
+        if not k.endswith(("w_down", "w_up")):
+            assert torch.equal(new[k], v), k  # the merged LoRA weights, frozen
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes(bases, facts_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ft"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "peerlm", "finetune", str(bases["peer"]), "--data", str(facts_dir),
+                             "--out", str(out), "--method", "sparse", "--slots", "20", "--background", "3",
+                             "--max-steps", "100000", "--ckpt-every", "0", "--quiet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file()
+                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "peerlm finetune --out" in err and "--resume" in err
+    step = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 3 <= step < 100000
+    assert main(["finetune", "--out", str(out), "--resume", "--max-steps", str(step + 2), "--quiet"]) == 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step + 2:08d}"
