@@ -8,7 +8,9 @@
     facts.py      a deterministic synthetic biography fact set (bioS-style) and its exact-match test
     finetune.py   ``finetune``: a new run from a trained run's checkpoint with one of the methods
                   full, lora, memory, sparse, grow, on the training loop's guarantees
-    cli.py        the ``peerlm finetune`` command
+    study.py      ``peerlm study continual``: learning against forgetting per method and knob
+    study_report.py  its summary.json, table.md and Pareto plot
+    cli.py        the ``peerlm finetune`` and ``peerlm facts`` commands
 
 Methods (``finetune.METHODS``): ``full`` trains every parameter with AdamW; ``lora`` trains adapters
 on the trunk's linear layers; ``memory`` trains the PEER tables / PKM values with row-sparse
