@@ -172,12 +172,13 @@ def plan_finetune(base: str | os.PathLike[str], data_dir: str | os.PathLike[str]
     base, out = Path(base), Path(out)
     if not base.exists():
         raise ValueError(f"{base}: no such base run")
-    busy = base_busy(base)
+    run_dir = base.parent.parent if base.parent.name == "checkpoints" else base  # a checkpoint's run
+    busy = base_busy(run_dir) or base_busy(base)
     if busy:
         raise ValueError(f"{base} is being written by a training ({busy}); finetune from it once that ends, "
                          "or from a copy of the run")
-    if _inside(out, base):
-        raise ValueError(f"--out {out} is inside the base run {base}; a finetune writes a new run directory, "
+    if _inside(out, run_dir):
+        raise ValueError(f"--out {out} is inside the base run {run_dir}; a finetune writes a new run directory, "
                          "never the base run")
     ckpt = find_checkpoint(base, notes)
     verify_checkpoint(ckpt, WEIGHT_FILES)
@@ -186,7 +187,7 @@ def plan_finetune(base: str | os.PathLike[str], data_dir: str | os.PathLike[str]
         cfg = from_dict(ModelConfig, base_config["model"])
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{ckpt}/config.json has no valid model section ({e})") from None
-    spec = FinetuneSpec(base=str(base.resolve()), checkpoint=str(ckpt.resolve()), base_step=checkpoint_step(ckpt),
+    spec = FinetuneSpec(base=str(run_dir.resolve()), checkpoint=str(ckpt.resolve()), base_step=checkpoint_step(ckpt),
                         **spec_args)
     _check_method(spec, cfg)
     ds = TokenDataset(data_dir)

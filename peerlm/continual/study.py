@@ -355,7 +355,8 @@ def isoflop_bases(iso_results: str | os.PathLike[str], iso_work: str | os.PathLi
         path = iso.work / spec.run_id
 
         def make(spec=spec, path=path) -> None:
-            train_run(iso.run_config(spec, iso.data_dir()), path, progress=False)
+            with claim(iso.work.parent / "claims" / f"{spec.run_id}.claim", spec.run_id):  # as the study does
+                train_run(iso.run_config(spec, iso.data_dir()), path, progress=False)
 
         out.append(Base(kind, spec.run_id, path, make))
     return tuple(out)

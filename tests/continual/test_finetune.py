@@ -233,3 +233,15 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(bases, facts_dir, tmp_p
     assert 3 <= step < 100000
     assert main(["finetune", "--out", str(out), "--resume", "--max-steps", str(step + 2), "--quiet"]) == 0
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step + 2:08d}"
+
+
+def test_a_checkpoint_directory_of_a_busy_run_is_refused_too(bases, facts_dir, tmp_path, capsys):
+    ckpt = bases["peer"] / "checkpoints" / (bases["peer"] / "checkpoints" / "latest").read_text().strip()
+    with DirLock(bases["peer"], "run directory"):
+        _refused(capsys, ["finetune", str(ckpt), "--data", str(facts_dir), "--out", str(tmp_path / "ft"),
+                          "--method", "full", "--max-steps", "2"], "being written by a training", tmp_path / "ft",
+                 bases["peer"])
+    summary = run_finetune(ckpt, facts_dir, tmp_path / "ok", "memory", steps=1)
+    assert summary["step"] == 1
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())["finetune"]
+    assert cfg["base"] == str(bases["peer"].resolve()) and cfg["checkpoint"] == str(ckpt.resolve())
