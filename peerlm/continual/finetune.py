@@ -7,7 +7,9 @@
              the lazy row-sparse AdamW (an untouched row is left exactly as it is); routing frozen
     sparse   sparse memory finetuning (``peerlm.continual.memory``): per step only the ``slots`` rows of
              highest TF-IDF against the base run's training data; SGD without momentum or weight decay
-             (Lin et al. 2025), or the lazy row-sparse AdamW (``optimizer="adamw"``); routing frozen
+             (Lin et al. 2025: no optimizer state at all), or the lazy row-sparse AdamW
+             (``optimizer="adamw"``: its step works on the chosen rows only, but its two moment tables
+             are (N, d) each, allocated at the first step); routing frozen
     grow     PEER layers grown by ``grow`` sub-keys per half (``peerlm.continual.grow``); only the new
              experts and new sub-keys train (AdamW, row-sparse for the tables)
 
@@ -154,12 +156,12 @@ def _check_method(spec: FinetuneSpec, cfg: ModelConfig) -> None:
             raise ValueError(f"--slots {spec.slots} is more than the {n_slots} slots of each memory layer; "
                              f"give 1..{n_slots}")
     if spec.method == "lora":
-        names = [n for n, m in build_model_meta(cfg).named_modules() if isinstance(m, torch.nn.Linear)]
+        names = [n for n, m in _module_tree(cfg).named_modules() if isinstance(m, torch.nn.Linear)]
         if not any(n == t or n.endswith("." + t) for n in names for t in spec.lora_targets):
             raise ValueError(f"no linear layer of the base model matches the LoRA targets {spec.lora_targets}")
 
 
-def build_model_meta(cfg: ModelConfig) -> Transformer:
+def _module_tree(cfg: ModelConfig) -> Transformer:
     """The model's module tree without storage (for checks)."""
     with torch.device("meta"):
         return Transformer(cfg)
