@@ -18,6 +18,11 @@ number of experts.
 Validation runs in eval mode over the first ``eval_batches`` x ``batch_size`` windows of the val
 split and records loss, perplexity, and usage / unevenness of every PEER and PKM layer.
 
+A run that starts from a prepared model (a finetune, ``peerlm.continual``) passes ``build`` (its model
+and optimizer: loaded weights, frozen parameters, its own optimizer) and ``StepHooks`` (what it does
+inside each step, e.g. keep the query norms in eval mode, drop gradient rows); everything else, the
+guarantees included, is this loop's.
+
 A call goes in three phases, so that a refused run changes nothing on disk:
 1. checks that need no run directory: the data (its tokenizer, token ids, enough tokens for one
    window), the device, the run length;
