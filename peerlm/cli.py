@@ -1,8 +1,9 @@
-"""The ``peerlm`` command: data, train, eval, generate, export, presets, flops, demo.
+"""The ``peerlm`` command: data, train, finetune, eval, generate, export, presets, flops, demo.
 
     peerlm data prepare --text notes.txt --out data/notes
     peerlm train --preset tiny --data data/notes --out runs/tiny --max-steps 100 --set train.lr=3e-3
     peerlm train --out runs/tiny --resume --max-steps 200     # continue, same config
+    peerlm finetune runs/tiny --data data/facts --out runs/tiny-sparse --method sparse --slots 100 --max-steps 50
     peerlm eval runs/tiny --text other.txt --json
     peerlm generate runs/tiny --prompt "Once upon" --max-new-tokens 40 --temperature 0.8 --top-k 50
     peerlm export runs/tiny --hf hf/tiny                        # a transformers directory (extra hf)
@@ -339,6 +340,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from peerlm.continual.cli import add_facts_parser
+    from peerlm.continual.cli import add_parser as add_finetune_parser
     from peerlm.data.cli import add_parser as add_data_parser
     from peerlm.study.cli import add_parser as add_study_parser
 
@@ -350,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_parser(sub)
     add_study_parser(sub)
+    add_finetune_parser(sub)
+    add_facts_parser(sub)
 
     p = sub.add_parser("train", help="train a model on a prepared data directory",
                        description="Train a preset on prepared data; the run directory gets config.json, "

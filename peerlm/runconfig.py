@@ -147,11 +147,14 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     """What ``config.json`` of a run holds. ``data`` describes the prepared directory: its path,
-    vocabulary and per-split token and UTF-8 byte counts (for bits per byte)."""
+    vocabulary and per-split token and UTF-8 byte counts (for bits per byte). ``finetune`` is empty
+    for a run trained from scratch; a run that continues a trained one records there the run it
+    started from and how it trains it (``peerlm.continual``)."""
 
     model: ModelConfig
     train: TrainConfig
     data: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         ffn = self.model.ffn
@@ -160,13 +163,17 @@ class RunConfig:
                              "model has none; use a peer or pkm preset or set train.shard_experts=false")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": to_dict(self.model), "train": to_dict(self.train), "data": self.data}
+        out = {"model": to_dict(self.model), "train": to_dict(self.train), "data": self.data}
+        if self.finetune:
+            out["finetune"] = self.finetune
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         if not isinstance(d, dict) or "model" not in d or "train" not in d:
             raise ValueError("a run config needs 'model' and 'train' sections")
-        return cls(from_dict(ModelConfig, d["model"]), from_dict(TrainConfig, d["train"]), d.get("data", {}))
+        return cls(from_dict(ModelConfig, d["model"]), from_dict(TrainConfig, d["train"]), d.get("data", {}),
+                   d.get("finetune", {}))
 
 
 def data_info(data_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -164,7 +164,19 @@ def _load_checkpoint_model(ckpt: Path, device: torch.device | str) -> tuple[Tran
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{ckpt}/config.json has no valid model section ({e})") from None
     model = build_model(cfg, device)
+    lora = config.get("finetune", {}).get("method") == "lora"
+    if lora:  # the checkpoint holds the adapters beside the frozen weights: attach them, load, merge
+        from peerlm.continual.lora import attach_lora
+
+        ft = config["finetune"]
+        attach_lora(model, ft["lora_rank"], ft["lora_alpha"], ft["lora_dropout"], ft["lora_targets"])
     load_weights(ckpt, model, expected_model=to_dict(cfg), verify=False)
+    if lora:
+        from peerlm.continual.lora import merge_lora
+
+        merge_lora(model)
+        for p in model.parameters():
+            p.requires_grad = True
     model.eval()
     config["checkpoint"] = str(ckpt)
     config["checkpoint_step"] = checkpoint_step(ckpt)

@@ -18,6 +18,11 @@ number of experts.
 Validation runs in eval mode over the first ``eval_batches`` x ``batch_size`` windows of the val
 split and records loss, perplexity, and usage / unevenness of every PEER and PKM layer.
 
+A run that starts from a prepared model (a finetune, ``peerlm.continual``) passes ``build`` (its model
+and optimizer: loaded weights, frozen parameters, its own optimizer) and ``StepHooks`` (what it does
+inside each step, e.g. keep the query norms in eval mode, drop gradient rows); everything else, the
+guarantees included, is this loop's.
+
 A call goes in three phases, so that a refused run changes nothing on disk:
 1. checks that need no run directory: the data (its tokenizer, token ids, enough tokens for one
    window), the device, the run length;
@@ -87,7 +92,21 @@ from peerlm.runconfig import (
 )
 from peerlm.rundir import RunDir, check_same_tokenizer
 
-__all__ = ["build_for_training", "time_train_steps", "validate", "train"]
+__all__ = ["StepHooks", "build_for_training", "time_train_steps", "validate", "train"]
+
+
+class StepHooks:
+    """Extension points of a training step, for runs that train part of a model in their own way
+    (``peerlm.continual``): ``begin_step`` runs after the model is put in training mode and before the
+    first micro-batch (e.g. to keep some modules in eval mode), ``before_update`` after the last
+    backward and before clipping and the optimizer step (e.g. to drop gradient rows). The base class
+    does nothing."""
+
+    def begin_step(self, model: Transformer, step: int) -> None:
+        """Before the step's first forward (0-based ``step``)."""
+
+    def before_update(self, model: Transformer, step: int) -> None:
+        """After the step's gradients are complete, before clipping and the optimizer step."""
 
 def _fmt_time(seconds: float) -> str:
     seconds = max(int(seconds), 0)
@@ -273,18 +292,22 @@ class _StopSignals:
 def _train_step(model: Transformer, opt: Any, params: list[torch.Tensor], ds: TokenDataset, run: RunConfig,
                 step: int, total: int, device: torch.device, autocast: Callable,
                 par: Parallel | None = None, module: torch.nn.Module | None = None,
-                stop: bool = False) -> tuple[float, float, float, float, bool]:
+                stop: bool = False,
+                hooks: StepHooks | None = None) -> tuple[float, float, float, float, bool]:
     """One optimizer step (0-based ``step``), with accumulation and clipping.
 
     Data parallel (``par``): this rank's rows of each micro-batch through ``module`` (the DDP / FSDP
     wrapper of ``model``), the losses averaged over ranks, the global gradient norm. ``stop``: this
     rank received a stop signal; what is returned is whether any rank did, so that all stop at
-    the same step. Returns (mean loss over micro-batches, its cross-entropy part (the loss less
-    auxiliary router losses), gradient norm before clipping, LR factor, stop)."""
+    the same step. ``hooks``: see ``StepHooks``. Returns (mean loss over micro-batches, its
+    cross-entropy part (the loss less auxiliary router losses), gradient norm before clipping, LR
+    factor, stop)."""
     t, T = run.train, run.model.context_length
     par = par or Parallel()
     module = module or model
     model.train()
+    hooks = hooks or StepHooks()
+    hooks.begin_step(model, step)
     factor = lr_factor(step, total, t.warmup_steps(total), t.min_lr_ratio)
     set_lr(opt, factor)
     loss_sum = ce_sum = 0.0
@@ -297,6 +320,7 @@ def _train_step(model: Transformer, opt: Any, params: list[torch.Tensor], ds: To
             (loss / t.grad_accum).backward()
         loss_sum += loss.item()
         ce_sum += model.last_losses["ce"].item()
+    hooks.before_update(model, step)
     sharded = runtime.sharded_parameters(model)
     norm = clip_grad_norm(params, t.grad_clip, par.stats_group if par.active else None, sharded)
     opt.step()
@@ -351,13 +375,19 @@ def _seed_everything(seed: int) -> None:
 
 def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False, stop_at: int | None = None,
           progress: bool = True, log: Callable[[str], None] | None = None,
-          notes: Sequence[str] = ()) -> dict[str, Any]:
+          notes: Sequence[str] = (), build: Callable[..., tuple[Transformer, Any]] | None = None,
+          hooks: StepHooks | None = None) -> dict[str, Any]:
     """Train ``run`` into ``out_dir``; returns a summary (steps, tokens, FLOPs, last validation, time).
 
     ``resume`` continues from the newest checkpoint. ``stop_at`` ends (with a checkpoint) after that
     many total steps without changing the schedule, as an interruption would. ``notes`` are logged
     once the run directory is accepted. Nothing is written unless every check passes (see the module
     docstring); SIGTERM / SIGINT end the run with a checkpoint and ``TrainInterrupted``.
+
+    ``build(cfg, train_config, device, resuming)`` replaces ``build_for_training`` for a run that
+    starts from a prepared model (a finetune: weights loaded, some parameters frozen, its own
+    optimizer); ``resuming`` says a checkpoint will overwrite the weights. One process only.
+    ``hooks`` (``StepHooks``) run inside every training step.
     """
     log = log or (lambda s: tqdm.write(s, file=sys.stdout))
     out, t = Path(out_dir), run.train
@@ -367,6 +397,8 @@ def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False,
     try:
         par = Parallel.setup(t.parallel)
         _check_parallel(run, par)
+        if build is not None and par.active:
+            raise TrainError("a run built from a prepared model trains in one process; set train.parallel=none")
         if device.type == "cuda" and par.ranks > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             why = why.replace("cuda ", f"{device} ", 1)
@@ -383,7 +415,7 @@ def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False,
                 failed = e
             par.agree(failed, TrainError)
             return _train_locked(run, out, ds, device, amp, why, total, limit, resume, stop_at, progress, log,
-                                 notes, par)
+                                 notes, par, build, hooks)
     finally:
         if joined:
             torch.distributed.destroy_process_group()
@@ -410,7 +442,9 @@ def _check_parallel(run: RunConfig, par: Parallel) -> None:
 
 def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.device, amp: torch.dtype | None,
                   why: str, total: int, limit: str, resume: bool, stop_at: int | None, progress: bool,
-                  log: Callable[[str], None], notes: Sequence[str], par: Parallel | None = None) -> dict[str, Any]:
+                  log: Callable[[str], None], notes: Sequence[str], par: Parallel | None = None,
+                  build: Callable[..., tuple[Transformer, Any]] | None = None,
+                  hooks: StepHooks | None = None) -> dict[str, Any]:
     t, cfg = run.train, run.model
     par = par or Parallel()
     found: list[str] = []
@@ -420,7 +454,10 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
     tokens_per_step = t.batch_size * t.grad_accum * T
 
     _seed_everything(t.seed)
-    model, opt = build_for_training(cfg, t, device, par)
+    if build is not None:
+        model, opt = build(cfg, t, device, ckpt is not None)
+    else:
+        model, opt = build_for_training(cfg, t, device, par)
     step, history, offset = 0, [], None
     if ckpt is not None:
         configured = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
@@ -485,7 +522,7 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
                 try:
                     loss_val, ce_val, norm, factor, stopping = _train_step(
                         model, opt, params, ds, run, step, total, device, autocast, par, module,
-                        stop.received is not None)
+                        stop.received is not None, hooks)
                 except (torch.distributed.DistError, RuntimeError) as e:
                     if not par.active or not _lost_rank(e):
                         raise

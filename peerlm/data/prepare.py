@@ -424,13 +424,17 @@ def prepare(sources: Sequence[Source | str | os.PathLike[str]], out_dir: str | o
             vocab_size: int = 8192, val_fraction: float = 0.01,
             eval_sets: Sequence[str] | Mapping[str, Source | str | os.PathLike[str]] = (),
             seed: int = 0, segment_chars: int = 4096, progress: bool = True,
-            split_by: str = "auto") -> dict[str, Any]:
+            split_by: str = "auto", tokenizer_json: bytes | None = None,
+            extra_files: Mapping[str, bytes] | None = None) -> dict[str, Any]:
     """Build `out_dir` (see the module docstring) and return its meta.
 
     `sources`: training text (paths, `TextFiles`, `Corpus`, `HFDataset`), each split into train and
     val on its own by `split_by` ("auto", "document", "tail" or "segment"). `eval_sets`: held-out
     sets, as registry corpus names or a {name: source} mapping; each becomes `eval/<name>.bin`,
-    encoded whole.
+    encoded whole. `tokenizer_json`: the bytes of an existing tokenizer.json to encode with instead of
+    training one (`vocab_size` is then ignored); written unchanged, so the directory's tokenizer
+    fingerprint is that tokenizer's and runs trained with it accept the data. `extra_files`: more
+    files ({path relative to `out_dir`: bytes}) written with the others, all or nothing.
     """
     if not sources:
         raise DataError("no training sources given")
@@ -461,11 +465,21 @@ def prepare(sources: Sequence[Source | str | os.PathLike[str]], out_dir: str | o
             share = rec["val_bytes"] / max(rec["train_bytes"] + rec["val_bytes"], 1)
             print(f"peerlm: {_label(s)}: split by {mode}, {share:.2%} of its text held out", file=sys.stderr)
     eval_pieces = {n: [t.strip() for t in _load(s, progress) if t.strip()] for n, s in evals.items()}
-    if progress:
-        print(f"peerlm: training a {vocab_size}-token byte-level BPE on {len(train)} pieces", file=sys.stderr)
-    tok = train_tokenizer(train, vocab_size, progress)
+    if tokenizer_json is None:
+        if progress:
+            print(f"peerlm: training a {vocab_size}-token byte-level BPE on {len(train)} pieces", file=sys.stderr)
+        tok = train_tokenizer(train, vocab_size, progress)
+        tok_text = tok.to_str()
+    else:
+        try:
+            tok_text = tokenizer_json.decode("utf-8")
+            tok = Tokenizer.from_str(tok_text)
+        except Exception as e:  # noqa: BLE001 (tokenizers raises its own exception type)
+            raise DataError(f"the given tokenizer.json does not load ({str(e)[:120]})") from None
+        if tok.token_to_id(EOT) is None:
+            raise DataError(f"the given tokenizer has no {EOT} token; use one made by `peerlm data prepare`")
+        vocab_size = tok.get_vocab_size()
     actual = tok.get_vocab_size()
-    tok_text = tok.to_str()
     arrays = {"train": _encode_split("train.bin", tok, train, progress),
               "val": _encode_split("val.bin", tok, val, progress)}
     for name, pieces in eval_pieces.items():
@@ -482,8 +496,12 @@ def prepare(sources: Sequence[Source | str | os.PathLike[str]], out_dir: str | o
     if actual < vocab_size and progress:  # BpeTrainer stops when no pair of symbols is seen twice
         print(f"note: the text gives only {actual:,} tokens; vocab_size is {actual:,}, not {vocab_size:,}",
               file=sys.stderr)
-    files = {"tokenizer.json": tok_text.encode("utf-8")}
+    files: dict[str, bytes | np.ndarray] = {"tokenizer.json": tok_text.encode("utf-8")}
     files.update((info["file"], ids) for ids, info in arrays.values())
+    for rel in extra_files or {}:
+        if rel in files or rel == "meta.json":
+            raise DataError(f"extra file {rel!r} would replace a file of the prepared directory")
+    files.update(extra_files or {})
     files["meta.json"] = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
     _write_dir(out, files)
     if progress:

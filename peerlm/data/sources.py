@@ -150,8 +150,11 @@ Source = TextFiles | Corpus | HFDataset
 
 
 def as_source(x: Source | str | os.PathLike[str]) -> Source:
-    """A source object; a path means its text files."""
+    """A source object; a path means its text files. Any object with ``documents()`` and
+    ``describe()`` (e.g. text generated in memory) is a source too."""
     if isinstance(x, TextFiles | Corpus | HFDataset):
+        return x
+    if callable(getattr(x, "documents", None)) and callable(getattr(x, "describe", None)):
         return x
     if isinstance(x, str | os.PathLike):
         return TextFiles(x)

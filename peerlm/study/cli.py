@@ -92,6 +92,24 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     return _drive(ablation_study(args.study, args.results or f"results/{args.study}", iso), write_ablation_report, args)
 
 
+def _cmd_continual(args: argparse.Namespace) -> int:
+    from peerlm.continual.study import continual_study
+    from peerlm.continual.study_report import write_continual_report
+    from peerlm.study.runner import main_log
+
+    study = continual_study(args.results, args.isoflop_results, work=args.work, iso_work=args.isoflop_work,
+                            threads=args.threads, log=main_log, device=args.device)
+    if args.plan:
+        print(study.format_plan())
+        return 0
+    if not args.report:
+        study.run(max_runs=args.max_runs, progress=not args.quiet)
+    if args.report or not study.pending():
+        for path in write_continual_report(study):
+            print(f"wrote {path}")
+    return 0
+
+
 def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--threads", type=whole(1), default=1,
                    help="torch CPU threads per run (default 1: step times comparable across runs)")
@@ -142,6 +160,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(q)
     q._negative_number_matcher = NEGATIVE_NUMBER
     q.set_defaults(func=_cmd_tuned)
+    q = studies.add_parser("continual", help="learning vs forgetting: full, lora, memory, sparse, grow finetuning",
+                           description="Finetune the isoFLOP study's compute-optimal PEER, PKM and dense models "
+                                       "on new facts and documents with each method and its knob swept; records "
+                                       "learning and forgetting; see peerlm/continual/study.py.")
+    q.add_argument("--results", default="results/continual", metavar="DIR",
+                   help="records and reports (default: results/continual)")
+    q.add_argument("--isoflop-results", default="results/isoflop", metavar="DIR",
+                   help="the isoFLOP study's records, which name the bases (default: results/isoflop)")
+    q.add_argument("--isoflop-work", default=None, metavar="DIR",
+                   help="the isoFLOP study's work directory, which holds the bases' checkpoints "
+                        "(default: $PEERLM_CACHE/study/isoflop)")
+    q.add_argument("--work", default=None, metavar="DIR",
+                   help="task data and finetune checkpoints (default: $PEERLM_CACHE/study/continual)")
+    q.add_argument("--threads", type=whole(1), default=1, help="torch CPU threads (default 1)")
+    q.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default), cuda, cuda:N")
+    q.add_argument("--max-runs", type=whole(1), default=None, help="stop after this many finetunes")
+    q.add_argument("--plan", action="store_true", help="print the finetunes still to do")
+    q.add_argument("--report", action="store_true", help="only write the reports from the records")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_continual)
     from peerlm.study.ablations import ABLATIONS
 
     for name, ablation in ABLATIONS.items():

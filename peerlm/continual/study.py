@@ -1,0 +1,372 @@
+"""``peerlm study continual``: learning against forgetting, per finetuning method, on PEER, PKM and
+dense models of equal training FLOPs.
+
+Bases: the isoFLOP study's compute-optimal PEER, PKM and dense models at its smaller budget
+(``isoflop_bases``; equal training FLOPs by construction). Their checkpoints are the isoFLOP study's
+(``<its work>/<run_id>``); a base whose checkpoint is not on this machine is trained again from its
+record's spec (records reproduce to the last bit).
+
+Tasks (``TASKS``), prepared once with the bases' tokenizer:
+- ``facts``: the synthetic biographies of ``peerlm data facts``; learning = exact match on the
+  held-out prompts (completion and question), and perplexity on the held-out biographies;
+- ``docs``: a held-out corpus (``news``) split 80/20 into a finetuning part and a test part;
+  learning = perplexity on the test part. ``news`` is then left out of the forgetting sets.
+
+Forgetting = the loss change of the finetuned model against its base, in nats and %, on the first
+``EVAL_TOKENS`` tokens of the base data's validation split and of each held-out set.
+
+Sweeps (``SWEEPS``): each method's knob, to trace learning against forgetting: the LR for ``full``
+and ``memory``, t for ``sparse`` (SGD), m for ``grow``, the rank for ``lora``. ``memory`` and
+``sparse`` run on PEER and PKM, ``grow`` on PEER, ``full`` and ``lora`` on all three. Every run
+trains ``STEPS`` steps of ``BATCH`` windows.
+
+Records: ``<results>/runs/<run_id>.json`` per finetune (``ContinualRunner``: claimed while it runs,
+resumed from its checkpoints in ``<work>/<run_id>``, written atomically once evaluated) and
+``<results>/bases/<base run id>.json`` with each base's own evaluation (the "before"). A plan is a
+pure function of its settings, so two machines agree on the next run. Reports: ``study_report``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peerlm.continual.facts import exact_match, load_tests, prepare_facts
+from peerlm.continual.finetune import finetune, finetune_config, plan_finetune
+from peerlm.data import Corpus, TokenDataset, prepare
+from peerlm.data.cache import cache_dir
+from peerlm.evaluate import evaluate_run
+from peerlm.fileio import atomic_write_text
+from peerlm.rundir import RunDir, load_run, run_tokenizer
+from peerlm.study.claims import RunClaimed, claim
+from peerlm.study.records import RecordStore, finite_json
+from peerlm.study.runner import _git_revision, machine
+
+__all__ = ["Base", "Task", "FactsTask", "DocsTask", "TASKS", "SWEEPS", "STEPS", "BATCH", "EVAL_TOKENS",
+           "ContinualSpec", "ContinualPlan", "ContinualRunner", "isoflop_bases", "continual_study"]
+
+STEPS = 300
+BATCH = 16
+EVAL_TOKENS = 65536
+SGD_LR = 1.0
+# method -> (knob, values, fixed settings); the knob is a FinetuneSpec field or "lr"
+SWEEPS: dict[str, tuple[str, tuple[Any, ...], dict[str, Any]]] = {
+    "full": ("lr", (1e-4, 3e-4, 1e-3), {}),
+    "lora": ("lora_rank", (4, 16, 64), {"lr": 1e-3, "lora_alpha": 32.0}),
+    "memory": ("lr", (1e-3, 3e-3, 1e-2), {}),
+    "sparse": ("slots", (100, 1000, 10000), {"lr": SGD_LR, "optimizer": "sgd", "background": 100}),
+    "grow": ("grow", (16, 64), {"lr": 3e-3}),
+}
+METHOD_KINDS = {"full": ("peer", "pkm", "dense"), "lora": ("peer", "pkm", "dense"), "memory": ("peer", "pkm"),
+                "sparse": ("peer", "pkm"), "grow": ("peer",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Base:
+    """A base model: its kind (peer, pkm, dense), the run id that names it and the run directory
+    holding its checkpoint; ``make`` trains it there when it has none (None: it must exist)."""
+
+    kind: str
+    run_id: str
+    path: Path
+    make: Callable[[], None] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactsTask:
+    name: str = "facts"
+    people: int = 1000
+    paraphrases: int = 5
+
+    def prepare(self, out: Path, tokenizer_json: bytes) -> None:
+        prepare_facts(out, tokenizer_json, people=self.people, paraphrases=self.paraphrases, progress=False)
+
+    def learning(self, run: Path, data: Path, device: torch.device) -> dict[str, Any]:
+        model, config = load_run(run, device)
+        ds = TokenDataset(data)
+        res = exact_match(model, run_tokenizer(run, config, data), load_tests(data), bos_id=ds.eot_id)
+        ppl = evaluate_run(run, data, splits=["heldout"], batch_size=16, device=device, model=model, config=config)
+        return {"exact_match": res["exact_match"], "by_kind": res["by_kind"],
+                "heldout_loss": ppl["heldout"]["loss"], "heldout_ppl": ppl["heldout"]["perplexity"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class DocsTask:
+    name: str = "docs"
+    corpus: str = "news"
+    test_fraction: float = 0.2
+    source: Any = None  # a data source instead of the corpus (tests)
+
+    def prepare(self, out: Path, tokenizer_json: bytes) -> None:
+        prepare([self.source if self.source is not None else Corpus(self.corpus)], out,
+                val_fraction=self.test_fraction, progress=False, tokenizer_json=tokenizer_json)
+
+    def learning(self, run: Path, data: Path, device: torch.device) -> dict[str, Any]:
+        res = evaluate_run(run, data, splits=["val"], batch_size=16, device=device)["val"]
+        return {"test_loss": res["loss"], "test_ppl": res["perplexity"]}
+
+
+Task = FactsTask | DocsTask
+TASKS: tuple[Task, ...] = (FactsTask(), DocsTask())
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualSpec:
+    """One finetune of the study."""
+
+    base: str  # the base's kind
+    task: str
+    method: str
+    knob: str
+    value: Any
+    seed: int = 0
+
+    @property
+    def run_id(self) -> str:
+        knob = {"lr": "lr", "lora_rank": "r", "slots": "t", "grow": "m"}[self.knob]
+        return f"{self.base}_{self.task}_{self.method}_{knob}{self.value:g}_s{self.seed}"
+
+    def spec_args(self) -> dict[str, Any]:
+        """The FinetuneSpec fields of this run (the knob's, unless it is the LR, and the fixed ones)."""
+        _, _, fixed = SWEEPS[self.method]
+        out = {"method": self.method, **{k: v for k, v in fixed.items() if k != "lr"}}
+        if self.knob != "lr":
+            out[self.knob] = self.value
+        return out
+
+    def lr(self) -> float:
+        return self.value if self.knob == "lr" else SWEEPS[self.method][2]["lr"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualPlan:
+    """The runs: every (base, task, method, knob value) the sweeps name, in that order."""
+
+    bases: tuple[Base, ...]
+    tasks: tuple[Task, ...] = TASKS
+    sweeps: tuple[tuple[str, tuple[str, tuple[Any, ...], dict[str, Any]]], ...] = tuple(SWEEPS.items())
+    steps: int = STEPS
+    batch: int = BATCH
+    name: str = "continual"
+
+    def runs(self) -> Iterator[ContinualSpec]:
+        for base in self.bases:
+            for task in self.tasks:
+                for method, (knob, values, _) in self.sweeps:
+                    if base.kind in METHOD_KINDS[method]:
+                        for v in values:
+                            yield ContinualSpec(base.kind, task.name, method, knob, v)
+
+    def base(self, kind: str) -> Base:
+        return next(b for b in self.bases if b.kind == kind)
+
+    def task(self, name: str) -> Task:
+        return next(t for t in self.tasks if t.name == name)
+
+
+def _eval_forgetting(run: Path, data: Path, device: torch.device, skip: Sequence[str]) -> dict[str, dict[str, float]]:
+    sets = [s for s in TokenDataset(data).splits if s != "train" and s not in skip]
+    res = evaluate_run(run, data, splits=sets, batch_size=16, max_tokens=EVAL_TOKENS, device=device, usage=False)
+    return {k: {"loss": v["loss"], "perplexity": v["perplexity"]} for k, v in res.items()}
+
+
+class ContinualRunner:
+    """Runs ``plan`` into ``results`` (records, reports); ``work`` holds the task data and the
+    finetunes' checkpoints. See the module docstring."""
+
+    def __init__(self, plan: ContinualPlan, results: str | os.PathLike[str], work: str | os.PathLike[str],
+                 threads: int = 1, log: Callable[[str], None] = print, device: str = "cpu"):
+        self.plan, self.store, self.work = plan, RecordStore(results), Path(work)
+        self.threads, self.log, self.device = threads, log, torch.device(device)
+
+    @property
+    def results(self) -> Path:
+        return self.store.results
+
+    def record_path(self, spec: ContinualSpec) -> Path:
+        return self.results / "runs" / f"{spec.run_id}.json"
+
+    def base_path(self, base: Base) -> Path:
+        return self.results / "bases" / f"{base.run_id}.json"
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for f in sorted((self.results / "runs").glob("*.json")):
+            try:
+                rec = json.loads(f.read_text("utf-8"))
+            except ValueError as e:
+                raise ValueError(f"{f} is not a record of the continual study ({e}); move it aside and run the "
+                                 "study again to redo that run") from None
+            if not isinstance(rec, dict) or rec.get("run_id") != f.stem or "forgetting" not in rec:
+                raise ValueError(f"{f} is not a record of the continual study; move it aside and run the study "
+                                 "again to redo that run")
+            out[f.stem] = rec
+        return out
+
+    def pending(self) -> list[ContinualSpec]:
+        return [s for s in self.plan.runs() if not self.record_path(s).is_file()]
+
+    def format_plan(self) -> str:
+        pending = self.pending()
+        head = ("base", "task", "method", "knob", "run", "steps")
+        rows = [(s.base, s.task, s.method, f"{s.knob}={s.value:g}", s.run_id, str(self.plan.steps)) for s in pending]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+        done = len(list(self.plan.runs())) - len(pending)
+        lines.append(f"{len(pending)} finetunes to go ({done} recorded), {self.plan.steps} steps of {self.plan.batch} "
+                     "windows each; bases: " + ", ".join(f"{b.kind} {b.run_id}" for b in self.plan.bases))
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------------------ pieces
+
+    def ensure_base(self, base: Base) -> Path:
+        if RunDir(base.path).latest_checkpoint() is None:
+            if base.make is None:
+                raise ValueError(f"the base {base.run_id} has no checkpoint in {base.path}")
+            self.log(f"continual: training the base {base.run_id} again from its record into {base.path}")
+            base.make()
+        return base.path
+
+    def base_data(self, base: Base) -> Path:
+        return Path(RunDir(base.path).read_config()["data"]["dir"])
+
+    def task_data(self, task: Task, base: Base) -> Path:
+        """The task's prepared data with the base's tokenizer (one directory per tokenizer)."""
+        tok = (base.path / "tokenizer.json").read_bytes()
+        d = self.work / f"{task.name}-{hashlib.sha256(tok).hexdigest()[:12]}"
+        if not (d / "meta.json").is_file():
+            self.log(f"continual: preparing the {task.name} task into {d}")
+            task.prepare(d, tok)
+        return d
+
+    def base_eval(self, base: Base) -> dict[str, Any]:
+        """The base's own evaluation (forgetting sets and every task's learning), recorded once."""
+        path = self.base_path(base)
+        if path.is_file():
+            return json.loads(path.read_text("utf-8"))
+        run = self.ensure_base(base)
+        rec = {"run_id": base.run_id, "kind": base.kind,
+               "forgetting": _eval_forgetting(run, self.base_data(base), self.device, ()),
+               "learning": {t.name: t.learning(run, self.task_data(t, base), self.device) for t in self.plan.tasks},
+               "git_revision": _git_revision(), "machine": machine(self.device),
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(finite_json(rec), indent=1) + "\n")
+        return rec
+
+    def run_one(self, spec: ContinualSpec, progress: bool = False) -> dict[str, Any]:
+        """Finetune (or resume) and evaluate one run, then write its record atomically."""
+        with claim(self.work / "claims" / f"{spec.run_id}.claim", spec.run_id):
+            if self.record_path(spec).is_file():
+                return json.loads(self.record_path(spec).read_text("utf-8"))
+            return self._run_one(spec, progress)
+
+    def _run_one(self, spec: ContinualSpec, progress: bool) -> dict[str, Any]:
+        torch.set_num_threads(self.threads)
+        revision = _git_revision()
+        base, task = self.plan.base(spec.base), self.plan.task(spec.task)
+        before = self.base_eval(base)
+        data = self.task_data(task, base)
+        out = self.work / spec.run_id
+        overrides = {"max_steps": self.plan.steps, "batch_size": self.plan.batch, "lr": spec.lr(), "seed": spec.seed,
+                     "eval_every": max(self.plan.steps, 1), "ckpt_every": max(self.plan.steps // 4, 1), "keep": 1,
+                     "device": str(self.device)}
+        resume = RunDir(out).latest_checkpoint() is not None
+        if resume:
+            from peerlm.runconfig import RunConfig
+
+            run = RunConfig.from_dict(RunDir(out).read_config())
+        else:
+            fspec, base_config = plan_finetune(base.path, data, out, spec.spec_args())
+            run = finetune_config(fspec, base_config, data, overrides)
+        self.log(f"continual: {spec.run_id}: {self.plan.steps} steps{' (resumed)' if resume else ''}")
+        t0 = time.time()
+        summary = finetune(run, out, resume=resume, progress=progress,
+                           log=lambda s: None if s.startswith("step ") else self.log(s))
+        seconds = sum(r["dt"] for r in RunDir(out).metric_records() if "dt" in r)
+        skip = (task.corpus,) if isinstance(task, DocsTask) else ()
+        after = _eval_forgetting(out, self.base_data(base), self.device, skip)
+        forgetting = {}
+        for name, v in after.items():
+            b = before["forgetting"][name]["loss"]
+            forgetting[name] = {"before": b, "after": v["loss"], "nats": v["loss"] - b,
+                                "pct": 100 * (v["loss"] - b) / b if b else math.nan}
+        rec = {"run_id": spec.run_id, "spec": dataclasses.asdict(spec), "base": base.run_id,
+               "finetune": run.finetune | {"lr": run.train.lr}, "steps": summary["step"],
+               "train_tokens": summary["tokens"], "train_seconds": seconds, "wall_seconds": time.time() - t0,
+               "learning": task.learning(out, data, self.device),
+               "learning_before": before["learning"][task.name], "forgetting": forgetting,
+               "git_revision": revision, "machine": machine(self.device), "threads": self.threads,
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        path = self.record_path(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(finite_json(rec), indent=1) + "\n")
+        val = forgetting.get("val", {}).get("pct", math.nan)
+        self.log(f"continual: done {spec.run_id}: forgetting on val {val:+.2f}%")
+        return rec
+
+    def run(self, max_runs: int | None = None, progress: bool = False) -> int:
+        """Run pending finetunes in plan order (at most ``max_runs``), skipping those another process
+        holds; returns how many were run."""
+        count = 0
+        for spec in self.pending():
+            if max_runs is not None and count >= max_runs:
+                break
+            try:
+                self.run_one(spec, progress)
+            except RunClaimed as e:
+                self.log(f"continual: skipped: {e}")
+                continue
+            count += 1
+        if not self.pending():
+            self.log("continual: every planned finetune has a record")
+        return count
+
+
+def isoflop_bases(iso_results: str | os.PathLike[str], iso_work: str | os.PathLike[str] | None = None,
+                  device: str = "cpu", threads: int = 1, log: Callable[[str], None] = print) -> tuple[Base, ...]:
+    """The isoFLOP study's compute-optimal PEER, PKM and dense models at its smaller budget, as bases;
+    ValueError while its ladders are not bracketed."""
+    from peerlm.study.isoflop import isoflop_study
+    from peerlm.study.runner import train_run
+
+    iso = isoflop_study(iso_results, work=iso_work, threads=threads, log=log, device=device)
+    plan = iso.plan
+    recs = iso.records()
+    ch = plan.choices(recs)
+    b0 = plan.budgets[0]
+    out = []
+    for kind in ("peer", "pkm", "dense"):
+        _, best = plan.ladder(b0, kind, recs, ch)
+        if best is None:
+            raise ValueError(f"the isoFLOP study's {kind} ladder at {b0:.3g} FLOPs is not bracketed yet "
+                             f"({iso.runs_dir}); run `peerlm study isoflop` first")
+        spec = plan.ladder_spec(b0, kind, best, ch)
+        path = iso.work / spec.run_id
+
+        def make(spec=spec, path=path) -> None:
+            with claim(iso.work.parent / "claims" / f"{spec.run_id}.claim", spec.run_id):  # as the study does
+                train_run(iso.run_config(spec, iso.data_dir()), path, progress=False)
+
+        out.append(Base(kind, spec.run_id, path, make))
+    return tuple(out)
+
+
+def continual_study(results: str | os.PathLike[str], iso_results: str | os.PathLike[str],
+                    work: str | os.PathLike[str] | None = None, iso_work: str | os.PathLike[str] | None = None,
+                    threads: int = 1, log: Callable[[str], None] = print, device: str = "cpu") -> ContinualRunner:
+    """The runner of the study (see the module docstring); ``work`` defaults to
+    ``$PEERLM_CACHE/study/continual``."""
+    bases = isoflop_bases(iso_results, iso_work, device, threads, log)
+    work = work if work is not None else cache_dir() / "study" / "continual"
+    return ContinualRunner(ContinualPlan(bases), results, work, threads, log, device)

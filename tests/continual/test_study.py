@@ -1,0 +1,68 @@
+"""The continual study: bases from the isoFLOP records, the plan's runs, and a tiny study run end to end
+(records, resumable skip, report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peerlm.cli import main
+from peerlm.continual.study import Base, ContinualPlan, ContinualRunner, DocsTask, FactsTask, isoflop_bases
+from peerlm.continual.study_report import pareto, write_continual_report
+from peerlm.data import TextFiles
+
+from .conftest import write_text
+
+ISOFLOP = Path(__file__).resolve().parents[2] / "results" / "isoflop"
+
+
+def test_bases_are_the_isoflop_optima_at_the_smaller_budget(tmp_path):
+    bases = isoflop_bases(ISOFLOP, tmp_path / "iso-work", log=lambda s: None)
+    assert [(b.kind, b.run_id) for b in bases] == [("peer", "2e12_peer_L1d48_lr2_x3_s0"),
+                                                   ("pkm", "2e12_pkm_L2d64_lr2_x10_s0"),
+                                                   ("dense", "2e12_dense_L2d64_lr2_s0")]
+    assert all(b.path == tmp_path / "iso-work" / b.run_id and b.make is not None for b in bases)
+    runs = list(ContinualPlan(bases).runs())
+    assert len(runs) == len({r.run_id for r in runs}) == 2 * (14 + 12 + 6)
+    assert not any(r.base == "dense" and r.method in ("memory", "sparse", "grow") for r in runs)
+    assert not any(r.base == "pkm" and r.method == "grow" for r in runs)
+
+
+def test_the_plan_command_lists_the_finetunes(tmp_path, capsys):
+    assert main(["study", "continual", "--plan", "--results", str(tmp_path / "r"), "--isoflop-work",
+                 str(tmp_path / "w"), "--work", str(tmp_path / "cw")]) == 0
+    out = capsys.readouterr().out
+    assert "64 finetunes to go (0 recorded)" in out and "peer_facts_sparse_t1000_s0" in out
+    assert not (tmp_path / "r").exists()  # a plan writes nothing
+
+
+def test_pareto_front():
+    pts = [{"run_id": "a", "learning": 0.5, "forgetting_val_pct": 1.0},
+           {"run_id": "b", "learning": 0.4, "forgetting_val_pct": 2.0},  # worse on both
+           {"run_id": "c", "learning": 0.9, "forgetting_val_pct": 5.0}]
+    assert pareto(pts) == {"a", "c"}
+
+
+def test_a_tiny_study_runs_records_and_reports(bases, tmp_path):
+    text = write_text(tmp_path / "docs.txt", seed=3)
+    plan = ContinualPlan(
+        bases=(Base("peer", "tiny-peer", bases["peer"]), Base("dense", "tiny", bases["dense"])),
+        tasks=(FactsTask(people=30, paraphrases=2), DocsTask(source=TextFiles(text))),
+        sweeps=(("sparse", ("slots", (10,), {"lr": 1.0, "optimizer": "sgd", "background": 3})),
+                ("lora", ("lora_rank", (2,), {"lr": 1e-3}))),
+        steps=3, batch=4)
+    study = ContinualRunner(plan, tmp_path / "results", tmp_path / "work", log=lambda s: None)
+    assert len(study.pending()) == 6
+    assert study.run(max_runs=2) == 2 and len(study.pending()) == 4
+    assert study.run() == 4 and study.pending() == [] and study.run() == 0
+    recs = study.records()
+    rec = recs["peer_facts_sparse_t10_s0"]
+    base = json.loads((tmp_path / "results" / "bases" / "tiny-peer.json").read_text())
+    v = rec["forgetting"]["val"]
+    assert v["before"] == base["forgetting"]["val"]["loss"] and abs(v["after"] - v["before"] - v["nats"]) < 1e-12
+    assert rec["steps"] == 3 and 0 <= rec["learning"]["exact_match"] <= 1 and rec["finetune"]["slots"] == 10
+    assert "test_ppl" in recs["dense_docs_lora_r2_s0"]["learning"]
+    paths = write_continual_report(study)
+    table = (tmp_path / "results" / "table.md").read_text().splitlines()
+    assert len(table) == 2 + 6 and {p.name for p in paths} >= {"summary.json", "table.md"}
+    assert len(json.loads((tmp_path / "results" / "summary.json").read_text())["rows"]) == 6
