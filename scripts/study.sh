@@ -2,8 +2,8 @@
 # Run a study one run at a time, committing each finished run's record (results/<study>/runs/) as it
 # lands, so that an interrupted session loses at most the run in progress (whose checkpoints in the
 # user cache let it resume on the same machine). The first argument names the study (isoflop, the
-# default, or an ablation: experts, active, querynorm, expert-lr, placement, or any other registered in
-# peerlm/study/ablations.py); the rest go to `peerlm study`.
+# default, isoflop-tuned, continual, or an ablation: experts, active, querynorm, expert-lr, placement, or
+# any other registered in peerlm/study/ablations.py); the rest go to `peerlm study`.
 # When every planned run has a record, the reports (table.md, summary.json, plots) are written and
 # committed too. Two studies, or two lanes of one study, may run side by side (one thread each): each
 # run is claimed while it trains, a lane takes the next run nobody holds, and commits take turns.
@@ -22,15 +22,15 @@ commit() {  # only this study's results: whatever else is staged or edited stays
 }
 while true; do
     out=$(.venv/bin/peerlm study "$study" --max-runs 1 "$@" | tee /dev/stderr)
-    done_id=$(printf '%s\n' "$out" | sed -n 's/^study: done \([^:]*\):.*/\1/p' | tail -1)
+    done_id=$(printf '%s\n' "$out" | sed -n 's/^\(study\|continual\): done \([^:]*\):.*/\2/p' | tail -1)
     if [ -n "$done_id" ]; then
         commit "$study study: record of run $done_id"
     fi
-    if printf '%s\n' "$out" | grep -q "every planned run has a record"; then
+    if printf '%s\n' "$out" | grep -q "every planned \(run\|finetune\) has a record"; then
         commit "$study study: reports from the finished records"
         break
     fi
-    if printf '%s\n' "$out" | grep -q "every pending run is being run by another process"; then
+    if printf '%s\n' "$out" | grep -q "every pending \(run\|finetune\) is being run by another process"; then
         break  # the lane that finishes last writes the reports
     fi
 done

@@ -328,8 +328,11 @@ class ContinualRunner:
                 self.log(f"continual: skipped: {e}")
                 continue
             count += 1
-        if not self.pending():
+        pending = self.pending()
+        if not pending:
             self.log("continual: every planned finetune has a record")
+        elif count == 0:
+            self.log("continual: every pending finetune is being run by another process")
         return count
 
 
