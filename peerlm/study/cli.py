@@ -126,6 +126,18 @@ def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _isoflop_args(q: argparse.ArgumentParser, results: str) -> None:
+    """The options of an isoFLOP table's command (records in ``results`` by default)."""
+    q.add_argument("--results", default=results, metavar="DIR", help=f"records and reports (default: {results})")
+    q.add_argument("--work", default=None, metavar="DIR",
+                   help="data and checkpoints (default: $PEERLM_CACHE/study/isoflop)")
+    q.add_argument("--budget", action="append", type=budget, metavar="FLOPS",
+                   help=f"training FLOP budget (repeatable; default: {', '.join(budget_name(b) for b in BUDGETS)})")
+    q.add_argument("--method", action="append", choices=METHODS, help="only these methods (repeatable)")
+    _common(q)
+    q._negative_number_matcher = NEGATIVE_NUMBER
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="reproduce the paper's comparisons (isoFLOP study)",
                        description="Studies that reproduce the paper's comparisons, resumable from "
@@ -134,31 +146,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q = studies.add_parser("isoflop", help="dense vs MoE vs fine-grained MoE vs PKM vs PEER at equal FLOPs",
                            description="The isoFLOP study (the paper's Table 1): for each budget and "
                                        "method a ladder of model sizes; see peerlm/study/design.py.")
-    q.add_argument("--results", default="results/isoflop", metavar="DIR",
-                   help="records and reports (default: results/isoflop)")
-    q.add_argument("--work", default=None, metavar="DIR",
-                   help="data and checkpoints (default: $PEERLM_CACHE/study/isoflop)")
-    q.add_argument("--budget", action="append", type=budget, metavar="FLOPS",
-                   help=f"training FLOP budget (repeatable; default: {', '.join(budget_name(b) for b in BUDGETS)})")
-    q.add_argument("--method", action="append", choices=METHODS, help="only these methods (repeatable)")
-    _common(q)
-    q._negative_number_matcher = NEGATIVE_NUMBER
+    _isoflop_args(q, "results/isoflop")
     q.set_defaults(func=_cmd_isoflop)
     q = studies.add_parser("isoflop-tuned", help="the isoFLOP study with every method tuned by one protocol",
                            description="The isoFLOP study's second table: each method's knobs tuned at its "
                                        "paper-settings optimum, the size re-laddered, four seeds; see "
                                        "peerlm/study/tuned.py.")
-    q.add_argument("--results", default="results/isoflop-tuned", metavar="DIR",
-                   help="records and reports (default: results/isoflop-tuned)")
     q.add_argument("--paper-results", default="results/isoflop", metavar="DIR",
                    help="the paper-settings table's records (default: results/isoflop)")
-    q.add_argument("--work", default=None, metavar="DIR",
-                   help="data and checkpoints (default: $PEERLM_CACHE/study/isoflop)")
-    q.add_argument("--budget", action="append", type=budget, metavar="FLOPS",
-                   help=f"training FLOP budget (repeatable; default: {', '.join(budget_name(b) for b in BUDGETS)})")
-    q.add_argument("--method", action="append", choices=METHODS, help="only these methods (repeatable)")
-    _common(q)
-    q._negative_number_matcher = NEGATIVE_NUMBER
+    _isoflop_args(q, "results/isoflop-tuned")
     q.set_defaults(func=_cmd_tuned)
     q = studies.add_parser("continual", help="learning vs forgetting: full, lora, memory, sparse, grow finetuning",
                            description="Finetune the isoFLOP study's compute-optimal PEER, PKM and dense models "

@@ -47,7 +47,7 @@ from peerlm.study.design import (
 from peerlm.study.records import Records, RecordStore, choice_loss
 from peerlm.study.runner import Runner
 
-__all__ = ["IsoflopPlan", "isoflop_study", "bracket", "stuck"]
+__all__ = ["IsoflopPlan", "isoflop_study", "bracket", "stuck", "sweep"]
 
 
 def stuck(specs: list[RunSpec], best: Any, recs: Records) -> bool:
@@ -55,34 +55,46 @@ def stuck(specs: list[RunSpec], best: Any, recs: Records) -> bool:
     return best is None and all(s.run_id in recs for s in specs)
 
 
-def bracket(grid: tuple, first: tuple, make: Callable[[Any], RunSpec], recs: Records) -> tuple[list[RunSpec], Any]:
-    """Runs of a 1-D sweep over ``grid`` that starts at the values ``first`` and grows by one value
-    at the end where its best run lies, until the best has a neighbour on both sides (or the grid
-    ends). Returns the runs so far and the best value once that holds (None before).
+def sweep(grid: tuple, first: tuple, evaluate: Callable[[Any], tuple[list[RunSpec], RunSpec | None]],
+          recs: Records) -> tuple[list[RunSpec], Any, RunSpec | None]:
+    """A 1-D sweep over ``grid`` that starts at the values ``first`` and grows by one value at the end
+    where its best point lies, until the best has a neighbour on both sides (or the grid ends). A
+    point may be one run or a sweep itself: ``evaluate(value)`` gives its runs and its best run (None
+    while undecided). Returns every run so far, the best value and its best run (both None until
+    the best is bracketed).
 
     Runs compare by ``choice_loss``: a diverged run counts as worse than any run that did not diverge,
     so it is never the best while the sweep has a finite point, and it brackets a best beside it as
-    any worse run does. While every run of the sweep diverged, the sweep grows at its low end (the
-    smaller LR, ratio or model: the side that more often trains stably); once that end of the grid
-    is reached it has no best, and the result stays None with every run recorded (``stuck``)."""
+    any worse run does. While every point diverged, the sweep grows at its low end (the smaller LR,
+    ratio or model: the side that more often trains stably); once that end of the grid is reached it
+    has no best, and the result stays None with every run recorded (``stuck``)."""
     lo, hi = grid.index(first[0]), grid.index(first[-1])
     while True:
-        specs = [make(grid[i]) for i in range(lo, hi + 1)]
-        done = [recs.get(s.run_id) for s in specs]
-        if not all(done):
-            return specs, None
-        losses = [choice_loss(r) for r in done]
-        best = min(range(len(done)), key=losses.__getitem__)
-        if math.isinf(losses[best]):  # every run diverged
+        runs, bests = [], []
+        for v in grid[lo:hi + 1]:
+            specs, best = evaluate(v)
+            runs += specs
+            bests.append(best)
+        if any(b is None or b.run_id not in recs for b in bests):
+            return runs, None, None
+        losses = [choice_loss(recs[b.run_id]) for b in bests]
+        i = min(range(len(bests)), key=losses.__getitem__)
+        if math.isinf(losses[i]):  # every point diverged
             if lo == 0:
-                return specs, None
+                return runs, None, None
             lo -= 1
-        elif best == 0 and lo > 0:
+        elif i == 0 and lo > 0:
             lo -= 1
-        elif best == len(done) - 1 and hi < len(grid) - 1:
+        elif i == len(bests) - 1 and hi < len(grid) - 1:
             hi += 1
         else:
-            return specs, grid[lo + best]
+            return runs, grid[lo + i], bests[i]
+
+
+def bracket(grid: tuple, first: tuple, make: Callable[[Any], RunSpec], recs: Records) -> tuple[list[RunSpec], Any]:
+    """``sweep`` over single runs ``make(value)``: the runs so far and the best value (None before)."""
+    runs, best, _ = sweep(grid, first, lambda v: ([make(v)], make(v)), recs)
+    return runs, best
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ is read from the first table's records, not trained again.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,12 +51,12 @@ from peerlm.study.design import (
     model_config,
     size,
 )
-from peerlm.study.isoflop import IsoflopPlan
-from peerlm.study.records import Records, RecordStore, choice_loss
+from peerlm.study.isoflop import IsoflopPlan, sweep
+from peerlm.study.records import Records, RecordStore
 from peerlm.study.report import compute_optimal
 from peerlm.study.runner import Runner
 
-__all__ = ["TunedPlan", "tuned_study", "sweep", "knobs", "TUNED_BUDGETS", "SPLITS", "GRANULARITY", "ROUTING_GRID"]
+__all__ = ["TunedPlan", "tuned_study", "knobs", "TUNED_BUDGETS", "SPLITS", "GRANULARITY", "ROUTING_GRID"]
 
 TUNED_BUDGETS = BUDGETS[:2]
 ROUTING_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -159,35 +158,6 @@ def _start(grid: tuple, value: Any) -> tuple:
         raise ValueError(f"{value!r} is not on the sweep's grid {grid}")
     i = grid.index(value)
     return grid[max(0, i - 1): i + 2]
-
-
-def sweep(grid: tuple, first: tuple, evaluate: Callable[[Any], tuple[list[RunSpec], RunSpec | None]],
-          recs: Records) -> tuple[list[RunSpec], Any, RunSpec | None]:
-    """A 1-D sweep like ``peerlm.study.isoflop.bracket``, over points that may be sweeps themselves:
-    ``evaluate(value)`` gives a point's runs and its best run (None while undecided). Returns every
-    run so far, the best value and its best run (both None until the best is bracketed, or the grid
-    ends beside it). A diverged point counts as worse than any other (``choice_loss``)."""
-    lo, hi = grid.index(first[0]), grid.index(first[-1])
-    while True:
-        runs, bests = [], []
-        for v in grid[lo:hi + 1]:
-            specs, best = evaluate(v)
-            runs += specs
-            bests.append(best)
-        if any(b is None or b.run_id not in recs for b in bests):
-            return runs, None, None
-        losses = [choice_loss(recs[b.run_id]) for b in bests]
-        i = min(range(len(bests)), key=losses.__getitem__)
-        if math.isinf(losses[i]):
-            if lo == 0:
-                return runs, None, None
-            lo -= 1
-        elif i == 0 and lo > 0:
-            lo -= 1
-        elif i == len(bests) - 1 and hi < len(grid) - 1:
-            hi += 1
-        else:
-            return runs, grid[lo + i], bests[i]
 
 
 def _one(spec: RunSpec) -> tuple[list[RunSpec], RunSpec]:
