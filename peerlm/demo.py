@@ -5,8 +5,10 @@ Steps, each reused when a previous run already did it (rerunning is cheap; a kil
    ``web`` through ``peerlm.data`` (cached), and prepare them with a 4096-token BPE;
 2. train ``dense-small`` and ``peer-small`` (the same 4-block trunk; PEER with N = 128^2, h = 8,
    k = 16 in the middle block in place of its MLP) for one budget of training FLOPs
-   (``peerlm.flops``, 3 x forward, retrieval counted), with the same recipe; the PEER run uses the
-   row-sparse optimizer for its expert tables;
+   (``peerlm.flops``, 3 x forward, retrieval counted), with the isoFLOP study's recipe
+   (``peerlm.study.design.recipe``: the width rule's peak LR times the study's chosen multiplier,
+   AdamW (0.9, 0.95), warmup 5%, cosine to 10%; PEER's tables at the study's chosen LR ratio and its
+   routing at 0.1x, every table trained by the same dense AdamW as the trunk);
 3. evaluate both on the val split and the first ``EVAL_TOKENS`` tokens of each held-out set, and print
    perplexity and bits per byte side by side, with PEER's expert usage.
 
@@ -20,6 +22,7 @@ almost the same number of tokens; PEER steps are slower in wall time on CPU (gat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -36,6 +39,8 @@ from peerlm.fileio import atomic_write_text
 from peerlm.flops import model_cost
 from peerlm.runconfig import RunConfig, TrainConfig, data_info, plan_steps
 from peerlm.rundir import RunDir
+from peerlm.study.design import Size
+from peerlm.study.design import recipe as study_recipe
 from peerlm.study.runner import steps_of, time_models, train_run
 
 __all__ = ["run_demo", "plan", "DemoRun", "DEFAULT_FLOPS", "PRESETS"]
@@ -48,11 +53,20 @@ OVERHEAD_S = 75.0  # preparing (cached after the first run) and evaluating, outs
 RATE_FLOPS = 1e3 * DEFAULT_FLOPS  # calibration: a budget large enough that whole steps do not bias s/FLOP
 
 
-def recipe(flops: float, sparse: bool) -> TrainConfig:
-    """The shared training recipe; only the expert-table optimizer differs (PEER has tables)."""
-    return TrainConfig(lr=2e-3, warmup=30, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, batch_size=8,
-                       max_steps=None, flops=flops, eval_every=100, eval_batches=4, ckpt_every=50, keep=1,
-                       log_every=10, seed=0, device="cpu", sparse_optimizer=sparse)
+# the isoFLOP study's choices (results/isoflop: the dense LR sweep, PEER's table-LR sweep)
+STUDY_LR_MULT = 2.0
+STUDY_TABLE_LR_RATIO = 3.0
+
+
+def recipe(preset: str, flops: float) -> TrainConfig:
+    """The isoFLOP study's recipe for ``preset`` at ``flops`` (see the module docstring), with the
+    demo's batch (8 sequences of the presets' 256 tokens: the study's 2048 tokens a step) and its
+    evaluation, checkpoint and log cadence."""
+    cfg = _model(preset)
+    memory = preset.startswith("peer")
+    t = study_recipe("peer" if memory else "dense", Size(preset, cfg.n_layers, cfg.dim), flops, STUDY_LR_MULT,
+                     STUDY_TABLE_LR_RATIO if memory else 1.0, seed=0)
+    return dataclasses.replace(t, batch_size=8, eval_every=100, eval_batches=4, ckpt_every=50, keep=1, log_every=10)
 
 
 def _model(preset: str) -> ModelConfig:
@@ -75,7 +89,7 @@ class DemoRun:
         return _model(self.preset)
 
     def train(self) -> TrainConfig:
-        return recipe(self.flops, self.preset.startswith("peer"))
+        return recipe(self.preset, self.flops)
 
 
 def plan(flops: float) -> list[DemoRun]:
