@@ -139,9 +139,9 @@ def _isoflop_args(q: argparse.ArgumentParser, results: str) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("study", help="reproduce the paper's comparisons (isoFLOP study)",
-                       description="Studies that reproduce the paper's comparisons, resumable from "
-                                   "their records.")
+    p = sub.add_parser("study", help="the isoFLOP study and its tuned table, the ablations, continual learning",
+                       description="Studies that reproduce the paper's comparisons, and the continual-learning "
+                                   "study, each resumable from its records.")
     studies = p.add_subparsers(dest="study", required=True, metavar="STUDY")
     q = studies.add_parser("isoflop", help="dense vs MoE vs fine-grained MoE vs PKM vs PEER at equal FLOPs",
                            description="The isoFLOP study (the paper's Table 1): for each budget and "
