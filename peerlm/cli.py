@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shlex
@@ -116,6 +117,12 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
     sets = args.set or []
     stored = RunDir(args.out).config
     notes = []
+    if args.hf_model is not None:
+        if args.preset is not None:
+            raise ValueError("--hf-model and --preset both name the model; give one of them")
+        return _hf_run_config(args), notes
+    if args.add_memory:
+        raise ValueError("--add-memory adds memory to a transformers model: it goes with --hf-model DIR")
     if args.preset is None:
         found = _stored_run(args.out) if args.resume else None
         if found is None:
@@ -140,7 +147,39 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         # one process has no ranks to shard the tables over: the checkpoint's shards load whole
         sets = [*sets, ("train", "shard_experts=false")]
         notes.append("note: train.shard_experts set to false with train.parallel=none (one process)")
-    model, train = _overrides(model, "model", sets), _overrides(train, "train", sets)
+    model, train = _model_overrides(model, sets), _overrides(train, "train", sets)
+    train = _limits(args, train, sets)
+    return RunConfig(model, train, data_info(data_dir)), notes
+
+
+def _model_overrides(model: Any, sets: Sequence[tuple[str, str]]) -> Any:
+    """``--set model.*`` on peerlm's ModelConfig; a transformers model takes ``model.context_length`` only."""
+    if getattr(model, "KIND", None) != "hf":
+        return _overrides(model, "model", sets)
+    context = _hf_context_length(sets)
+    return model if context is None else dataclasses.replace(model, context_length=context)
+
+
+def _hf_context_length(sets: Sequence[tuple[str, str]]) -> int | None:
+    """The ``--set model.context_length=N`` of a transformers run (None when not given); any other model
+    field is refused: the architecture is the model's config.json's."""
+    context = None
+    for sec, item in sets:
+        if sec != "model":
+            continue
+        key, _, value = item.partition("=")
+        if key.strip() != "context_length":
+            raise ValueError(f"--set model.{item}: a transformers model takes model.context_length only; its "
+                             "architecture is its config.json's")
+        try:
+            context = argtypes.positive_int(value.strip())
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--set model.context_length: {e}") from None
+    return context
+
+
+def _limits(args: argparse.Namespace, train: Any, sets: Sequence[tuple[str, str]]) -> Any:
+    """``train`` with the run length of ``--max-steps`` / ``--max-tokens`` / ``--flops`` (one at most)."""
     limits = {"max_steps": args.max_steps, "max_tokens": args.max_tokens, "flops": args.flops}
     given = [f"--{k.replace('_', '-')}" for k, v in limits.items() if v is not None]
     given += [f"--set train.{k}" for k in (item.split("=", 1)[0].strip() for sec, item in sets if sec == "train")
@@ -149,7 +188,22 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         raise ValueError(f"{' and '.join(given)} both set the run length; give one of them")
     if any(v is not None for v in limits.values()):  # the flag replaces the preset's, --set's or the run's
         train = dataclasses.replace(train, **limits)
-    return RunConfig(model, train, data_info(data_dir)), notes
+    return train
+
+
+def _hf_run_config(args: argparse.Namespace) -> Any:
+    """The RunConfig of `train --hf-model DIR` (``peerlm.hf.training.plan_hf_run``)."""
+    from peerlm.runconfig import TrainConfig
+
+    if args.data is None:
+        raise ValueError("--data DIR is required (a directory made by `peerlm data prepare`)")
+    try:
+        from peerlm.hf.training import plan_hf_run
+    except ImportError as e:
+        raise ValueError(f"--hf-model needs transformers ({e}); install the extra: pip install 'peerlm[hf]'") from None
+    sets = args.set or []
+    train = _limits(args, _overrides(TrainConfig(), "train", sets), sets)
+    return plan_hf_run(args.hf_model, args.data, args.add_memory or [], _hf_context_length(sets), train)
 
 
 def _resume_command(out: str) -> str:
@@ -167,8 +221,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from peerlm.train import train
 
     run, notes = build_run_config(args)
+    go = train
+    if run.model_kind == "hf":  # the same loop, with the builder of a transformers model
+        from peerlm.hf.training import train_hf
+
+        go = functools.partial(train_hf, verified=args.hf_model is not None)
     try:
-        summary = train(run, args.out, resume=args.resume, progress=not args.quiet, notes=notes)
+        summary = go(run, args.out, resume=args.resume, progress=not args.quiet, notes=notes)
     except TrainInterrupted as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 says it once
             print(f"peerlm: {e}; continue with `{_resume_command(args.out)}`", file=sys.stderr)
@@ -190,8 +249,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
               "of this run length; give a longer one (--max-steps, --max-tokens or --flops) to continue")
         return 0
     ppl = f", val ppl {summary['val_ppl']:.2f}" if summary.get("val_ppl") is not None else ""
+    flops = f"{summary['flops']:.3g} FLOPs" if summary["flops"] is not None else "FLOPs not counted"
     print(f"trained {args.out}: step {summary['step']}/{summary['total_steps']}, {summary['tokens']:,} "
-          f"tokens, {summary['flops']:.3g} FLOPs in {summary['seconds']:.0f}s{ppl}")
+          f"tokens, {flops} in {summary['seconds']:.0f}s{ppl}")
     return 0
 
 
@@ -247,9 +307,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{e}; `{shlex.join(['peerlm', *argv])}` reads it") from None
     for n in notes:
         print(f"peerlm: {n.removeprefix('note: ')}", file=sys.stderr)
-    print(f"exported {args.run} (checkpoint step {config['checkpoint_step']}) to {args.hf}: load it with "
-          f"AutoModelForCausalLM.from_pretrained({str(args.hf)!r}) after `import peerlm.hf`, or with "
-          "trust_remote_code=True")
+    if config.get("model_kind") == "hf":
+        how = (f"peerlm.hf.from_pretrained({str(args.hf)!r}) (with its memory), or continue it with "
+               f"`peerlm train --hf-model {shlex.quote(str(args.hf))}`")
+    else:
+        how = (f"AutoModelForCausalLM.from_pretrained({str(args.hf)!r}) after `import peerlm.hf`, or with "
+               "trust_remote_code=True")
+    print(f"exported {args.run} (checkpoint step {config['checkpoint_step']}) to {args.hf}: load it with {how}")
     return 0
 
 
@@ -361,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the tokenizer, metrics.jsonl and checkpoints. SIGTERM or Ctrl-C ends "
                                    "the current step, writes a checkpoint and says how to resume.")
     p.add_argument("--preset", help="model preset (see `peerlm presets`)")
+    p.add_argument("--hf-model", metavar="DIR",
+                   help="train a transformers causal LM from a local directory (save_pretrained; config only "
+                        "is enough) instead of a preset (extra hf; peerlm.hf.training)")
+    p.add_argument("--add-memory", action="append", metavar="SPEC",
+                   help="with --hf-model: add PEER / PKM memory, "
+                        "KIND[:layers=I,J|middle][:mode=parallel|replace][:OPTION=VALUE...], e.g. "
+                        "peer:layers=1:mode=parallel:num_experts=4096 (repeatable)")
     p.add_argument("--data", metavar="DIR", help="a directory made by `peerlm data prepare`")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory")
     p.add_argument("--max-steps", type=argtypes.positive_int, help="optimizer steps")
