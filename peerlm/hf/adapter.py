@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ class HFModelConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.config, dict) or not self.config.get("model_type"):
             raise ValueError("HFModelConfig.config must be a transformers config dict with a model_type")
+        self.config = json.loads(json.dumps(self.config))  # as config.json holds it (id2label's keys: strings)
         if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
             raise ValueError(f"the {self.model_type} config has no vocab_size")
         if isinstance(self.context_length, bool) or not isinstance(self.context_length, int) \
