@@ -10,6 +10,7 @@
     peerlm presets
     peerlm flops --preset peer-small
     peerlm demo --out runs/demo
+    peerlm retrofit --data data/v1024 --plan                    # PEER added to a trained dense model (extra hf)
 
 A mistake of the user's (a bad option or value, a missing or damaged file, a checkpoint of another
 model) and a failure of the machine (a full disk, a read-only directory, a device this build lacks)
@@ -393,6 +394,23 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retrofit(args: argparse.Namespace) -> int:
+    try:
+        from peerlm.hf.retrofit import RetrofitPlan, plan_lines, run_retrofit, write_report
+    except ImportError as e:
+        raise ValueError(f"retrofit needs transformers ({e}); install the extra: pip install 'peerlm[hf]'") from None
+    plan = RetrofitPlan(Path(args.data), Path(args.out), Path(args.results), tuple(args.seeds), args.base_flops,
+                        args.heal_flops, args.steps)
+    if args.plan:
+        print("\n".join(plan_lines(plan)))
+    elif args.report:
+        print(write_report(plan).read_text("utf-8"), end="")
+    else:
+        done = run_retrofit(plan, progress=not args.quiet)
+        print(f"retrofit: {done} run(s) done now; table: {plan.results / 'table.md'}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from peerlm.demo import run_demo
 
@@ -492,6 +510,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=argtypes.positive_int, default=None,
                    help="attention length (default: the context)")
     p.set_defaults(func=_cmd_flops)
+
+    p = sub.add_parser("retrofit", help="PEER added to a pretrained dense transformers model and healed, vs dense",
+                       description="Pretrain a small dense Llama with `train --hf-model`, add PEER to its middle "
+                                   "block (parallel and replace) and heal, against training the dense model on "
+                                   "for the same FLOPs; records and table under --results (peerlm.hf.retrofit). "
+                                   "Resumable: rerun to continue.")
+    p.add_argument("--data", required=True, metavar="DIR", help="prepared data directory (with held-out sets)")
+    p.add_argument("--out", default="runs/retrofit", metavar="DIR", help="runs (default: runs/retrofit)")
+    p.add_argument("--results", default="results/retrofit", metavar="DIR",
+                   help="records, table.md, summary.json (default: results/retrofit)")
+    p.add_argument("--seeds", type=argtypes.seed, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
+    p.add_argument("--base-flops", type=argtypes.real(0, lo_open=True, example="8e12"), default=8e12,
+                   help="pretraining FLOPs of the dense base (default: 8e12)")
+    p.add_argument("--heal-flops", type=argtypes.real(0, lo_open=True, example="2e12"), default=2e12,
+                   help="training FLOPs of each arm after the base (default: 2e12)")
+    p.add_argument("--steps", type=argtypes.positive_int, default=None,
+                   help="a smoke test: every run this many steps instead of the FLOP budgets")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true", help="print the runs, their commands and states; run nothing")
+    mode.add_argument("--report", action="store_true", help="write table.md and summary.json from the records")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_retrofit)
 
     p = sub.add_parser("demo", help="dense vs PEER at the same FLOP budget on real text (~10 min on 2 cores)",
                        description="Fetch and prepare the corpora, train dense-small and peer-small at one "
