@@ -17,8 +17,8 @@ from peerlm.data import TokenDataset
 from peerlm.flops import model_cost
 from peerlm.parallel import runtime
 
-__all__ = ["TrainConfig", "RunConfig", "TrainError", "TrainInterrupted", "DTYPES", "data_info", "resolve_device",
-           "plan_steps"]
+__all__ = ["TrainConfig", "RunConfig", "TrainError", "TrainInterrupted", "DTYPES", "data_info", "model_section",
+           "resolve_device", "plan_steps"]
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -200,16 +200,20 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         if not isinstance(d, dict) or "model" not in d or "train" not in d:
             raise ValueError("a run config needs 'model' and 'train' sections")
-        kind = d.get("model_kind", "peerlm")
-        if kind not in cls.MODEL_KINDS:
-            raise ValueError(f"unknown model_kind {kind!r}; known: {', '.join(cls.MODEL_KINDS)}")
-        if kind == "hf":
-            from peerlm.hf.adapter import HFModelConfig
+        return cls(model_section(d), from_dict(TrainConfig, d["train"]), d.get("data", {}), d.get("finetune", {}))
 
-            model = HFModelConfig.from_dict(d["model"])
-        else:
-            model = from_dict(ModelConfig, d["model"])
-        return cls(model, from_dict(TrainConfig, d["train"]), d.get("data", {}), d.get("finetune", {}))
+
+def model_section(config: dict[str, Any]) -> Any:
+    """The model of a run config dict: a ``ModelConfig``, or for ``model_kind`` "hf" a
+    ``peerlm.hf.adapter.HFModelConfig`` (ValueError / TypeError / KeyError when it is not valid)."""
+    kind = config.get("model_kind", "peerlm")
+    if kind not in RunConfig.MODEL_KINDS:
+        raise ValueError(f"unknown model_kind {kind!r}; known: {', '.join(RunConfig.MODEL_KINDS)}")
+    if kind == "hf":
+        from peerlm.hf.adapter import HFModelConfig
+
+        return HFModelConfig.from_dict(config["model"])
+    return from_dict(ModelConfig, config["model"])
 
 
 def data_info(data_dir: str | os.PathLike[str]) -> dict[str, Any]:

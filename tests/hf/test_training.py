@@ -247,3 +247,31 @@ def test_parse_memory():
         "kind": "pkm", "layers": [0, 3], "mode": "replace", "num_keys": 1024, "query_norm": "running"}
     with pytest.raises(ValueError, match="layers must be block indices"):
         parse_memory("peer:layers=one", 5)
+
+
+@pytest.mark.parametrize("method", ["memory", "sparse", "full"])
+def test_finetune_takes_a_transformers_run_as_its_base(method, data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PEERLM_CACHE", str(tmp_path / "cache"))
+    run = plan(config_dir(tmp_path), data_dir, max_steps=3)
+    train_hf(run, tmp_path / "base", progress=False, log=lambda s: None)
+    extra = ["--slots", "16", "--background", "2"] if method == "sparse" else []
+    argv = ["finetune", str(tmp_path / "base"), "--data", str(data_dir), "--out", str(tmp_path / "ft"), "--method",
+            method, "--max-steps", "3", "--quiet", *extra]
+    assert main(argv) == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["model_kind"] == "hf" and config["finetune"]["method"] == method
+    before, after = final_weights(tmp_path / "base"), final_weights(tmp_path / "ft")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    tables = {k for k in before if k.endswith(("memory.layer.w_down", "memory.layer.w_up"))}
+    if method == "full":
+        assert tables < changed and "hf.model.embed_tokens.weight" in changed
+    else:  # only the tables move; the trunk, the routing and the query norm's statistics stay bitwise
+        assert changed == tables
+    assert main(["finetune", "--out", str(tmp_path / "ft"), "--resume", "--max-steps", "4", "--quiet"]) == 0
+    model, loaded = load_run(tmp_path / "ft")
+    assert isinstance(model, HFCausalLM) and loaded["checkpoint_step"] == 4
+    capsys.readouterr()
+    assert main(["finetune", str(tmp_path / "base"), "--data", str(data_dir), "--out", str(tmp_path / "lora"),
+                 "--method", "lora", "--max-steps", "2"]) == 2
+    assert "works on runs of peerlm's own models" in capsys.readouterr().err
+    assert not (tmp_path / "lora").exists()
