@@ -3,6 +3,7 @@
     peerlm data prepare --text notes.txt --out data/notes
     peerlm train --preset tiny --data data/notes --out runs/tiny --max-steps 100 --set train.lr=3e-3
     peerlm train --out runs/tiny --resume --max-steps 200     # continue, same config
+    peerlm train --hf-model llama/ --data data/notes --out runs/llama --max-steps 100 --add-memory peer:num_experts=4096
     peerlm finetune runs/tiny --data data/facts --out runs/tiny-sparse --method sparse --slots 100 --max-steps 50
     peerlm eval runs/tiny --text other.txt --json
     peerlm generate runs/tiny --prompt "Once upon" --max-new-tokens 40 --temperature 0.8 --top-k 50

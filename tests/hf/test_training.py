@@ -275,3 +275,20 @@ def test_finetune_takes_a_transformers_run_as_its_base(method, data_dir, tmp_pat
                  "--method", "lora", "--max-steps", "2"]) == 2
     assert "works on runs of peerlm's own models" in capsys.readouterr().err
     assert not (tmp_path / "lora").exists()
+
+
+def test_the_optimizer_groups_tables_and_routing_as_peerlm_train(data_dir, tmp_path):
+    from peerlm.hf.training import _builder
+
+    run = plan(config_dir(tmp_path), data_dir, lr=1e-3, expert_lr_ratio=3.0, routing_lr_ratio=0.1)
+    model, opt = _builder(verified=True)(run.model, run.train, torch.device("cpu"), False)
+    groups = {g["name"]: g for g in opt.param_groups}
+    layer = model.hf.model.layers[1].mlp.memory.layer
+    assert {id(p) for p in groups["experts"]["params"]} == {id(layer.w_down), id(layer.w_up)}
+    assert groups["experts"]["base_lr"] == pytest.approx(3e-3)
+    routing = {id(p) for name in ("routing", "routing_no_decay") for p in groups[name]["params"]}
+    assert id(layer.query.weight) in routing and id(layer.keys.keys) in routing
+    assert groups["routing"]["base_lr"] == pytest.approx(1e-4) and groups["decay"]["base_lr"] == 1e-3
+    trunk = {id(p) for name in ("decay", "no_decay") for p in groups[name]["params"]}
+    assert id(model.hf.model.layers[0].self_attn.q_proj.weight) in trunk
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
