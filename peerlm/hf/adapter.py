@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from peerlm.ffn import memory_layers
 
@@ -198,7 +199,15 @@ def build_hf(spec: HFModelConfig, device: torch.device | str = "cpu",
         extra = spec.memory[have:]
         memory = [{"kind": m["kind"], "layers": m["layers"], "mode": m["mode"], "mlp_path": m["mlp_path"],
                    **{k: v for k, v in m["options"].items() if k != "kind"}} for m in extra]
-        model = from_pretrained(Path(weights), memory=memory, dtype=torch.float32)
+        # new memory makes keys missing (its own) and, replacing an MLP, unexpected (the MLP's): transformers'
+        # load report would list them all; its other warnings stay
+        before = hf_logging.get_verbosity()
+        if memory:
+            hf_logging.set_verbosity(max(before, hf_logging.ERROR))
+        try:
+            model = from_pretrained(Path(weights), memory=memory, dtype=torch.float32)
+        finally:
+            hf_logging.set_verbosity(before)
     model = model.to(device=device, dtype=torch.float32)
     model.config.use_cache = False
     model.train()

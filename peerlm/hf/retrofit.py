@@ -292,9 +292,9 @@ def write_report(plan: RetrofitPlan) -> Path:
             if vals:
                 summary[arm]["perplexity"][s] = {"mean": sum(vals) / len(vals),
                                                  "half_range": (max(vals) - min(vals)) / 2, "n": len(vals)}
-    lines = [f"Retrofit (peerlm.hf.retrofit): perplexity per set, mean over seeds +- half the range; base "
-             f"{plan.base_flops:.3g} FLOPs, heal {plan.heal_flops:.3g} FLOPs" +
-             (f" (smoke test: {plan.steps} steps each)" if plan.steps else ""), "",
+    budget = (f"smoke test, {plan.steps} steps each" if plan.steps else
+              f"base {plan.base_flops:.3g} training FLOPs, each heal arm {plan.heal_flops:.3g}")
+    lines = [f"Retrofit (peerlm.hf.retrofit): perplexity per set, mean over seeds +- half the range; {budget}", "",
              "| arm | seeds | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets)]
     for arm in ("base", *ARMS):
         if arm not in summary:
