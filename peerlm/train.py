@@ -21,7 +21,10 @@ split and records loss, perplexity, and usage / unevenness of every PEER and PKM
 A run that starts from a prepared model (a finetune, ``peerlm.continual``) passes ``build`` (its model
 and optimizer: loaded weights, frozen parameters, its own optimizer) and ``StepHooks`` (what it does
 inside each step, e.g. keep the query norms in eval mode, drop gradient rows); everything else, the
-guarantees included, is this loop's.
+guarantees included, is this loop's. A run of a transformers model (``model_kind`` "hf",
+``peerlm.hf.training``) passes ``build`` too. The loop asks of a model what peerlm's ``Transformer``
+offers: ``model(idx, targets)`` -> ``(logits, loss)``, ``last_losses["ce"]``, ``memory_layers()`` and
+``num_params()``; the FLOPs per token come from ``RunConfig.flops_per_token`` (None: not counted).
 
 A call goes in three phases, so that a refused run changes nothing on disk:
 1. checks that need no run directory: the data (its tokenizer, token ids, enough tokens for one
