@@ -11,7 +11,8 @@
     OUT/configuration.py, modeling.py   the classes, for ``trust_remote_code=True`` (they import peerlm)
 
 A run of a transformers model (``peerlm train --hf-model``) is written as that model: its own class's
-config.json (with the memory it was given, ``peerlm_memory``, and ``peerlm_run``) and weights, which
+config.json (with the memory it was given, ``peerlm_memory``, ``peerlm_run``, and <|endoftext|> as its
+start, end and padding token, as it was trained) and weights, which
 ``peerlm.hf.from_pretrained`` and ``peerlm train --hf-model`` read back; the tokenizer files as above.
 
 The directory is written whole in a temporary sibling and renamed into place, so OUT is either absent
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from peerlm.checkpoint import CheckpointError
@@ -89,6 +90,9 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
         hf_model = model.hf
         hf_model.config.use_cache = True
         hf_model.config.peerlm_run = run_record
+        # it was trained on peerlm's data: <|endoftext|> starts, ends and pads, whatever the source config said
+        hf_model.config.bos_token_id = hf_model.config.eos_token_id = hf_model.config.pad_token_id = eot
+        hf_model.generation_config = GenerationConfig.from_model_config(hf_model.config)
     else:
         hf_config = PeerLMConfig(peerlm=config["model"], bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
         hf_config.peerlm_run = run_record

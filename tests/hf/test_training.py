@@ -207,9 +207,15 @@ def test_eval_generate_and_export_of_the_run(data_dir, tmp_path, capsys):
 
     assert main(["export", str(tmp_path / "r"), "--hf", str(tmp_path / "x")]) == 0
     exported = ph.from_pretrained(tmp_path / "x").eval()
+    generation = json.loads((tmp_path / "x" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == generation["bos_token_id"] == exported.config.pad_token_id == 0
     model, _ = load_run(tmp_path / "r")
     x = torch.tensor([ids])
     assert torch.equal(exported(x).logits.float(), model(x)[0])
+    start = torch.tensor([[0, *ids]])  # transformers' generate on the export = peerlm's on the run (greedy)
+    out = exported.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=8, do_sample=False)
+    new = out[0, start.shape[1]:].tolist()
+    assert new[: new.index(0) if 0 in new else None] == generate(model, ids, 8, temperature=0)
 
 
 def _refused(capsys, argv: list[str], out: Path, match: str) -> None:
