@@ -234,6 +234,12 @@ def test_refusals_before_any_write(data_dir, tmp_path, capsys):
     _refused(capsys, [*base, str(tmp_path / "empty")], out, "has no config.json")
     _refused(capsys, [*base, str(tmp_path / "nowhere")], out, "does not exist")
     _refused(capsys, [*base, str(small)], out, "vocabulary of 200 ids but")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    _refused(capsys, [*base, str(tmp_path / "broken")], out, "is not a transformers config")
+    transformers.T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, num_layers=1, num_heads=2).save_pretrained(
+        tmp_path / "t5")
+    _refused(capsys, [*base, str(tmp_path / "t5")], out, "no causal LM for model type 't5'")
     _refused(capsys, [*base, str(llama), "--add-memory", "moe:layers=1"], out, "one of peer, pkm")
     _refused(capsys, [*base, str(llama), "--add-memory", "peer:num_expert=16"], out, "did you mean 'num_experts'")
     _refused(capsys, [*base, str(llama), "--add-memory", "peer:num_experts=15"], out, "num_experts")
