@@ -10,6 +10,7 @@
     peerlm export runs/tiny --hf hf/tiny                        # a transformers directory (extra hf)
     peerlm presets
     peerlm flops --preset peer-small
+    peerlm flops --hf-model llama/ --add-memory peer:num_experts=4096   # a transformers model (extra hf)
     peerlm demo --out runs/demo
     peerlm retrofit --data data/v1024 --plan                    # PEER added to a trained dense model (extra hf)
 
@@ -389,9 +390,33 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_flops(args: argparse.Namespace) -> int:
     from peerlm.flops import format_cost
 
+    if (args.preset is None) == (args.hf_model is None):
+        raise ValueError("give one of --preset NAME and --hf-model DIR")
+    if args.hf_model is not None:
+        return _hf_flops(args)
+    if args.add_memory:
+        raise ValueError("--add-memory adds memory to a transformers model: it goes with --hf-model DIR")
     cfg = _overrides(get_preset(args.preset), "model", args.set or [])
     print(f"{args.preset}: params and forward FLOPs per token (multiply-add = 2)")
     print(format_cost(cfg, args.seq_len))
+    return 0
+
+
+def _hf_flops(args: argparse.Namespace) -> int:
+    try:
+        from peerlm.hf.flops import hf_cost
+        from peerlm.hf.training import hf_model_config
+    except ImportError as e:
+        raise ValueError(f"--hf-model needs transformers ({e}); install the extra: pip install 'peerlm[hf]'") from None
+    spec = hf_model_config(args.hf_model, args.add_memory or [], _hf_context_length(args.set or []))
+    c = hf_cost(spec, args.seq_len)
+    memory = f", with memory in block(s) {sorted(i for m in spec.memory for i in m['layers'])}" if spec.memory else ""
+    print(f"{args.hf_model} ({spec.model_type}{memory}): params and FLOPs per token (multiply-add = 2)")
+    rows = [["params", f"{c['params']:,}"], ["active params", f"{c['active_params']:,}"],
+            ["table params", f"{c['expert_params']:,}"], ["forward FLOPs/token", f"{c['flops_forward']:.4g}"],
+            ["train FLOPs/token", f"{c['flops_train']:.4g}"]]
+    print("\n".join(_table(rows, "<>")))
+    print(f"attention over T = {c['seq_len']}; train = 3 x forward, sub-key scoring 1 x (peerlm.hf.flops)")
     return 0
 
 
@@ -504,10 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list model presets with parameters and FLOPs per token")
     p.set_defaults(func=_cmd_presets)
 
-    p = sub.add_parser("flops", help="parameter and FLOP accounting of a preset")
-    p.add_argument("--preset", required=True, help="model preset")
+    p = sub.add_parser("flops", help="parameter and FLOP accounting of a preset or a transformers model")
+    p.add_argument("--preset", help="model preset")
+    p.add_argument("--hf-model", metavar="DIR", help="a transformers model directory (a family of peerlm.hf.flops)")
+    p.add_argument("--add-memory", action="append", metavar="SPEC",
+                   help="with --hf-model: memory as `train --add-memory` adds it (repeatable)")
     p.add_argument("--set", action="append", type=setting("model"), metavar="model.FIELD=VALUE",
-                   help="override a model field")
+                   help="override a model field (with --hf-model: model.context_length only)")
     p.add_argument("--seq-len", type=argtypes.positive_int, default=None,
                    help="attention length (default: the context)")
     p.set_defaults(func=_cmd_flops)

@@ -54,7 +54,7 @@ from .adapter import WEIGHT_NAMES, HFCausalLM, HFModelConfig, build_hf, causal_c
 from .flops import COSTED
 from .memory import CONFIG_KEY, KINDS, MODES, memory_spec
 
-__all__ = ["MEMORY_FORM", "parse_memory", "plan_hf_run", "train_hf"]
+__all__ = ["MEMORY_FORM", "parse_memory", "hf_model_config", "plan_hf_run", "train_hf"]
 
 MEMORY_FORM = "KIND[:layers=I,J|middle][:mode=parallel|replace][:mlp_path=PATH][:OPTION=VALUE...]"
 
@@ -125,33 +125,40 @@ def _source(model_dir: Path, model_type: str) -> dict[str, Any]:
             "weights": {f.name: sha256_file(f) for f in files} or None}
 
 
+def hf_model_config(model_dir: str | os.PathLike[str], memory: Sequence[str] = (),
+                    context_length: int | None = None) -> HFModelConfig:
+    """The model section of a run of the model in ``model_dir`` with the ``--add-memory`` specs
+    ``memory`` (no source recorded yet); ValueError for a directory that is not a transformers causal
+    LM, a bad spec or a context longer than the model's positions."""
+    model_dir = Path(model_dir)
+    config = _transformers_config(model_dir)
+    causal_class(config)  # a causal LM transformers knows
+    n_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    for spec_text in memory:
+        spec = memory_spec(config, **parse_memory(spec_text, n_layers))
+        setattr(config, CONFIG_KEY, [*(getattr(config, CONFIG_KEY, None) or []), spec])
+    d = config.to_dict()
+    d.pop("_name_or_path", None)  # where it was loaded from is the source's path, recorded apart
+    if context_length is None:
+        context_length = positions(d)
+        if context_length is None:
+            raise ValueError(f"--hf-model {model_dir}: its config names no maximum position; set "
+                             "--set model.context_length=N")
+    return HFModelConfig(d, context_length, {})
+
+
 def plan_hf_run(model_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
                 memory: Sequence[str] = (), context_length: int | None = None,
                 train: TrainConfig | None = None) -> RunConfig:
     """The RunConfig of a new run of the model in ``model_dir`` on ``data_dir`` with the ``--add-memory``
     specs ``memory``; every check of the module docstring, nothing written."""
     model_dir = Path(model_dir)
-    config = _transformers_config(model_dir)
-    causal_class(config)  # a causal LM transformers knows
-    text = config.get_text_config()
-    for spec_text in memory:
-        spec = memory_spec(config, **parse_memory(spec_text, getattr(text, "num_hidden_layers", None)))
-        setattr(config, CONFIG_KEY, [*(getattr(config, CONFIG_KEY, None) or []), spec])
-    vocab = getattr(text, "vocab_size", None)
+    spec = hf_model_config(model_dir, memory, context_length)
     ds = TokenDataset(data_dir)
-    if not isinstance(vocab, int) or vocab < ds.vocab_size:
-        raise ValueError(f"--hf-model {model_dir} has a vocabulary of {vocab} ids but {data_dir}'s tokenizer has "
-                         f"{ds.vocab_size}: prepare the data with --vocab-size <= {vocab} or use a model with "
-                         f"vocab_size >= {ds.vocab_size}")
-    d = config.to_dict()
-    d.pop("_name_or_path", None)  # where it was loaded from is the source's path, recorded apart
-    most = positions(d)
-    if context_length is None:
-        if most is None:
-            raise ValueError(f"--hf-model {model_dir}: its config names no maximum position; set "
-                             "--set model.context_length=N")
-        context_length = most
-    spec = HFModelConfig(d, context_length, {})
+    if spec.vocab_size < ds.vocab_size:
+        raise ValueError(f"--hf-model {model_dir} has a vocabulary of {spec.vocab_size} ids but {data_dir}'s "
+                         f"tokenizer has {ds.vocab_size}: prepare the data with --vocab-size <= {spec.vocab_size} "
+                         f"or use a model with vocab_size >= {ds.vocab_size}")
     t = train or TrainConfig()
     if t.flops is not None and spec.model_type not in COSTED:
         raise ValueError(f"--flops needs a FLOP model, and there is none for model type {spec.model_type!r} "

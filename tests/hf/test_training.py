@@ -304,3 +304,14 @@ def test_the_optimizer_groups_tables_and_routing_as_peerlm_train(data_dir, tmp_p
     trunk = {id(p) for name in ("decay", "no_decay") for p in groups[name]["params"]}
     assert id(model.hf.model.layers[0].self_attn.q_proj.weight) in trunk
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+
+
+def test_flops_command_on_a_transformers_directory(data_dir, tmp_path, capsys):
+    model_dir = config_dir(tmp_path)
+    run = plan(model_dir, data_dir)
+    assert main(["flops", "--hf-model", str(model_dir), "--add-memory", PEER, "--set", "model.context_length=16"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run.flops_per_token():.4g}" in out and "with memory in block(s) [1]" in out
+    assert f"{hf_cost(run.model)['params']:,}" in out
+    assert main(["flops", "--preset", "tiny", "--hf-model", str(model_dir)]) == 2
+    assert "give one of --preset NAME and --hf-model DIR" in capsys.readouterr().err
