@@ -4,8 +4,8 @@
 (``peerlm.runconfig``): the transformers config as a dict (``config``; the memory that
 ``peerlm.hf.add_memory`` added is part of it, under ``peerlm_memory``), the training context
 (``context_length``, at most the model's positions) and where the starting weights came from
-(``source``: the directory as given, its model type, and the sha256 of its weight files, or none for a
-config-only directory). The dict, not a path, is what rebuilds the model: a checkpoint then brings the
+(``source``: the directory's resolved path, its model type, and the sha256 of its weight files, or none
+for a config-only directory). The dict, not a path, is what rebuilds the model: a checkpoint then brings the
 weights, so a run resumes, evaluates and generates wherever its source directory went.
 
 ``HFCausalLM`` wraps the transformers model (``self.hf``; state dict keys ``hf.`` + the model's) and
@@ -189,7 +189,8 @@ def build_hf(spec: HFModelConfig, device: torch.device | str = "cpu",
              weights: str | os.PathLike[str] | None = None) -> HFCausalLM:
     """The model of ``spec`` in fp32 on ``device``, in training mode: from the weights in directory
     ``weights`` plus the memory ``spec`` records beyond it (new, with its own init), or, without
-    ``weights``, initialised by transformers (seeded by the caller's RNG state)."""
+    ``weights``, initialised by transformers (seeded by the caller's RNG state; a checkpoint loaded
+    afterwards overwrites that init, which is then work done once too often, not a second copy)."""
     config = hf_config(spec.config)
     if weights is None:
         model = causal_class(config)(config)
