@@ -3,13 +3,16 @@
     peerlm data prepare --text notes.txt --out data/notes
     peerlm train --preset tiny --data data/notes --out runs/tiny --max-steps 100 --set train.lr=3e-3
     peerlm train --out runs/tiny --resume --max-steps 200     # continue, same config
+    peerlm train --hf-model llama/ --data data/notes --out runs/llama --max-steps 100 --add-memory peer:num_experts=4096
     peerlm finetune runs/tiny --data data/facts --out runs/tiny-sparse --method sparse --slots 100 --max-steps 50
     peerlm eval runs/tiny --text other.txt --json
     peerlm generate runs/tiny --prompt "Once upon" --max-new-tokens 40 --temperature 0.8 --top-k 50
     peerlm export runs/tiny --hf hf/tiny                        # a transformers directory (extra hf)
     peerlm presets
     peerlm flops --preset peer-small
+    peerlm flops --hf-model llama/ --add-memory peer:num_experts=4096   # a transformers model (extra hf)
     peerlm demo --out runs/demo
+    peerlm retrofit --data data/v1024 --plan                    # PEER added to a trained dense model (extra hf)
 
 A mistake of the user's (a bad option or value, a missing or damaged file, a checkpoint of another
 model) and a failure of the machine (a full disk, a read-only directory, a device this build lacks)
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shlex
@@ -116,6 +120,12 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
     sets = args.set or []
     stored = RunDir(args.out).config
     notes = []
+    if args.hf_model is not None:
+        if args.preset is not None:
+            raise ValueError("--hf-model and --preset both name the model; give one of them")
+        return _hf_run_config(args), notes
+    if args.add_memory:
+        raise ValueError("--add-memory adds memory to a transformers model: it goes with --hf-model DIR")
     if args.preset is None:
         found = _stored_run(args.out) if args.resume else None
         if found is None:
@@ -140,7 +150,39 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         # one process has no ranks to shard the tables over: the checkpoint's shards load whole
         sets = [*sets, ("train", "shard_experts=false")]
         notes.append("note: train.shard_experts set to false with train.parallel=none (one process)")
-    model, train = _overrides(model, "model", sets), _overrides(train, "train", sets)
+    model, train = _model_overrides(model, sets), _overrides(train, "train", sets)
+    train = _limits(args, train, sets)
+    return RunConfig(model, train, data_info(data_dir)), notes
+
+
+def _model_overrides(model: Any, sets: Sequence[tuple[str, str]]) -> Any:
+    """``--set model.*`` on peerlm's ModelConfig; a transformers model takes ``model.context_length`` only."""
+    if getattr(model, "KIND", None) != "hf":
+        return _overrides(model, "model", sets)
+    context = _hf_context_length(sets)
+    return model if context is None else dataclasses.replace(model, context_length=context)
+
+
+def _hf_context_length(sets: Sequence[tuple[str, str]]) -> int | None:
+    """The ``--set model.context_length=N`` of a transformers run (None when not given); any other model
+    field is refused: the architecture is the model's config.json's."""
+    context = None
+    for sec, item in sets:
+        if sec != "model":
+            continue
+        key, _, value = item.partition("=")
+        if key.strip() != "context_length":
+            raise ValueError(f"--set model.{item}: a transformers model takes model.context_length only; its "
+                             "architecture is its config.json's")
+        try:
+            context = argtypes.positive_int(value.strip())
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--set model.context_length: {e}") from None
+    return context
+
+
+def _limits(args: argparse.Namespace, train: Any, sets: Sequence[tuple[str, str]]) -> Any:
+    """``train`` with the run length of ``--max-steps`` / ``--max-tokens`` / ``--flops`` (one at most)."""
     limits = {"max_steps": args.max_steps, "max_tokens": args.max_tokens, "flops": args.flops}
     given = [f"--{k.replace('_', '-')}" for k, v in limits.items() if v is not None]
     given += [f"--set train.{k}" for k in (item.split("=", 1)[0].strip() for sec, item in sets if sec == "train")
@@ -149,7 +191,22 @@ def build_run_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         raise ValueError(f"{' and '.join(given)} both set the run length; give one of them")
     if any(v is not None for v in limits.values()):  # the flag replaces the preset's, --set's or the run's
         train = dataclasses.replace(train, **limits)
-    return RunConfig(model, train, data_info(data_dir)), notes
+    return train
+
+
+def _hf_run_config(args: argparse.Namespace) -> Any:
+    """The RunConfig of `train --hf-model DIR` (``peerlm.hf.training.plan_hf_run``)."""
+    from peerlm.runconfig import TrainConfig
+
+    if args.data is None:
+        raise ValueError("--data DIR is required (a directory made by `peerlm data prepare`)")
+    try:
+        from peerlm.hf.training import plan_hf_run
+    except ImportError as e:
+        raise ValueError(f"--hf-model needs transformers ({e}); install the extra: pip install 'peerlm[hf]'") from None
+    sets = args.set or []
+    train = _limits(args, _overrides(TrainConfig(), "train", sets), sets)
+    return plan_hf_run(args.hf_model, args.data, args.add_memory or [], _hf_context_length(sets), train)
 
 
 def _resume_command(out: str) -> str:
@@ -167,8 +224,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from peerlm.train import train
 
     run, notes = build_run_config(args)
+    go = train
+    if run.model_kind == "hf":  # the same loop, with the builder of a transformers model
+        from peerlm.hf.training import train_hf
+
+        go = functools.partial(train_hf, verified=args.hf_model is not None)
     try:
-        summary = train(run, args.out, resume=args.resume, progress=not args.quiet, notes=notes)
+        summary = go(run, args.out, resume=args.resume, progress=not args.quiet, notes=notes)
     except TrainInterrupted as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 says it once
             print(f"peerlm: {e}; continue with `{_resume_command(args.out)}`", file=sys.stderr)
@@ -190,8 +252,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
               "of this run length; give a longer one (--max-steps, --max-tokens or --flops) to continue")
         return 0
     ppl = f", val ppl {summary['val_ppl']:.2f}" if summary.get("val_ppl") is not None else ""
+    flops = f"{summary['flops']:.3g} FLOPs" if summary["flops"] is not None else "FLOPs not counted"
     print(f"trained {args.out}: step {summary['step']}/{summary['total_steps']}, {summary['tokens']:,} "
-          f"tokens, {summary['flops']:.3g} FLOPs in {summary['seconds']:.0f}s{ppl}")
+          f"tokens, {flops} in {summary['seconds']:.0f}s{ppl}")
     return 0
 
 
@@ -247,9 +310,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{e}; `{shlex.join(['peerlm', *argv])}` reads it") from None
     for n in notes:
         print(f"peerlm: {n.removeprefix('note: ')}", file=sys.stderr)
-    print(f"exported {args.run} (checkpoint step {config['checkpoint_step']}) to {args.hf}: load it with "
-          f"AutoModelForCausalLM.from_pretrained({str(args.hf)!r}) after `import peerlm.hf`, or with "
-          "trust_remote_code=True")
+    if config.get("model_kind") == "hf":
+        how = (f"peerlm.hf.from_pretrained({str(args.hf)!r}) (with its memory), or continue it with "
+               f"`peerlm train --hf-model {shlex.quote(str(args.hf))}`")
+    else:
+        how = (f"AutoModelForCausalLM.from_pretrained({str(args.hf)!r}) after `import peerlm.hf`, or with "
+               "trust_remote_code=True")
+    print(f"exported {args.run} (checkpoint step {config['checkpoint_step']}) to {args.hf}: load it with {how}")
     return 0
 
 
@@ -323,9 +390,50 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_flops(args: argparse.Namespace) -> int:
     from peerlm.flops import format_cost
 
+    if (args.preset is None) == (args.hf_model is None):
+        raise ValueError("give one of --preset NAME and --hf-model DIR")
+    if args.hf_model is not None:
+        return _hf_flops(args)
+    if args.add_memory:
+        raise ValueError("--add-memory adds memory to a transformers model: it goes with --hf-model DIR")
     cfg = _overrides(get_preset(args.preset), "model", args.set or [])
     print(f"{args.preset}: params and forward FLOPs per token (multiply-add = 2)")
     print(format_cost(cfg, args.seq_len))
+    return 0
+
+
+def _hf_flops(args: argparse.Namespace) -> int:
+    try:
+        from peerlm.hf.flops import hf_cost
+        from peerlm.hf.training import hf_model_config
+    except ImportError as e:
+        raise ValueError(f"--hf-model needs transformers ({e}); install the extra: pip install 'peerlm[hf]'") from None
+    spec = hf_model_config(args.hf_model, args.add_memory or [], _hf_context_length(args.set or []))
+    c = hf_cost(spec, args.seq_len)
+    memory = f", with memory in block(s) {sorted(i for m in spec.memory for i in m['layers'])}" if spec.memory else ""
+    print(f"{args.hf_model} ({spec.model_type}{memory}): params and FLOPs per token (multiply-add = 2)")
+    rows = [["params", f"{c['params']:,}"], ["active params", f"{c['active_params']:,}"],
+            ["table params", f"{c['expert_params']:,}"], ["forward FLOPs/token", f"{c['flops_forward']:.4g}"],
+            ["train FLOPs/token", f"{c['flops_train']:.4g}"]]
+    print("\n".join(_table(rows, "<>")))
+    print(f"attention over T = {c['seq_len']}; train = 3 x forward, sub-key scoring 1 x (peerlm.hf.flops)")
+    return 0
+
+
+def _cmd_retrofit(args: argparse.Namespace) -> int:
+    try:
+        from peerlm.hf.retrofit import RetrofitPlan, plan_lines, run_retrofit, write_report
+    except ImportError as e:
+        raise ValueError(f"retrofit needs transformers ({e}); install the extra: pip install 'peerlm[hf]'") from None
+    plan = RetrofitPlan(Path(args.data), Path(args.out), Path(args.results), tuple(args.seeds), args.base_flops,
+                        args.heal_flops, args.steps)
+    if args.plan:
+        print("\n".join(plan_lines(plan)))
+    elif args.report:
+        print(write_report(plan).read_text("utf-8"), end="")
+    else:
+        done = run_retrofit(plan, progress=not args.quiet)
+        print(f"retrofit: {done} run(s) done now; table: {plan.results / 'table.md'}")
     return 0
 
 
@@ -361,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the tokenizer, metrics.jsonl and checkpoints. SIGTERM or Ctrl-C ends "
                                    "the current step, writes a checkpoint and says how to resume.")
     p.add_argument("--preset", help="model preset (see `peerlm presets`)")
+    p.add_argument("--hf-model", metavar="DIR",
+                   help="train a transformers causal LM from a local directory (save_pretrained; config only "
+                        "is enough) instead of a preset (extra hf; peerlm.hf.training)")
+    p.add_argument("--add-memory", action="append", metavar="SPEC",
+                   help="with --hf-model: add PEER / PKM memory, "
+                        "KIND[:layers=I,J|middle][:mode=parallel|replace][:OPTION=VALUE...], e.g. "
+                        "peer:layers=1:mode=parallel:num_experts=4096 (repeatable)")
     p.add_argument("--data", metavar="DIR", help="a directory made by `peerlm data prepare`")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory")
     p.add_argument("--max-steps", type=argtypes.positive_int, help="optimizer steps")
@@ -414,13 +529,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list model presets with parameters and FLOPs per token")
     p.set_defaults(func=_cmd_presets)
 
-    p = sub.add_parser("flops", help="parameter and FLOP accounting of a preset")
-    p.add_argument("--preset", required=True, help="model preset")
+    p = sub.add_parser("flops", help="parameter and FLOP accounting of a preset or a transformers model")
+    p.add_argument("--preset", help="model preset")
+    p.add_argument("--hf-model", metavar="DIR", help="a transformers model directory (a family of peerlm.hf.flops)")
+    p.add_argument("--add-memory", action="append", metavar="SPEC",
+                   help="with --hf-model: memory as `train --add-memory` adds it (repeatable)")
     p.add_argument("--set", action="append", type=setting("model"), metavar="model.FIELD=VALUE",
-                   help="override a model field")
+                   help="override a model field (with --hf-model: model.context_length only)")
     p.add_argument("--seq-len", type=argtypes.positive_int, default=None,
                    help="attention length (default: the context)")
     p.set_defaults(func=_cmd_flops)
+
+    p = sub.add_parser("retrofit", help="PEER added to a pretrained dense transformers model and healed, vs dense",
+                       description="Pretrain a small dense Llama with `train --hf-model`, add PEER to its middle "
+                                   "block (parallel and replace) and heal, against training the dense model on "
+                                   "for the same FLOPs; records and table under --results (peerlm.hf.retrofit). "
+                                   "Resumable: rerun to continue.")
+    p.add_argument("--data", required=True, metavar="DIR", help="prepared data directory (with held-out sets)")
+    p.add_argument("--out", default="runs/retrofit", metavar="DIR", help="runs (default: runs/retrofit)")
+    p.add_argument("--results", default="results/retrofit", metavar="DIR",
+                   help="records, table.md, summary.json (default: results/retrofit)")
+    p.add_argument("--seeds", type=argtypes.seed, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
+    p.add_argument("--base-flops", type=argtypes.real(0, lo_open=True, example="8e12"), default=8e12,
+                   help="pretraining FLOPs of the dense base (default: 8e12)")
+    p.add_argument("--heal-flops", type=argtypes.real(0, lo_open=True, example="2e12"), default=2e12,
+                   help="training FLOPs of each arm after the base (default: 2e12)")
+    p.add_argument("--steps", type=argtypes.positive_int, default=None,
+                   help="a smoke test: every run this many steps instead of the FLOP budgets")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true", help="print the runs, their commands and states; run nothing")
+    mode.add_argument("--report", action="store_true", help="write table.md and summary.json from the records")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_retrofit)
 
     p = sub.add_parser("demo", help="dense vs PEER at the same FLOP budget on real text (~10 min on 2 cores)",
                        description="Fetch and prepare the corpora, train dense-small and peer-small at one "

@@ -17,8 +17,8 @@ from peerlm.data import TokenDataset
 from peerlm.flops import model_cost
 from peerlm.parallel import runtime
 
-__all__ = ["TrainConfig", "RunConfig", "TrainError", "TrainInterrupted", "DTYPES", "data_info", "resolve_device",
-           "plan_steps"]
+__all__ = ["TrainConfig", "RunConfig", "TrainError", "TrainInterrupted", "DTYPES", "data_info", "model_section",
+           "resolve_device", "plan_steps"]
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -146,24 +146,52 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """What ``config.json`` of a run holds. ``data`` describes the prepared directory: its path,
+    """What ``config.json`` of a run holds. ``model`` is peerlm's own ``ModelConfig``, or, for a run
+    that trains a transformers model (``model_kind`` "hf", written to JSON only then), its
+    ``peerlm.hf.adapter.HFModelConfig``. ``data`` describes the prepared directory: its path,
     vocabulary and per-split token and UTF-8 byte counts (for bits per byte). ``finetune`` is empty
     for a run trained from scratch; a run that continues a trained one records there the run it
     started from and how it trains it (``peerlm.continual``)."""
 
-    model: ModelConfig
+    model: Any  # ModelConfig, or peerlm.hf.adapter.HFModelConfig
     train: TrainConfig
     data: dict[str, Any] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
 
+    MODEL_KINDS: ClassVar[tuple[str, ...]] = ("peerlm", "hf")
+
     def __post_init__(self) -> None:
+        if self.model_kind == "hf":
+            if self.train.parallel != "none":
+                raise ValueError("a transformers model trains in one process; set train.parallel=none")
+            return
         ffn = self.model.ffn
         if self.train.shard_experts and (ffn is None or ffn.KIND not in ("peer", "pkm")):
             raise ValueError("train.shard_experts shards PEER expert tables and PKM value tables, but this "
                              "model has none; use a peer or pkm preset or set train.shard_experts=false")
 
+    @property
+    def model_kind(self) -> str:
+        """"peerlm" (a ``ModelConfig``) or "hf" (a transformers model)."""
+        return "peerlm" if isinstance(self.model, ModelConfig) else getattr(self.model, "KIND", "?")
+
+    def model_dict(self) -> dict[str, Any]:
+        """The JSON of the model section (what checkpoints record and are checked against)."""
+        return to_dict(self.model) if self.model_kind == "peerlm" else self.model.to_dict()
+
+    def flops_per_token(self) -> float | None:
+        """Training FLOPs per token (``peerlm.flops``; ``peerlm.hf.flops`` for a transformers model of a
+        known family); None where there is no FLOP model for the model."""
+        if self.model_kind == "peerlm":
+            return model_cost(self.model, self.model.context_length)["flops_train"]
+        from peerlm.hf.flops import COSTED, hf_cost
+
+        return hf_cost(self.model)["flops_train"] if self.model.model_type in COSTED else None
+
     def to_dict(self) -> dict[str, Any]:
-        out = {"model": to_dict(self.model), "train": to_dict(self.train), "data": self.data}
+        out = {"model": self.model_dict(), "train": to_dict(self.train), "data": self.data}
+        if self.model_kind != "peerlm":
+            out["model_kind"] = self.model_kind
         if self.finetune:
             out["finetune"] = self.finetune
         return out
@@ -172,8 +200,20 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         if not isinstance(d, dict) or "model" not in d or "train" not in d:
             raise ValueError("a run config needs 'model' and 'train' sections")
-        return cls(from_dict(ModelConfig, d["model"]), from_dict(TrainConfig, d["train"]), d.get("data", {}),
-                   d.get("finetune", {}))
+        return cls(model_section(d), from_dict(TrainConfig, d["train"]), d.get("data", {}), d.get("finetune", {}))
+
+
+def model_section(config: dict[str, Any]) -> Any:
+    """The model of a run config dict: a ``ModelConfig``, or for ``model_kind`` "hf" a
+    ``peerlm.hf.adapter.HFModelConfig`` (ValueError / TypeError / KeyError when it is not valid)."""
+    kind = config.get("model_kind", "peerlm")
+    if kind not in RunConfig.MODEL_KINDS:
+        raise ValueError(f"unknown model_kind {kind!r}; known: {', '.join(RunConfig.MODEL_KINDS)}")
+    if kind == "hf":
+        from peerlm.hf.adapter import HFModelConfig
+
+        return HFModelConfig.from_dict(config["model"])
+    return from_dict(ModelConfig, config["model"])
 
 
 def data_info(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -227,7 +267,12 @@ def plan_steps(run: RunConfig) -> tuple[int, str]:
     elif name == "max_tokens":
         steps = int(value // tokens_per_step)
     else:
-        steps = int(value // (model_cost(run.model, T)["flops_train"] * tokens_per_step))
+        per_token = run.flops_per_token()
+        if per_token is None:
+            raise TrainError(f"a FLOP budget needs a model with a FLOP model, and {run.model.model_type} has none "
+                             "(known: peerlm's own and the families of peerlm.hf.flops.COSTED); give "
+                             "--max-steps or --max-tokens")
+        steps = int(value // (per_token * tokens_per_step))
     if steps < 1:
         raise TrainError(f"the {name} budget buys less than one step of {tokens_per_step:,} tokens; "
                          "raise it or lower batch_size / grad_accum / context_length")

@@ -10,7 +10,9 @@
 to metrics.jsonl and, when a run starts or resumes, first cuts it back to what the resume point had
 logged (nothing, for a run that starts from scratch), so a step is in the log once however often the
 run was killed and started again, and times read from the log count only the attempt that produced
-the weights. ``load_run`` builds a run's model from its newest checkpoint for eval and generate.
+the weights. ``load_run`` builds a run's model from its newest checkpoint for eval and generate: peerlm's
+``Transformer``, or, for a run whose config's ``model_kind`` is "hf", the transformers model it
+records behind ``peerlm.hf.adapter.HFCausalLM`` (the same interface).
 
 A run is only scored on ids of its own tokenizer: the run's tokenizer fingerprint (``tokenizer_sha256``
 in its config, else the hash of its tokenizer.json) must match that of a data directory it meets and
@@ -159,6 +161,8 @@ def load_run(run_dir: str | os.PathLike[str], device: torch.device | str = "cpu"
 def _load_checkpoint_model(ckpt: Path, device: torch.device | str) -> tuple[Transformer, dict]:
     verify_checkpoint(ckpt, WEIGHT_FILES)
     config = read_config(ckpt)
+    if config.get("model_kind", "peerlm") == "hf":  # a transformers model (peerlm.hf.adapter)
+        return _load_hf_model(ckpt, config, device)
     try:
         cfg = from_dict(ModelConfig, config["model"])
     except (KeyError, ValueError, TypeError) as e:
@@ -177,6 +181,25 @@ def _load_checkpoint_model(ckpt: Path, device: torch.device | str) -> tuple[Tran
         merge_lora(model)
         for p in model.parameters():
             p.requires_grad = True
+    model.eval()
+    config["checkpoint"] = str(ckpt)
+    config["checkpoint_step"] = checkpoint_step(ckpt)
+    return model, config
+
+
+def _load_hf_model(ckpt: Path, config: dict, device: torch.device | str) -> tuple[torch.nn.Module, dict]:
+    """A run of a transformers model: its model rebuilt from the recorded config, the checkpoint's weights."""
+    try:
+        from peerlm.hf.adapter import HFModelConfig, build_hf
+    except ImportError as e:
+        raise CheckpointError(f"{ckpt} holds a transformers model and needs transformers ({e}); install the "
+                              "extra: pip install 'peerlm[hf]'") from None
+    try:
+        spec = HFModelConfig.from_dict(config["model"])
+        model = build_hf(spec, device)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{ckpt}/config.json has no valid transformers model section ({e})") from None
+    load_weights(ckpt, model, expected_model=spec.to_dict(), verify=False)
     model.eval()
     config["checkpoint"] = str(ckpt)
     config["checkpoint_step"] = checkpoint_step(ckpt)

@@ -21,7 +21,10 @@ split and records loss, perplexity, and usage / unevenness of every PEER and PKM
 A run that starts from a prepared model (a finetune, ``peerlm.continual``) passes ``build`` (its model
 and optimizer: loaded weights, frozen parameters, its own optimizer) and ``StepHooks`` (what it does
 inside each step, e.g. keep the query norms in eval mode, drop gradient rows); everything else, the
-guarantees included, is this loop's.
+guarantees included, is this loop's. A run of a transformers model (``model_kind`` "hf",
+``peerlm.hf.training``) passes ``build`` too. The loop asks of a model what peerlm's ``Transformer``
+offers: ``model(idx, targets)`` -> ``(logits, loss)``, ``last_losses["ce"]``, ``memory_layers()`` and
+``num_params()``; the FLOPs per token come from ``RunConfig.flops_per_token`` (None: not counted).
 
 A call goes in three phases, so that a refused run changes nothing on disk:
 1. checks that need no run directory: the data (its tokenizer, token ids, enough tokens for one
@@ -75,8 +78,8 @@ from peerlm.checkpoint import checkpoint_step, read_config, verify_checkpoint
 from peerlm.config import ModelConfig, to_dict
 from peerlm.data import TokenDataset
 from peerlm.evaluate import evaluate_tokens, memory_usage, tracking_usage
+from peerlm.ffn import memory_layers
 from peerlm.fileio import DirLock, probe_writable, sha256_file
-from peerlm.flops import model_cost
 from peerlm.model import Transformer, build_model
 from peerlm.optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
 from peerlm.parallel import runtime
@@ -92,7 +95,7 @@ from peerlm.runconfig import (
 )
 from peerlm.rundir import RunDir, check_same_tokenizer
 
-__all__ = ["StepHooks", "build_for_training", "time_train_steps", "validate", "train"]
+__all__ = ["StepHooks", "build_for_training", "run_optimizer", "time_train_steps", "validate", "train"]
 
 
 class StepHooks:
@@ -165,8 +168,10 @@ def _check_data(run: RunConfig) -> TokenDataset:
     check_same_tokenizer(run.data.get("tokenizer_sha256"), ds.tokenizer_sha256, str(ds.dir),
                          "rebuild the run config from the directory as it is now (data_info)")
     if ds.vocab_size > run.model.vocab_size:
+        fix = (f"set model.vocab_size={ds.vocab_size}" if run.model_kind == "peerlm" else
+               "train a model with a vocabulary at least that large, or prepare the data with a smaller --vocab-size")
         raise TrainError(f"the data has {ds.vocab_size} token ids but model.vocab_size is "
-                         f"{run.model.vocab_size}; set model.vocab_size={ds.vocab_size}")
+                         f"{run.model.vocab_size}; {fix}")
     ds.windows_per_epoch(run.model.context_length)  # at least one training window
     for split in ("train", "val"):
         if split in ds.splits:
@@ -342,13 +347,20 @@ def build_for_training(cfg: ModelConfig, t: TrainConfig, device: torch.device | 
             runtime.fully_shard_model(model)
     else:
         model = build_model(cfg, device)
+    return model, run_optimizer(model, t)
+
+
+def run_optimizer(model: torch.nn.Module, t: TrainConfig) -> Any:
+    """The optimizer ``train`` gives ``model`` (peerlm's or any module with PEER / PKM layers): AdamW with
+    the tables at ``expert_lr_ratio`` x the LR and the routing at ``routing_lr_ratio`` x
+    (``peerlm.optim.param_groups``); with ``sparse_optimizer``, row-sparse table gradients and
+    ``RowSparseAdamW`` for the tables."""
     if t.sparse_optimizer:
-        for _, m in model.memory_layers():
+        for _, m in memory_layers(model):
             m.sparse_grad = True
-    opt = build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, t.lr * t.expert_lr_ratio,
-                          t.expert_weight_decay, sparse_experts=t.sparse_optimizer,
-                          routing_lr=t.lr * t.routing_lr_ratio)
-    return model, opt
+    return build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, t.lr * t.expert_lr_ratio,
+                           t.expert_weight_decay, sparse_experts=t.sparse_optimizer,
+                           routing_lr=t.lr * t.routing_lr_ratio)
 
 
 def time_train_steps(model: Transformer, opt: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
@@ -365,6 +377,10 @@ def time_train_steps(model: Transformer, opt: Any, batches: Iterable[tuple[torch
             torch.cuda.synchronize(x.device)  # the step's kernels, not their launches
         times.append(time.time() - t0)
     return times
+
+
+def _flops(tokens: int, per_token: float | None) -> float | None:
+    return None if per_token is None else tokens * per_token
 
 
 def _seed_everything(seed: int) -> None:
@@ -399,6 +415,9 @@ def train(run: RunConfig, out_dir: str | os.PathLike[str], resume: bool = False,
         _check_parallel(run, par)
         if build is not None and par.active:
             raise TrainError("a run built from a prepared model trains in one process; set train.parallel=none")
+        if build is None and run.model_kind != "peerlm":
+            raise TrainError(f"a run of a {run.model_kind} model needs its builder: train it with `peerlm train "
+                             "--hf-model DIR` (peerlm.hf.training.train_hf)")
         if device.type == "cuda" and par.ranks > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             why = why.replace("cuda ", f"{device} ", 1)
@@ -450,7 +469,7 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
     found: list[str] = []
     ckpt = _resume_point(run, out, resume, ds, total, found)
     T = cfg.context_length
-    flops_per_token = model_cost(cfg, T)["flops_train"]
+    flops_per_token = run.flops_per_token()  # None: no FLOP model for this model
     tokens_per_step = t.batch_size * t.grad_accum * T
 
     _seed_everything(t.seed)
@@ -461,7 +480,7 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
     step, history, offset = 0, [], None
     if ckpt is not None:
         configured = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
-        state = checkpoint.load(ckpt, model, opt, expected_model=to_dict(cfg), verify=False)
+        state = checkpoint.load(ckpt, model, opt, expected_model=run.model_dict(), verify=False)
         for g, (base_lr, wd) in zip(opt.param_groups, configured):  # this run's settings, not the saved ones
             g["base_lr"], g["weight_decay"] = base_lr, wd
         step, offset = state["step"], state["train"]["metrics_offset"]
@@ -484,8 +503,10 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
     tb = _tensorboard(rd, step + 1 if ckpt is not None else None, log) if t.tensorboard and par.is_main else None
     end = total if stop_at is None else min(total, stop_at)
     ranks = f" x {par.ranks} ranks ({par.mode}{', experts sharded' if t.shard_experts else ''})" if par.active else ""
+    flops = (f"{total * tokens_per_step * flops_per_token:.3g} FLOPs" if flops_per_token is not None else
+             "FLOPs not counted (no FLOP model for this model)")
     log(f"device {why}{ranks}; {model.num_params():,} params; {total} steps ({limit}) of {tokens_per_step:,} tokens "
-        f"= {total * tokens_per_step:,} tokens, {total * tokens_per_step * flops_per_token:.3g} FLOPs")
+        f"= {total * tokens_per_step:,} tokens, {flops}")
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     params = [p for g in opt.param_groups for p in g["params"]]
 
@@ -545,7 +566,7 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
                     rec = {"step": step, "loss": loss_val, "ce": ce_val, "lr": lr, "grad_norm": norm, "dt": dt,
                            "tok_s": tokens_per_step / dt, "tokens": step * tokens_per_step,
                            "epochs": ds.epochs_seen(step * tokens_per_step, T),
-                           "flops": step * tokens_per_step * flops_per_token}
+                           "flops": _flops(step * tokens_per_step, flops_per_token)}
                     if metrics is not None:
                         metrics.write(rec)
                     aux = f" (ce {ce_val:.4f})" if abs(loss_val - ce_val) > 1e-12 else ""
@@ -571,6 +592,6 @@ def _train_locked(run: RunConfig, out: Path, ds: TokenDataset, device: torch.dev
     last = history[-1] if history else {}
     return {"step": step, "total_steps": total, "limit": limit, "tokens": step * tokens_per_step,
             "epochs": ds.epochs_seen(step * tokens_per_step, T),
-            "flops": step * tokens_per_step * flops_per_token, "seconds": elapsed,
+            "flops": _flops(step * tokens_per_step, flops_per_token), "seconds": elapsed,
             "steps_this_call": step - start_step, "val_loss": last.get("val_loss"),
             "val_ppl": last.get("val_ppl"), "validations": history, "done": step >= total}

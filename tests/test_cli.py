@@ -12,7 +12,7 @@ import pytest
 from peerlm.cli import main
 
 SUBCOMMANDS = [["data"], ["data", "prepare"], ["data", "fetch"], ["data", "list"], ["train"], ["eval"],
-               ["generate"], ["export"], ["presets"], ["flops"], ["demo"]]
+               ["generate"], ["export"], ["presets"], ["flops"], ["demo"], ["retrofit"]]
 
 
 def _text(path: Path, n: int = 40) -> Path:

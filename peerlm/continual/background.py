@@ -56,10 +56,10 @@ def background_frequencies(model: Transformer, ckpt: str | os.PathLike[str], ds:
             cached = {}
         if sorted(cached) == sorted(layers):
             log(f"background frequencies from {path}")
-            device = model.tok_emb.weight.device
+            device = next(model.parameters()).device
             return {k: v.to(device) for k, v in cached.items()}
     log(f"background frequencies: {batches} batches of {batch_size} x {context} tokens of {ds.dir}")
-    device = model.tok_emb.weight.device
+    device = next(model.parameters()).device
     stream = (ds.train_batch(batch_size, context, step, seed, device)[0] for step in range(batches))
     df, counted = document_frequencies(model, stream)
     assert counted == batches

@@ -23,6 +23,10 @@ config records in ``finetune`` the base run, the checkpoint it started from and 
 settings, so ``--resume`` needs only the output directory. The base run is only read: never written,
 and refused while a training holds its lock.
 
+A base run of a transformers model (``peerlm train --hf-model``, ``model_kind`` "hf") takes ``full``,
+``memory`` and ``sparse``: the finetune's model section is the base's, its memory layers are found by
+``memory_layers()`` as in peerlm's model; ``lora`` and ``grow`` act on peerlm's own layers and refuse it.
+
 Checks before any work (each a one-line ``ValueError`` / ``DataError``): the base run has an intact
 checkpoint and is not being trained; the output is not the base run; the data was prepared with the
 base run's tokenizer; the method fits the model (``memory`` / ``sparse`` need PEER or PKM layers,
@@ -43,7 +47,7 @@ from tqdm import tqdm
 
 from peerlm.checkpoint import checkpoint_step, find_checkpoint, read_config, verify_checkpoint
 from peerlm.checkpoint.local import WEIGHT_FILES
-from peerlm.config import ModelConfig, PEERConfig, from_dict, to_dict
+from peerlm.config import ModelConfig, PEERConfig, PKMConfig, from_dict, to_dict
 from peerlm.continual.background import background_frequencies
 from peerlm.continual.grow import KEY_INITS, GrowRows, grow_model, grown_config
 from peerlm.continual.lora import TRUNK_TARGETS, attach_lora, lora_config
@@ -52,7 +56,7 @@ from peerlm.data import DataError, TokenDataset
 from peerlm.fileio import LOCK_NAME
 from peerlm.model import Transformer, build_model
 from peerlm.optim import GroupedOptimizer, RowSparseAdamW, build_optimizer, param_groups
-from peerlm.runconfig import RunConfig, TrainConfig, data_info
+from peerlm.runconfig import RunConfig, TrainConfig, data_info, model_section
 from peerlm.rundir import RunDir, check_same_tokenizer, load_run, run_fingerprint
 from peerlm.train import StepHooks, train
 
@@ -140,7 +144,10 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def _check_method(spec: FinetuneSpec, cfg: ModelConfig) -> None:
+def _check_method(spec: FinetuneSpec, cfg: Any) -> None:
+    if not isinstance(cfg, ModelConfig):  # a transformers model (peerlm.hf.training)
+        _check_hf_method(spec, cfg)
+        return
     kind = cfg.ffn.KIND if cfg.ffn is not None else None
     if spec.method in ("memory", "sparse") and kind not in ("peer", "pkm"):
         raise ValueError(f"--method {spec.method} trains memory layers, and the base model has none "
@@ -159,6 +166,38 @@ def _check_method(spec: FinetuneSpec, cfg: ModelConfig) -> None:
         names = [n for n, m in _module_tree(cfg).named_modules() if isinstance(m, torch.nn.Linear)]
         if not any(n == t or n.endswith("." + t) for n in names for t in spec.lora_targets):
             raise ValueError(f"no linear layer of the base model matches the LoRA targets {spec.lora_targets}")
+
+
+def _check_hf_method(spec: FinetuneSpec, cfg: Any) -> None:
+    """The methods of a base run of a transformers model: full, memory and sparse (lora and grow act on
+    the layers of peerlm's own model)."""
+    if spec.method in ("lora", "grow"):
+        raise ValueError(f"--method {spec.method} works on runs of peerlm's own models, and the base run trains "
+                         f"a transformers {cfg.model_type} model; use --method full, memory or sparse")
+    layers = [from_dict(PEERConfig if m["kind"] == "peer" else PKMConfig, m["options"]) for m in cfg.memory]
+    if spec.method in ("memory", "sparse") and not layers:
+        raise ValueError(f"--method {spec.method} trains memory layers, and the base model has none (a dense "
+                         f"{cfg.model_type}); use --method full")
+    if spec.slots is not None:
+        if not layers:
+            raise ValueError("--slots is for --method sparse on a model with memory layers")
+        n_slots = min(c.num_experts if isinstance(c, PEERConfig) else c.num_keys for c in layers)
+        if spec.slots > n_slots:
+            raise ValueError(f"--slots {spec.slots} is more than the {n_slots} slots of a memory layer; "
+                             f"give 1..{n_slots}")
+
+
+def _model_dict(cfg: Any) -> dict[str, Any]:
+    return to_dict(cfg) if isinstance(cfg, ModelConfig) else cfg.to_dict()
+
+
+def _new_model(cfg: Any, device: torch.device) -> torch.nn.Module:
+    """A model of ``cfg`` for a checkpoint to fill (peerlm's, or a transformers model's adapter)."""
+    if isinstance(cfg, ModelConfig):
+        return build_model(cfg, device)
+    from peerlm.hf.adapter import build_hf
+
+    return build_hf(cfg, device)
 
 
 def _module_tree(cfg: ModelConfig) -> Transformer:
@@ -186,7 +225,7 @@ def plan_finetune(base: str | os.PathLike[str], data_dir: str | os.PathLike[str]
     verify_checkpoint(ckpt, WEIGHT_FILES)
     base_config = read_config(ckpt)
     try:
-        cfg = from_dict(ModelConfig, base_config["model"])
+        cfg = model_section(base_config)
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{ckpt}/config.json has no valid model section ({e})") from None
     spec = FinetuneSpec(base=str(run_dir.resolve()), checkpoint=str(ckpt.resolve()), base_step=checkpoint_step(ckpt),
@@ -217,7 +256,7 @@ def finetune_config(spec: FinetuneSpec, base_config: dict, data_dir: str | os.Pa
                     train_overrides: dict[str, Any]) -> RunConfig:
     """The finetune's RunConfig: the base run's model (grown, for ``grow``) and training settings with
     one LR for every group, no warmup unless given, and ``train_overrides`` (run length, LR, ...)."""
-    cfg = from_dict(ModelConfig, base_config["model"])
+    cfg = model_section(base_config)
     if spec.method == "grow":
         cfg = grown_config(cfg, spec.grow)
     base_train = from_dict(TrainConfig, base_config["train"]) if "train" in base_config else TrainConfig()
@@ -229,7 +268,7 @@ def finetune_config(spec: FinetuneSpec, base_config: dict, data_dir: str | os.Pa
         fields.update(weight_decay=0.0, expert_weight_decay=0.0)
     fields.update(train_overrides)
     t = from_dict(TrainConfig, fields)
-    return RunConfig(cfg, t, data_info(data_dir), {"base_model": to_dict(from_dict(ModelConfig, base_config["model"])),
+    return RunConfig(cfg, t, data_info(data_dir), {"base_model": _model_dict(model_section(base_config)),
                                                    **spec.to_dict()})
 
 
@@ -292,10 +331,10 @@ def _builder(spec: FinetuneSpec, hooks: _LateHooks, log: Callable[[str], None],
                 model = grow_model(_load_base(spec, device), spec.grow, spec.key_init)
             base_n = {name: layer.n - spec.grow for name, layer in model.memory_layers()}
         elif resuming:
-            model = build_model(cfg, device)  # the checkpoint brings the weights
+            model = _new_model(cfg, device)  # the checkpoint brings the weights
         else:
             model = _load_base(spec, device)  # through load_run: a LoRA base comes merged
-            if to_dict(model.cfg) != to_dict(cfg):
+            if _model_dict(model.cfg) != _model_dict(cfg):
                 raise ValueError(f"{spec.checkpoint} holds another model than the run config names")
         model.train()
         if spec.method == "full":

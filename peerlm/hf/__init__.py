@@ -4,6 +4,10 @@
     modeling.py        PeerLMForCausalLM: peerlm's Transformer behind the transformers causal-LM interface
     memory.py          add_memory: PEER / PKM layers in any transformers causal LM; from_pretrained; param_groups
     export.py          a run as a transformers directory (``peerlm export RUN --hf OUT``) and back
+    adapter.py         HFModelConfig (a run's transformers model) and HFCausalLM (peerlm's model interface)
+    flops.py           parameters and FLOPs per token of the known transformers families
+    training.py        ``peerlm train --hf-model DIR [--add-memory SPEC]``: a transformers model in peerlm's loop
+    retrofit.py        ``peerlm retrofit``: PEER added to a pretrained dense Llama and healed, against dense
 
 Importing this package registers ``PeerLMConfig`` and ``PeerLMForCausalLM`` with ``AutoConfig`` and
 ``AutoModelForCausalLM`` (model type ``"peerlm"``); an exported directory also carries the code

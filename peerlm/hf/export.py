@@ -10,6 +10,11 @@
                                  encodes as peerlm does: no token added, "<|endoftext|>" in text is text
     OUT/configuration.py, modeling.py   the classes, for ``trust_remote_code=True`` (they import peerlm)
 
+A run of a transformers model (``peerlm train --hf-model``) is written as that model: its own class's
+config.json (with the memory it was given, ``peerlm_memory``, ``peerlm_run``, and <|endoftext|> as its
+start, end and padding token, as it was trained) and weights, which
+``peerlm.hf.from_pretrained`` and ``peerlm train --hf-model`` read back; the tokenizer files as above.
+
 The directory is written whole in a temporary sibling and renamed into place, so OUT is either absent
 or complete; an existing non-empty OUT is refused before anything is written.
 
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from peerlm.checkpoint import CheckpointError
@@ -80,12 +85,20 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     tokenizer = run_tokenizer_file(run_dir, config)
     data = config.get("data", {})
     eot = int(data.get("eot_id", 0))
-    hf_config = PeerLMConfig(peerlm=config["model"], bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
-    hf_config.peerlm_run = {"data": data, "checkpoint_step": config["checkpoint_step"],
-                            "source": str(Path(run_dir).resolve())}
-    with torch.device("meta"):  # the loaded Transformer goes in as it is: nothing allocated twice
-        hf_model = PeerLMForCausalLM(hf_config)
-    hf_model.model = model
+    run_record = {"data": data, "checkpoint_step": config["checkpoint_step"], "source": str(Path(run_dir).resolve())}
+    if config.get("model_kind") == "hf":  # a run of a transformers model (peerlm.hf.training) is written as itself
+        hf_model = model.hf
+        hf_model.config.use_cache = True
+        hf_model.config.peerlm_run = run_record
+        # it was trained on peerlm's data: <|endoftext|> starts, ends and pads, whatever the source config said
+        hf_model.config.bos_token_id = hf_model.config.eos_token_id = hf_model.config.pad_token_id = eot
+        hf_model.generation_config = GenerationConfig.from_model_config(hf_model.config)
+    else:
+        hf_config = PeerLMConfig(peerlm=config["model"], bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+        hf_config.peerlm_run = run_record
+        with torch.device("meta"):  # the loaded Transformer goes in as it is: nothing allocated twice
+            hf_model = PeerLMForCausalLM(hf_config)
+        hf_model.model = model
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         with _no_bars():
@@ -95,7 +108,8 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
         fast.save_pretrained(tmp)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")  # the run's own bytes, so its fingerprint holds
         written = json.loads((tmp / "config.json").read_text("utf-8"))
-        written["peerlm_run"]["weights_sha256"] = sha256_file(tmp / WEIGHTS)
+        if (tmp / WEIGHTS).is_file():  # one weight file (a large transformers model may write shards)
+            written["peerlm_run"]["weights_sha256"] = sha256_file(tmp / WEIGHTS)
         atomic_write_text(tmp / "config.json", json.dumps(written, indent=2, sort_keys=True) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
