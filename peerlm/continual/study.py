@@ -1,10 +1,13 @@
 """``peerlm study continual``: learning against forgetting, per finetuning method, on PEER, PKM and
 dense models of equal training FLOPs.
 
-Bases: the isoFLOP study's compute-optimal PEER, PKM and dense models at its smaller budget
-(``isoflop_bases``; equal training FLOPs by construction). Their checkpoints are the isoFLOP study's
+Bases: the isoFLOP study's compute-optimal PEER, PKM and dense models at ``BASE_BUDGET`` (8e12, the
+larger budget of its first pass: at 2e12 the bases, one block of width 48 or two of 64, learned
+almost none of the facts in a first try: exact match 0.0-0.4% after full finetuning), by
+``isoflop_bases``; equal training FLOPs by construction. Their checkpoints are the isoFLOP study's
 (``<its work>/<run_id>``); a base whose checkpoint is not on this machine is trained again from its
-record's spec (records reproduce to the last bit).
+record's spec (to the last bit on the machine and revision that wrote the record; elsewhere a
+memory-layer base differs by about a seed's worth).
 
 Tasks (``TASKS``), prepared once with the bases' tokenizer:
 - ``facts``: the synthetic biographies of ``peerlm data facts``; learning = exact match on the
@@ -286,6 +289,10 @@ class ContinualRunner:
             from peerlm.runconfig import RunConfig
 
             run = RunConfig.from_dict(RunDir(out).read_config())
+            started_from = run.finetune.get("base")
+            if started_from is None or Path(started_from).resolve() != Path(base.path).resolve():
+                raise ValueError(f"{out} holds a finetune of the base {started_from}, not of {base.path}; "
+                                 f"delete that directory to train {spec.run_id} from {base.run_id}")
         else:
             fspec, base_config = plan_finetune(base.path, data, out, spec.spec_args())
             run = finetune_config(fspec, base_config, data, overrides)
@@ -336,9 +343,12 @@ class ContinualRunner:
         return count
 
 
+BASE_BUDGET = 8e12
+
+
 def isoflop_bases(iso_results: str | os.PathLike[str], iso_work: str | os.PathLike[str] | None = None,
                   device: str = "cpu", threads: int = 1, log: Callable[[str], None] = print) -> tuple[Base, ...]:
-    """The isoFLOP study's compute-optimal PEER, PKM and dense models at its smaller budget, as bases;
+    """The isoFLOP study's compute-optimal PEER, PKM and dense models at ``BASE_BUDGET``, as bases;
     ValueError while its ladders are not bracketed."""
     from peerlm.study.isoflop import isoflop_study
     from peerlm.study.runner import train_run
@@ -347,7 +357,7 @@ def isoflop_bases(iso_results: str | os.PathLike[str], iso_work: str | os.PathLi
     plan = iso.plan
     recs = iso.records()
     ch = plan.choices(recs)
-    b0 = plan.budgets[0]
+    b0 = BASE_BUDGET
     out = []
     for kind in ("peer", "pkm", "dense"):
         _, best = plan.ladder(b0, kind, recs, ch)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from peerlm.cli import main
 from peerlm.continual.study import Base, ContinualPlan, ContinualRunner, DocsTask, FactsTask, isoflop_bases
 from peerlm.continual.study_report import pareto, write_continual_report
@@ -16,11 +18,11 @@ from .conftest import write_text
 ISOFLOP = Path(__file__).resolve().parents[2] / "results" / "isoflop"
 
 
-def test_bases_are_the_isoflop_optima_at_the_smaller_budget(tmp_path):
+def test_bases_are_the_isoflop_optima_at_the_larger_budget(tmp_path):
     bases = isoflop_bases(ISOFLOP, tmp_path / "iso-work", log=lambda s: None)
-    assert [(b.kind, b.run_id) for b in bases] == [("peer", "2e12_peer_L1d48_lr2_x3_s0"),
-                                                   ("pkm", "2e12_pkm_L2d64_lr2_x10_s0"),
-                                                   ("dense", "2e12_dense_L2d64_lr2_s0")]
+    assert [(b.kind, b.run_id) for b in bases] == [("peer", "8e12_peer_L3d80_lr2_x3_s0"),
+                                                   ("pkm", "8e12_pkm_L3d80_lr2_x10_s0"),
+                                                   ("dense", "8e12_dense_L3d80_lr2_s0")]
     assert all(b.path == tmp_path / "iso-work" / b.run_id and b.make is not None for b in bases)
     runs = list(ContinualPlan(bases).runs())
     assert len(runs) == len({r.run_id for r in runs}) == 2 * (14 + 12 + 6)
@@ -66,3 +68,10 @@ def test_a_tiny_study_runs_records_and_reports(bases, tmp_path):
     table = (tmp_path / "results" / "table.md").read_text().splitlines()
     assert len(table) == 2 + 6 and {p.name for p in paths} >= {"summary.json", "table.md"}
     assert len(json.loads((tmp_path / "results" / "summary.json").read_text())["rows"]) == 6
+    # a finetune directory left by another base (the bases changed) is refused, not resumed
+    other = ContinualPlan(bases=(Base("peer", "tiny-peer", bases["dense"]),), tasks=plan.tasks, sweeps=plan.sweeps,
+                          steps=3, batch=4)
+    again = ContinualRunner(other, tmp_path / "results-2", tmp_path / "work", log=lambda s: None)
+    spec = next(s for s in again.pending() if s.run_id == "peer_facts_sparse_t10_s0")
+    with pytest.raises(ValueError, match="holds a finetune of the base"):
+        again.run_one(spec)
