@@ -33,6 +33,7 @@ from peerlm.study.design import METHODS, budget_name
 from peerlm.study.records import diverged, spec_of, val_loss
 from peerlm.study.runner import machine, timing_key
 from peerlm.study.stats import compare, mean_sd
+from peerlm.study.trend import ratio_at, trend_fits
 
 __all__ = ["compute_optimal", "summary_records", "format_table", "write_report", "train_seconds", "timing_note",
            "save_png", "pyplot", "plots_or_note", "PlotsUnavailable", "PLOTS_NEED"]
@@ -140,6 +141,37 @@ def comparison_lines(seeds: dict[tuple[float, str], list[dict[str, Any]]], budge
                 r, lo, hi = c.ratio
                 cells += [f"{r:.3f} [{lo:.3f}, {hi:.3f}]" if len(c.seeds) > 1 else f"{r:.3f}", c.verdict]
             lines.append(f"| {budget_name(budget)} | {other} | {len(common)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def trend_lines(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[float, ...], methods: tuple[str, ...],
+                target: float = 2e19) -> list[str]:
+    """The trend section: per method a power law in the compute-optimal val loss against budget
+    (``peerlm.study.trend``), its exponent and its extrapolation to ``target``, and PEER's perplexity
+    ratio to dense and to PKM measured at each budget and extrapolated; empty below two budgets."""
+    seeds = {m: {b: [r["eval"]["val"]["loss"] for r in opt[b, m]["runs"]] for b in budgets if (b, m) in opt}
+             for m in methods}
+    fits = trend_fits(seeds, target)
+    if not fits:
+        return []
+    lines = [f"Trend (an extrapolation from this study's budgets to {target:.0e} FLOPs, far outside them): "
+             "compute-optimal val loss L against budget C fitted as L = a C^-b per method; 95% intervals from "
+             "resampling the seeds at each budget. A power law with no irreducible loss falls without bound, so "
+             "the extrapolated perplexities are low; the ratios between methods are the more telling output.", "",
+             f"| method | budgets | b | val ppl at {target:.0e} (extrapolated) |", "|---|---|---|---|"]
+    for m, f in fits.items():
+        lines.append(f"| {m} | {', '.join(budget_name(b) for b in f.budgets)} | {f.b:.4f} "
+                     f"[{f.b_interval[0]:.4f}, {f.b_interval[1]:.4f}] | {math.exp(f.loss_at):.2f} "
+                     f"[{math.exp(f.loss_interval[0]):.2f}, {math.exp(f.loss_interval[1]):.2f}] |")
+    for other in ("dense", "pkm"):
+        both = [b for b in budgets if seeds.get("peer", {}).get(b) and seeds.get(other, {}).get(b)]
+        measured = [f"{budget_name(b)}: "
+                    f"{math.exp(statistics.fmean(seeds['peer'][b]) - statistics.fmean(seeds[other][b])):.3f}"
+                    for b in both]
+        r = ratio_at(seeds, "peer", other, target)
+        if measured:
+            extra = "" if r is None else f"; extrapolated to {target:.0e}: {r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"
+            lines.append(f"\nPEER/{other} perplexity ratio, measured at " + ", ".join(measured) + extra + ".")
     return lines
 
 
@@ -290,6 +322,9 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
               "perplexity is lower; 95% interval of the paired mean difference in loss, Student's t; a verdict "
               "only where the interval excludes 1):", "",
               *comparison_lines({k: o["runs"] for k, o in opt.items()}, study.plan.budgets, study.plan.methods)]
+    trend = trend_lines(opt, study.plan.budgets, study.plan.methods)
+    if trend:
+        lines += ["", *trend]
     timing = study.timing()
     wall = _equal_wall_time(recs, study, timing)
     if wall:

@@ -1,0 +1,47 @@
+"""The trend fit: an exact power law is recovered, the intervals hold the truth and shrink with less
+seed noise, and the ratio of two methods at the target follows their fits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from peerlm.study.trend import fit_power_law, ratio_at, trend_fits
+
+BUDGETS = (2e12, 8e12, 3.2e13)
+
+
+def law(a: float, b: float, c: float) -> float:
+    return a * c ** -b
+
+
+def test_an_exact_power_law_is_recovered():
+    log_a, b = fit_power_law(list(BUDGETS), [law(20.0, 0.08, c) for c in BUDGETS])
+    assert b == pytest.approx(0.08) and math.exp(log_a) == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="two or more budgets"):
+        fit_power_law([2e12], [3.0])
+
+
+def test_intervals_hold_the_truth_and_narrow_with_less_noise():
+    rng = np.random.default_rng(1)
+    wide, narrow = {}, {}
+    for name, noise, out in (("wide", 0.05, wide), ("narrow", 0.005, narrow)):
+        out["peer"] = {c: list(law(20.0, 0.08, c) + noise * rng.standard_normal(4)) for c in BUDGETS}
+    fw, fn = trend_fits(wide)["peer"], trend_fits(narrow)["peer"]
+    for f in (fw, fn):
+        assert f.b_interval[0] <= f.b <= f.b_interval[1]
+        assert f.loss_interval[0] <= f.loss_at <= f.loss_interval[1]
+    assert fn.b_interval[0] < 0.08 < fn.b_interval[1]
+    assert fn.b_interval[1] - fn.b_interval[0] < fw.b_interval[1] - fw.b_interval[0]
+    assert trend_fits({"dense": {2e12: [3.0]}}) == {}  # one budget: no fit
+
+
+def test_ratio_of_two_methods_at_the_target():
+    seeds = {"peer": {c: [law(20.0, 0.09, c)] * 2 for c in BUDGETS},
+             "dense": {c: [law(20.0, 0.07, c)] * 2 for c in BUDGETS}}
+    r, lo, hi = ratio_at(seeds, "peer", "dense", target=2e19)
+    assert r == pytest.approx(math.exp(law(20.0, 0.09, 2e19) - law(20.0, 0.07, 2e19)))
+    assert lo == pytest.approx(r) and hi == pytest.approx(r)  # no seed noise: no width
+    assert r < 1 and ratio_at(seeds, "peer", "pkm") is None
