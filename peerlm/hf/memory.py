@@ -18,9 +18,11 @@ one per ``add_memory`` call), so config.json carries them. The model's class bec
 ``memory_class(type(model))``, a subclass of the base class (of the same name, so config.json's
 ``architectures`` and transformers' checkpoint key conversions stay the base's) whose ``__init__``
 rebuilds the recorded memory, so ``type(model).from_pretrained(dir)``, and ``from_pretrained(dir)``
-here for any directory, load the memory's weights exactly (``AutoModelForCausalLM.from_pretrained``
-builds the base class and leaves the memory's weights out). ``from_pretrained(base_dir, memory={...})``
-adds new memory to a plain checkpoint.
+here for any directory, load the memory's weights exactly; ``save_pretrained`` writes ``auto_map``
+and a module (``MEMORY_MODULE``) beside config.json, so ``AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)`` does too (without ``trust_remote_code`` it builds the plain base class and
+leaves the memory's weights out). ``from_pretrained(base_dir, memory={...})`` adds new memory to a
+plain checkpoint.
 
 Init, against the traps of transformers 5: its ``post_init`` resets every ``nn.Linear`` (PEER's query
 projection would drop from N(0, 1/dim) to N(0, 0.02)); ``from_pretrained`` builds on the meta device
@@ -45,6 +47,7 @@ import dataclasses
 import difflib
 import functools
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +56,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, Pre
 
 from peerlm.config import PEERConfig, PKMConfig, from_dict, to_dict
 from peerlm.ffn import build_ffn
+from peerlm.fileio import atomic_write_text
 from peerlm.optim import param_groups as _param_groups
 
 from .modeling import init_missing
@@ -73,6 +77,7 @@ FAMILY_MLP_PATHS = {
 KINDS = {"peer": PEERConfig, "pkm": PKMConfig}
 MODES = ("replace", "parallel")
 CONFIG_KEY = "peerlm_memory"
+MEMORY_MODULE = "peerlm_memory_model"  # the module save_pretrained writes beside config.json
 
 
 class MemoryFFN(nn.Module):
@@ -235,6 +240,29 @@ class _WithMemory:
         super().__init__(config, *args, **kwargs)
         for spec in getattr(config, CONFIG_KEY, None) or []:
             _attach(self, spec)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        """``save_pretrained``, plus what ``AutoModelForCausalLM.from_pretrained(DIR,
+        trust_remote_code=True)`` needs to build this class (memory included) where peerlm is installed:
+        ``auto_map`` in config.json and a three-line ``MEMORY_MODULE`` beside it. A base class from
+        outside transformers gets neither (load it with ``peerlm.hf.from_pretrained``)."""
+        base = next(c for c in type(self).__mro__[1:] if not issubclass(c, _WithMemory))
+        local = base.__module__.startswith("transformers.")
+        if local:
+            self.config.auto_map = {"AutoModelForCausalLM": f"{MEMORY_MODULE}.{base.__name__}"}
+            # transformers marks a class it loaded through auto_map (``_auto_class``) so that saving copies
+            # the file defining it, here this module under the wrong name; the memory classes write their
+            # own (below), so the mark is cleared
+            type(self)._auto_class = None
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        if local:
+            source = (f'"""{base.__name__} with the peerlm memory its config.json records (peerlm.hf.memory); '
+                      'needs peerlm installed."""\n'
+                      f"from transformers import {base.__name__} as _Base\n\n"
+                      "from peerlm.hf.memory import memory_class\n\n"
+                      f"{base.__name__} = memory_class(_Base)\n")
+            atomic_write_text(Path(save_directory) / f"{MEMORY_MODULE}.py", source)
+        return out
 
     def initialize_weights(self) -> None:
         # before transformers' own pass, whose per-module hooks belong to the sub-models (``model.*``) and

@@ -15,6 +15,7 @@ from tiny_hf import (
     tiny_model,
     tokens,
 )
+from transformers import AutoModelForCausalLM
 
 import peerlm.hf as ph
 from peerlm.ffn import PKM
@@ -83,7 +84,11 @@ def test_save_and_from_pretrained_rebuild_the_memory_exactly(family, mode, tmp_p
     model.eval()
     model.save_pretrained(tmp_path)
     expected = model.state_dict()
-    for loaded in (ph.from_pretrained(tmp_path), type(model).from_pretrained(tmp_path)):
+    loaders = [ph.from_pretrained, type(model).from_pretrained]
+    if family != "peerlm":  # a transformers family: the Auto class builds the memory too, given trust_remote_code
+        assert (tmp_path / f"{ph.memory.MEMORY_MODULE}.py").is_file()
+        loaders.append(lambda p: AutoModelForCausalLM.from_pretrained(p, trust_remote_code=True))
+    for loaded in (load(tmp_path) for load in loaders):
         loaded.eval()
         assert type(loaded) is type(model)
         got = loaded.state_dict()

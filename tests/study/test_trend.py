@@ -27,7 +27,7 @@ def test_an_exact_power_law_is_recovered():
 def test_intervals_hold_the_truth_and_narrow_with_less_noise():
     rng = np.random.default_rng(1)
     wide, narrow = {}, {}
-    for name, noise, out in (("wide", 0.05, wide), ("narrow", 0.005, narrow)):
+    for noise, out in ((0.05, wide), (0.005, narrow)):
         out["peer"] = {c: list(law(20.0, 0.08, c) + noise * rng.standard_normal(4)) for c in BUDGETS}
     fw, fn = trend_fits(wide)["peer"], trend_fits(narrow)["peer"]
     for f in (fw, fn):
