@@ -7,7 +7,8 @@ retrieved by nobody. Each test runs on CPU in Triton's interpreter (marked ``tri
 compiled kernels (marked ``gpu``): ``pytest -m triton`` and, on a GPU machine, ``pytest -m gpu``.
 
 Triton chooses between its compiler and its interpreter once per process, when it is first imported,
-so that is decided here, at collection: the interpreter where there is no CUDA device. TRITON_INTERPRET=1
+so that is decided here, at collection (before anything imports torch._dynamo, which imports Triton):
+the interpreter where there is no CUDA device. TRITON_INTERPRET=1
 is set for that import and again for each CPU test while it runs (Triton reads it as it launches too),
 so no other test sees it. On a GPU machine, run the ``triton`` tests with
 ``TRITON_INTERPRET=1 pytest -m triton`` and the ``gpu`` ones without it, in separate processes.
@@ -25,7 +26,6 @@ import torch
 from peerlm import PEER
 from peerlm import kernels as peer_kernels
 from peerlm.fused import ACTIVATIONS, peer_experts
-from peerlm.optim import RowSparseAdamW, clip_grad_norm
 
 
 def _import_kernels():
@@ -226,6 +226,10 @@ def test_layer_equals_reference(device, kw, reduction, monkeypatch):
 
 
 def test_sparse_grads_feed_row_sparse_adamw_and_clipping_like_fused(device):
+    # imported here, not with the module: peerlm.optim imports peerlm.ffn, whose torch.compiler use imports
+    # torch._dynamo and with it Triton, before _import_kernels could choose the interpreter
+    from peerlm.optim import RowSparseAdamW, clip_grad_norm
+
     torch.manual_seed(0)
     fused = PEER(**SMALL, impl="fused", sparse_grad=True)
     tri = PEER(**SMALL, impl="triton", sparse_grad=True)
