@@ -52,11 +52,11 @@ def _stats(runs: list[dict[str, Any]], eval_set: str) -> tuple[float, float] | N
     return mean_sd(ppl) if ppl else None
 
 
-def tuned_rows(study, recs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per decided (budget, method) of the tuned table."""
+def tuned_rows(study, optima: dict[tuple[float, str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per decided (budget, method) of the tuned table (``optima``: ``TunedPlan.optima``)."""
     paper = compute_optimal(study.plan.paper, study.plan.paper_records())
     rows = []
-    for (budget, method), o in study.plan.optima(recs).items():
+    for (budget, method), o in optima.items():
         runs = [r for r in o["runs"] if not diverged(r)]
         if not runs:
             continue
@@ -80,7 +80,8 @@ def _fmt(st: dict[str, float] | None) -> str:
     return f"{st['perplexity']:.2f}" + ("" if math.isnan(st["sd"]) else f" ± {st['sd']:.2f}")
 
 
-def format_tuned_table(study, recs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], command: str) -> str:
+def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tuple[float, str], dict[str, Any]],
+                       rows: list[dict[str, Any]], command: str) -> str:
     revs = sorted({r["git_revision"] for r in recs.values()})
     lines = ["# isoFLOP study, tuned per method: compute-optimal models at equal training FLOPs", "",
              f"Command: `{command}`  ", f"Report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on "
@@ -96,19 +97,19 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], rows: list[dict[s
                 if r["paper_val_perplexity"] and r["val"] else "")
         lines.append(f"| {r['method']} ({budget_name(r['budget'])}) | {r['size']} | {r['settings']} | "
                      f"{r['tuning_runs']} | {len(r['seeds'])} | {_fmt(r['val'])} | {_fmt(r[HELDOUT_MEAN])} | {gain} |")
-    seeds = {(b, m): o["runs"] for (b, m), o in study.plan.optima(recs).items()}
+    seeds = {(b, m): o["runs"] for (b, m), o in optima.items()}
     lines += ["", "PEER against each baseline, seed by seed (ratio > 1: PEER's perplexity is lower; paired 95% "
               "interval, Student's t; a verdict only where the interval excludes 1):", "",
               *comparison_lines(seeds, study.plan.budgets, study.plan.methods)]
     return "\n".join(lines) + "\n"
 
 
-def _plot(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+def _plot(study, recs: dict[str, dict[str, Any]], optima: dict[tuple[float, str], dict[str, Any]],
+          out: Path) -> list[Path]:
     plt = pyplot()
     budgets = study.plan.budgets
     fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.0), squeeze=False)
     names = [s.name for s in SIZES]
-    optima = study.plan.optima(recs)
     for ax, budget in zip(axes[0], budgets):
         for method in study.plan.methods:
             o = optima.get((budget, method))
@@ -138,7 +139,8 @@ def _plot(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 def write_tuned_report(study, command: str | None = None) -> list[Path]:
     """Write summary.json, table.md and the plot of the tuned table under its results directory."""
     recs = study.records()
-    rows = tuned_rows(study, recs)
+    optima = study.plan.optima(recs)  # plans the whole table once: every part below reads it
+    rows = tuned_rows(study, optima)
     if not rows:
         raise ValueError("no tuned optimum has its seeds yet; run `peerlm study isoflop-tuned` first")
     command = command or "peerlm " + " ".join(sys.argv[1:])
@@ -147,5 +149,5 @@ def write_tuned_report(study, command: str | None = None) -> list[Path]:
     meta = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "runs": len(own), "git_revisions": sorted({r["git_revision"] for r in recs.values()})}
     atomic_write_text(out / "summary.json", json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
-    atomic_write_text(out / "table.md", format_tuned_table(study, recs, rows, command))
-    return [out / "summary.json", out / "table.md", *plots_or_note(study, lambda: _plot(study, recs, out))]
+    atomic_write_text(out / "table.md", format_tuned_table(study, recs, optima, rows, command))
+    return [out / "summary.json", out / "table.md", *plots_or_note(study, lambda: _plot(study, recs, optima, out))]
