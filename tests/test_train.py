@@ -266,8 +266,12 @@ def _wait_for_steps(proc: subprocess.Popen, metrics: Path, n: int, timeout: floa
 
 
 def _latest_step(out: Path) -> int:
-    latest = out / "checkpoints" / "latest"
-    return int(latest.read_text().strip().split("_")[1]) if latest.is_file() else 0
+    """The step a resume starts from: a kill between publishing a checkpoint and pointing ``latest`` at
+    it leaves the newest complete checkpoint without the pointer, and resuming uses that one."""
+    from peerlm.checkpoint import checkpoint_step, latest_checkpoint
+
+    ckpt = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").is_dir() else None
+    return checkpoint_step(ckpt) if ckpt is not None else 0
 
 
 def test_a_run_directory_has_one_writer(data_dir, tmp_path, capsys):
