@@ -35,6 +35,7 @@ def test_the_plan_command_lists_the_finetunes(tmp_path, capsys):
                  str(tmp_path / "w"), "--work", str(tmp_path / "cw")]) == 0
     out = capsys.readouterr().out
     assert "64 finetunes to go (0 recorded)" in out and "peer_facts_sparse_t1000_s0" in out
+    assert out.index("peer_facts_") < out.index("dense_facts_") < out.index("peer_docs_")  # the facts first
     assert not (tmp_path / "r").exists()  # a plan writes nothing
 
 
@@ -75,3 +76,12 @@ def test_a_tiny_study_runs_records_and_reports(bases, tmp_path):
     spec = next(s for s in again.pending() if s.run_id == "peer_facts_sparse_t10_s0")
     with pytest.raises(ValueError, match="holds a finetune of the base"):
         again.run_one(spec)
+    # records of a task made with other settings measure something else: refused, and the base's own
+    # evaluation is made again for the new settings
+    changed = ContinualPlan(bases=plan.bases, tasks=(FactsTask(people=20, paraphrases=2), plan.tasks[1]),
+                            sweeps=plan.sweeps, steps=3, batch=4)
+    moved = ContinualRunner(changed, tmp_path / "results", tmp_path / "work", log=lambda s: None)
+    with pytest.raises(ValueError, match="people': 30.*the plan has.*people': 20"):
+        moved.pending()
+    assert moved.base_eval(plan.bases[0])["task_settings"]["facts"] == {"people": 20, "paraphrases": 2}
+    assert moved.task_data(changed.tasks[0], plan.bases[0]) != study.task_data(plan.tasks[0], plan.bases[0])
