@@ -40,6 +40,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from peerlm.data import DataError, TokenDataset, encode_file
+from peerlm.ffn import memory_layers
 from peerlm.model import Transformer
 from peerlm.rundir import RunDir, check_same_tokenizer, load_run, run_fingerprint, run_tokenizer
 
@@ -116,7 +117,7 @@ def evaluate_tokens(model: Transformer, tokens: np.ndarray | torch.Tensor | Sequ
 @contextlib.contextmanager
 def tracking_usage(model: torch.nn.Module) -> Iterator[None]:
     """Record expert usage of every PEER/PKM layer inside the block, from zero; off and reset after."""
-    layers = [m for _, m in model.memory_layers()] if hasattr(model, "memory_layers") else []
+    layers = [m for _, m in memory_layers(model)]
     before = [m.track_usage for m in layers]
     for m in layers:
         m.track_usage = True
@@ -133,7 +134,7 @@ def memory_usage(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """``usage()`` (usage, unevenness, distinct, effective) of every PEER/PKM layer since tracking began
     (layers that saw nothing skipped)."""
     out = {}
-    for name, m in (model.memory_layers() if hasattr(model, "memory_layers") else []):
+    for name, m in memory_layers(model):
         if m.usage_mass is not None and float(m.usage_mass.sum()) > 0:
             out[name] = m.usage()
     return out
