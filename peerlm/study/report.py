@@ -7,7 +7,9 @@
   every run.
 - ``isoflop.png``: validation perplexity against parameters (log x; total in the top row, active per
   token in the bottom row), one curve per method, one panel per budget; ``walltime.png``: validation
-  perplexity against training seconds, every ladder run.
+  perplexity against training seconds, every ladder run; ``trend.png`` (from two budgets on): the
+  compute-optimal perplexity against budget with each method's power-law fit, and PEER's ratios to
+  dense and PKM measured and extrapolated (``peerlm.study.trend``).
 
 Training seconds at equal wall time come from ``timing.json`` (``Runner.time_steps``: every model's
 step timed back to back under one load) when it exists, else from the runs' own step times.
@@ -144,13 +146,19 @@ def comparison_lines(seeds: dict[tuple[float, str], list[dict[str, Any]]], budge
     return lines
 
 
+def _optimum_val_losses(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[float, ...],
+                        methods: tuple[str, ...]) -> dict[str, dict[float, list[float]]]:
+    """method -> budget -> the val losses of the seeds of its compute-optimal model."""
+    return {m: {b: [r["eval"]["val"]["loss"] for r in opt[b, m]["runs"]] for b in budgets if (b, m) in opt}
+            for m in methods}
+
+
 def trend_lines(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[float, ...], methods: tuple[str, ...],
                 target: float = 2e19) -> list[str]:
     """The trend section: per method a power law in the compute-optimal val loss against budget
     (``peerlm.study.trend``), its exponent and its extrapolation to ``target``, and PEER's perplexity
     ratio to dense and to PKM measured at each budget and extrapolated; empty below two budgets."""
-    seeds = {m: {b: [r["eval"]["val"]["loss"] for r in opt[b, m]["runs"]] for b in budgets if (b, m) in opt}
-             for m in methods}
+    seeds = _optimum_val_losses(opt, budgets, methods)
     fits = trend_fits(seeds, target)
     if not fits:
         return []
@@ -395,8 +403,74 @@ def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
         ax.legend()
     fig.tight_layout()
     written.append(save_png(fig, out / "walltime.png"))
+    trend = _trend_plot(compute_optimal(study.plan, recs), study.plan.budgets, study.plan.methods, out)
+    if trend is not None:
+        written.append(trend)
     plt.close("all")
     return written
+
+
+# the paper's PEER/dense perplexity ratios on C4 (its Table 1), drawn for reference
+PAPER_PEER_DENSE = ((6e18, 0.87), (2e19, 0.90))
+
+
+def _trend_plot(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[float, ...], methods: tuple[str, ...],
+                out: Path, target: float = 2e19) -> Path | None:
+    """``trend.png`` (None below two budgets): left, each method's compute-optimal val perplexity
+    against budget (seed mean, error bar one standard deviation) with its power-law fit over the
+    measured range; right, PEER's perplexity ratio to dense and to PKM, measured at each budget and
+    as the two fits give it out to ``target``, where the extrapolation and its 95% interval are marked."""
+    seeds = _optimum_val_losses(opt, budgets, methods)
+    fits = trend_fits(seeds, target)
+    if not fits:
+        return None
+    import numpy as np
+
+    from peerlm.study.trend import fit_power_law
+
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    for m in fits:
+        bs = sorted(b for b, v in seeds[m].items() if v)
+        means = [statistics.fmean(seeds[m][b]) for b in bs]
+        sds = [statistics.stdev(seeds[m][b]) if len(seeds[m][b]) > 1 else 0.0 for b in bs]
+        ppl = [math.exp(x) for x in means]
+        err = [[p - math.exp(x - d) for p, x, d in zip(ppl, means, sds)],
+               [math.exp(x + d) - p for p, x, d in zip(ppl, means, sds)]]
+        (line,) = left.plot(bs, ppl, "o", label=f"{m} (b = {fits[m].b:.3f})")
+        left.errorbar(bs, ppl, yerr=err, fmt="none", color=line.get_color(), capsize=3)
+        log_a, b = fit_power_law(bs, means)
+        grid = np.geomspace(bs[0] / 1.5, bs[-1] * 1.5, 50)
+        left.plot(grid, np.exp(np.exp(log_a - b * np.log(grid))), "-", color=line.get_color(), alpha=0.6)
+    left.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="compute-optimal val perplexity",
+             title="measured, with the power-law fits")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    for other in ("dense", "pkm"):
+        common = sorted(c for c in set(seeds.get("peer", {})) & set(seeds.get(other, {}))
+                        if seeds["peer"][c] and seeds[other][c])
+        if not common:
+            continue
+        measured = [math.exp(statistics.fmean(seeds["peer"][c]) - statistics.fmean(seeds[other][c])) for c in common]
+        (line,) = right.plot(common, measured, "o", label=f"PEER/{other}, measured")
+        r = ratio_at(seeds, "peer", other, target)
+        if r is not None:
+            fa = fit_power_law(common, [statistics.fmean(seeds["peer"][c]) for c in common])
+            fb = fit_power_law(common, [statistics.fmean(seeds[other][c]) for c in common])
+            grid = np.geomspace(common[0], target, 80)
+            loss_a, loss_b = (np.exp(f[0] - f[1] * np.log(grid)) for f in (fa, fb))  # L = a C^-b
+            right.plot(grid, np.exp(loss_a - loss_b), "--", color=line.get_color(), alpha=0.7,
+                       label=f"PEER/{other}, fits (extrapolated)")
+            right.errorbar([target], [r[0]], yerr=[[r[0] - r[1]], [r[2] - r[0]]], fmt="s", color=line.get_color(),
+                           capsize=4)
+    right.plot(*zip(*PAPER_PEER_DENSE), "kx", label="PEER/dense, the paper (C4)")
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set(xscale="log", xlabel="training FLOPs", ylabel="perplexity ratio",
+              title=f"PEER's ratios, extrapolated to {target:.0e} (95% interval)")
+    right.grid(True, which="both", alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, out / "trend.png")
 
 
 def save_png(fig, path: Path) -> Path:

@@ -45,3 +45,18 @@ def test_ratio_of_two_methods_at_the_target():
     assert r == pytest.approx(math.exp(law(20.0, 0.09, 2e19) - law(20.0, 0.07, 2e19)))
     assert lo == pytest.approx(r) and hi == pytest.approx(r)  # no seed noise: no width
     assert r < 1 and ratio_at(seeds, "peer", "pkm") is None
+
+
+def test_the_trend_plot_needs_two_budgets(tmp_path):
+    """trend.png from the compute-optimal models' seeds: written from two budgets on, none below."""
+    pytest.importorskip("matplotlib")
+    from peerlm.study.report import _trend_plot
+
+    def opt(budgets):
+        return {(c, m): {"runs": [{"eval": {"val": {"loss": law(20.0, b, c) + 0.01 * s}}} for s in range(3)]}
+                for c in budgets for m, b in (("dense", 0.07), ("pkm", 0.085), ("peer", 0.09))}
+
+    methods = ("dense", "pkm", "peer")
+    assert _trend_plot(opt(BUDGETS[:1]), BUDGETS[:1], methods, tmp_path) is None
+    path = _trend_plot(opt(BUDGETS), BUDGETS, methods, tmp_path)
+    assert path == tmp_path / "trend.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
