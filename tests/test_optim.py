@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -202,3 +203,33 @@ def test_sparse_grad_layers_get_the_row_sparse_optimizer_without_asking():
     assert any(p.grad.is_sparse for p in model.expert_parameters())
     opt.step()  # torch's AdamW alone would raise on the sparse gradients
     assert any(isinstance(o, RowSparseAdamW) for o in opt.optimizers)
+
+
+def test_a_checkpoint_of_the_per_tensor_adamw_resumes_on_that_path():
+    """Checkpoints written before the dense groups moved to torch's fused AdamW hold groups with
+    foreach=False and fused=None; loading one into today's optimizer restores those options, so the
+    resumed run takes the per-tensor path it was trained with and continues bit for bit."""
+    from peerlm.optim import GroupedOptimizer
+
+    cfg = get_preset("tiny-peer")
+    torch.manual_seed(0)
+    old_model, new_model = build_model(cfg), build_model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    groups = param_groups(old_model, 1e-2, 0.1, None, 0.0, None)
+    old = GroupedOptimizer([torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)])
+
+    def step(model, opt):
+        opt.zero_grad()
+        model(x, x)[1].backward()
+        opt.step()
+
+    step(old_model, old)
+    new_model.load_state_dict(old_model.state_dict())
+    resumed = build_optimizer(new_model, 1e-2, 0.1, (0.9, 0.95))
+    assert all(g["fused"] for g in resumed.param_groups)
+    resumed.load_state_dict(copy.deepcopy(old.state_dict()))  # as from a file: no tensor shared with `old`
+    assert all(g["fused"] is None and g["foreach"] is False for g in resumed.param_groups)
+    step(old_model, old)
+    step(new_model, resumed)
+    for (name, a), b in zip(old_model.state_dict().items(), new_model.state_dict().values()):
+        assert torch.equal(a, b), name
