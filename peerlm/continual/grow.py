@@ -11,8 +11,10 @@ Initialisation of what is new, chosen so that the model's output at step 0 is th
 - new sub-keys are zero (``key_init="zero"``), so a new sub-key scores 0 for every query. A new
   expert can then only be retrieved by a head whose query has fewer than k old sub-keys scoring above
   0 in a half (the product top-k is a subset of each half's top-k). Where every head has k positive
-  old scores in both halves, which holds for almost every token of a trained model, retrieval,
-  gates and output are exactly the base model's (tested token by token);
+  old scores in both halves, which holds for almost every token of a trained model, retrieval and
+  gates are the base model's, and so is the output: bit for bit while both sizes re-score the winners
+  on the same path (tested token by token), within float rounding where growing moves n past
+  ``peerlm.retrieval.DENSE_RESCORE_RATIO * k``;
 - u rows (``w_down``) of new experts are drawn like the layer's init (N(0, 1/d)), so that a new
   expert's gradient on v is not zero once it is retrieved.
 ``key_init="random"`` draws new sub-keys like the layer's init instead: the new experts then compete
