@@ -122,3 +122,23 @@ def test_training_a_grown_model_moves_only_new_rows_and_new_sub_keys(base_peer):
         else:
             assert torch.equal(v, before[k]), k  # trunk, routing and the query norm's statistics
     assert not torch.equal(after[f"{name}.w_up"][new], before[f"{name}.w_up"][new])
+
+
+def test_growing_past_the_dense_rescoring_bound_keeps_the_experts_and_rounds_only(base_peer, monkeypatch):
+    """Where growing moves n past ``DENSE_RESCORE_RATIO * k`` the grown layer re-scores its winners on
+    the other (gather) path: the same experts, the same output up to float rounding."""
+    import peerlm.retrieval as retrieval
+
+    layer = base_peer.memory_layers()[0][1]
+    monkeypatch.setattr(retrieval, "DENSE_RESCORE_RATIO", layer.n // layer.topk)  # the base is at the bound
+    torch.manual_seed(0)
+    new = grow_model(base_peer, 3).memory_layers()[0][1]
+    bound = retrieval.DENSE_RESCORE_RATIO * layer.topk
+    assert layer.n <= bound < new.n  # the base re-scores densely, the grown layer by gathers
+    x = torch.randn(256, layer.dim)
+    ok = _positive_old_scores(layer, x)
+    with torch.no_grad():
+        _, ids_old = layer.retrieve(x)
+        _, ids_new = new.retrieve(x)
+        assert torch.equal(old_rows(layer.n, 3)[ids_old[ok]], ids_new[ok])
+        torch.testing.assert_close(layer(x)[ok], new(x)[ok], rtol=1e-5, atol=1e-6)
