@@ -60,6 +60,59 @@ def pareto(points: list[dict[str, Any]]) -> set[str]:
     return front
 
 
+TARGET_SHARE = 0.9  # of full finetuning's best fact accuracy
+TARGET_FORGETTING = 0.25  # of what that full finetune forgets
+
+
+def target_lines(table: list[dict[str, Any]], subject: str = "sparse") -> tuple[list[str], list[dict[str, Any]]]:
+    """The issue's target per base on the facts task, as markdown lines and rows: the reference is the
+    full finetune of highest exact match; each other method's run with the least val forgetting among
+    those reaching ``TARGET_SHARE`` of that accuracy is compared with it (forgetting ratio), and
+    ``subject`` meets the target where its ratio is at most ``TARGET_FORGETTING`` and below LoRA's."""
+    out, rows = [], []
+    for base in sorted({r["base"] for r in table if r["task"] == "facts"}):
+        runs = [r for r in table if r["base"] == base and r["task"] == "facts" and r["forgetting_val_pct"] is not None]
+        full = [r for r in runs if r["method"] == "full"]
+        if not full:
+            continue
+        ref = max(full, key=lambda r: r["learning"])
+        bar = TARGET_SHARE * ref["learning"]
+        out.append(f"- **{base}**: full finetuning's best exact match is {100 * ref['learning']:.1f}% ({ref['knob']}="
+                   f"{ref['value']:g}, val loss {ref['forgetting_val_pct']:+.1f}%); the bar is {100 * bar:.1f}%.")
+        best: dict[str, dict[str, Any] | None] = {}
+        for method in sorted({r["method"] for r in runs} - {"full"}):
+            mine = [r for r in runs if r["method"] == method]
+            reach = [r for r in mine if r["learning"] >= bar]
+            best[method] = min(reach, key=lambda r: r["forgetting_val_pct"]) if reach else None
+            top = max(mine, key=lambda r: r["learning"])
+            row = {"base": base, "method": method, "reference": ref["run_id"], "bar": bar,
+                   "run": best[method]["run_id"] if best[method] else None,
+                   "forgetting_ratio": (best[method]["forgetting_val_pct"] / ref["forgetting_val_pct"]
+                                        if best[method] and ref["forgetting_val_pct"] else None),
+                   "best_learning": top["learning"], "runs": len(mine)}
+            rows.append(row)
+            if best[method] is None:
+                out.append(f"  - {method}: no run reaches the bar ({len(mine)} run(s); best "
+                           f"{100 * top['learning']:.1f}% at {top['knob']}={top['value']:g}, val loss "
+                           f"{top['forgetting_val_pct']:+.1f}%)")
+            else:
+                r = best[method]
+                out.append(f"  - {method}: {r['knob']}={r['value']:g} reaches {100 * r['learning']:.1f}% with val loss "
+                           f"{r['forgetting_val_pct']:+.1f}%, {row['forgetting_ratio']:.2f}x full's forgetting")
+        if subject in best:
+            mine, lora = best[subject], best.get("lora")
+            if mine is None:
+                verdict = "not met: no run reaches the bar"
+            else:
+                ratio = mine["forgetting_val_pct"] / ref["forgetting_val_pct"]
+                below_lora = lora is None or mine["forgetting_val_pct"] < lora["forgetting_val_pct"]
+                verdict = ("met" if ratio <= TARGET_FORGETTING and below_lora else "not met") + \
+                    f" (forgetting {ratio:.2f}x full's, target at most {TARGET_FORGETTING:g}x" + \
+                    ("" if lora is None else f"; LoRA at the bar {lora['forgetting_val_pct']:+.1f}%") + ")"
+            out.append(f"  - target for {subject}: {verdict}")
+    return out, rows
+
+
 def write_continual_report(study: ContinualRunner) -> list[Path]:
     """Write summary.json, table.md and (with matplotlib) pareto.png into the study's results."""
     recs = study.records()
@@ -74,9 +127,20 @@ def write_continual_report(study: ContinualRunner) -> list[Path]:
     out = study.results
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "summary.json", out / "table.md"]
-    atomic_write_text(paths[0], json.dumps(finite_json({"rows": table, "bases": sorted({r["base"] for r in table})}),
-                                           indent=1) + "\n")
-    lines = ["| base | task | method | knob | learning | forgetting val (nats) | val % | held-out % | Pareto |",
+    target, target_rows = target_lines(table)
+    atomic_write_text(paths[0], json.dumps(finite_json({"rows": table, "bases": sorted({r["base"] for r in table}),
+                                                        "target": target_rows}), indent=1) + "\n")
+    lines = ["# Continual learning: learning against forgetting", "",
+             f"{len(table)} finetune records (`peerlm study continual`). Learning: exact match on the facts' "
+             "held-out prompts (completion and question), or the docs task's test perplexity. Forgetting: the "
+             "change of the loss on the base data's validation split (nats and %) and the mean % over the held-out "
+             "sets, against the base itself. Pareto: no run of the same base and task learns at least as much "
+             "with no more val forgetting, and better in one.", ""]
+    if target:
+        lines += [f"Target (facts): at {TARGET_SHARE:.0%} or more of full finetuning's best exact match, sparse "
+                  f"forgets at most {TARGET_FORGETTING:g}x what that full finetune forgets on val, and less than "
+                  "LoRA at the same bar.", "", *target, ""]
+    lines += ["| base | task | method | knob | learning | forgetting val (nats) | val % | held-out % | Pareto |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         def num(x: Any, fmt: str) -> str:

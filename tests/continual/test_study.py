@@ -67,7 +67,9 @@ def test_a_tiny_study_runs_records_and_reports(bases, tmp_path):
     assert "test_ppl" in recs["dense_docs_lora_r2_s0"]["learning"]
     paths = write_continual_report(study)
     table = (tmp_path / "results" / "table.md").read_text().splitlines()
-    assert len(table) == 2 + 6 and {p.name for p in paths} >= {"summary.json", "table.md"}
+    rows = [line for line in table if line.startswith(("| peer |", "| dense |"))]
+    assert len(rows) == 6 and table[0].startswith("# Continual learning")
+    assert {p.name for p in paths} >= {"summary.json", "table.md"}
     assert len(json.loads((tmp_path / "results" / "summary.json").read_text())["rows"]) == 6
     # a finetune directory left by another base (the bases changed) is refused, not resumed
     other = ContinualPlan(bases=(Base("peer", "tiny-peer", bases["dense"]),), tasks=plan.tasks, sweeps=plan.sweeps,
@@ -85,3 +87,22 @@ def test_a_tiny_study_runs_records_and_reports(bases, tmp_path):
         moved.pending()
     assert moved.base_eval(plan.bases[0])["task_settings"]["facts"] == {"people": 20, "paraphrases": 2}
     assert moved.task_data(changed.tasks[0], plan.bases[0]) != study.task_data(plan.tasks[0], plan.bases[0])
+
+
+def test_the_target_compares_at_90_percent_of_full_finetunings_best():
+    from peerlm.continual.study_report import target_lines
+
+    def row(method, value, learning, forgetting):
+        return {"run_id": f"peer_facts_{method}_{value}", "base": "peer", "task": "facts", "method": method,
+                "knob": "lr", "value": value, "learning": learning, "forgetting_val_pct": forgetting}
+
+    table = [row("full", 1, 0.2, 100.0), row("full", 3, 0.5, 200.0),
+             row("sparse", 1, 0.44, 10.0), row("sparse", 2, 0.46, 40.0), row("sparse", 3, 0.6, 70.0),
+             row("lora", 1, 0.47, 80.0), row("memory", 1, 0.3, 5.0)]
+    lines, rows = target_lines(table)
+    by = {r["method"]: r for r in rows}
+    assert by["sparse"]["run"] == "peer_facts_sparse_2" and by["sparse"]["forgetting_ratio"] == pytest.approx(0.2)
+    assert by["memory"]["run"] is None and by["lora"]["forgetting_ratio"] == pytest.approx(0.4)
+    assert lines[-1].startswith("  - target for sparse: met (forgetting 0.20x")
+    table[3]["forgetting_val_pct"] = 90.0  # now more than LoRA at the bar
+    assert "not met" in target_lines(table)[0][-1]
