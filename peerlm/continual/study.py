@@ -150,16 +150,16 @@ class ContinualSpec:
         knob = {"lr": "lr", "lora_rank": "r", "slots": "t", "grow": "m"}[self.knob]
         return f"{self.base}_{self.task}_{self.method}_{knob}{self.value:g}_s{self.seed}"
 
-    def spec_args(self) -> dict[str, Any]:
-        """The FinetuneSpec fields of this run (the knob's, unless it is the LR, and the fixed ones)."""
-        _, _, fixed = SWEEPS[self.method]
+    def spec_args(self, fixed: dict[str, Any]) -> dict[str, Any]:
+        """The FinetuneSpec fields of this run: the knob's (unless it is the LR) and its sweep's ``fixed``
+        settings (the LR aside)."""
         out = {"method": self.method, **{k: v for k, v in fixed.items() if k != "lr"}}
         if self.knob != "lr":
             out[self.knob] = self.value
         return out
 
-    def lr(self) -> float:
-        return self.value if self.knob == "lr" else SWEEPS[self.method][2]["lr"]
+    def lr(self, fixed: dict[str, Any]) -> float:
+        return self.value if self.knob == "lr" else fixed["lr"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +181,10 @@ class ContinualPlan:
                     if base.kind in METHOD_KINDS[method]:
                         for v in values:
                             yield ContinualSpec(base.kind, task.name, method, knob, v)
+
+    def fixed(self, method: str) -> dict[str, Any]:
+        """The settings ``method``'s sweep holds fixed."""
+        return dict(self.sweeps)[method][2]
 
     def base(self, kind: str) -> Base:
         return next(b for b in self.bases if b.kind == kind)
@@ -230,13 +234,22 @@ class ContinualRunner:
         return out
 
     def _check_task(self, rec: dict[str, Any], path: Path) -> None:
-        """A record of a task made with other settings (people, paraphrases, corpus) measures something
-        else: refused, naming both."""
-        name = rec.get("spec", {}).get("task")
-        task = next((t for t in self.plan.tasks if t.name == name), None)
+        """A record of a task made with other settings (people, paraphrases, corpus), or of a method
+        trained with other fixed settings than the plan's sweep (LR, optimizer, LoRA alpha...), measures
+        something else: refused, naming both."""
+        spec = rec.get("spec", {})
+        task = next((t for t in self.plan.tasks if t.name == spec.get("task")), None)
         if task is not None and rec.get("task_settings") != task.settings():
-            raise ValueError(f"{path} was made with the {name} task's settings {rec.get('task_settings')}, the plan "
-                             f"has {task.settings()}; move it aside (or delete it) and run the study again")
+            raise ValueError(f"{path} was made with the {task.name} task's settings {rec.get('task_settings')}, the "
+                             f"plan has {task.settings()}; move it aside (or delete it) and run the study again")
+        sweep = dict(self.plan.sweeps).get(spec.get("method"))
+        if sweep is not None:
+            trained = rec.get("finetune", {})
+            differ = {k: v for k, v in sweep[2].items() if k != sweep[0] and trained.get(k) != v}
+            if differ:
+                had = {k: trained.get(k) for k in differ}
+                raise ValueError(f"{path} was trained with {had}, the plan's {spec.get('method')} sweep has "
+                                 f"{differ}; move it aside (or delete it) and run the study again")
 
     def pending(self) -> list[ContinualSpec]:
         recs = self.records()  # checks every record
@@ -310,9 +323,10 @@ class ContinualRunner:
         before = self.base_eval(base)
         data = self.task_data(task, base)
         out = self.work / spec.run_id
-        overrides = {"max_steps": self.plan.steps, "batch_size": self.plan.batch, "lr": spec.lr(), "seed": spec.seed,
-                     "eval_every": max(self.plan.steps, 1), "ckpt_every": max(self.plan.steps // 4, 1), "keep": 1,
-                     "device": str(self.device)}
+        fixed = self.plan.fixed(spec.method)
+        overrides = {"max_steps": self.plan.steps, "batch_size": self.plan.batch, "lr": spec.lr(fixed),
+                     "seed": spec.seed, "eval_every": max(self.plan.steps, 1),
+                     "ckpt_every": max(self.plan.steps // 4, 1), "keep": 1, "device": str(self.device)}
         resume = RunDir(out).latest_checkpoint() is not None
         if resume:
             from peerlm.runconfig import RunConfig
@@ -323,7 +337,7 @@ class ContinualRunner:
                 raise ValueError(f"{out} holds a finetune of the base {started_from}, not of {base.path}; "
                                  f"delete that directory to train {spec.run_id} from {base.run_id}")
         else:
-            fspec, base_config = plan_finetune(base.path, data, out, spec.spec_args())
+            fspec, base_config = plan_finetune(base.path, data, out, spec.spec_args(fixed))
             run = finetune_config(fspec, base_config, data, overrides)
         self.log(f"continual: {spec.run_id}: {self.plan.steps} steps{' (resumed)' if resume else ''}")
         t0 = time.time()

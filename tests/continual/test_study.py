@@ -87,6 +87,11 @@ def test_a_tiny_study_runs_records_and_reports(bases, tmp_path):
         moved.pending()
     assert moved.base_eval(plan.bases[0])["task_settings"]["facts"] == {"people": 20, "paraphrases": 2}
     assert moved.task_data(changed.tasks[0], plan.bases[0]) != study.task_data(plan.tasks[0], plan.bases[0])
+    # so are records of a method trained with other fixed settings than the plan's sweep now has
+    relr = ContinualPlan(bases=plan.bases, tasks=plan.tasks, steps=3, batch=4,
+                         sweeps=(plan.sweeps[0], ("lora", ("lora_rank", (2,), {"lr": 3e-3}))))
+    with pytest.raises(ValueError, match=r"trained with \{'lr': 0.001\}.*lora sweep has \{'lr': 0.003\}"):
+        ContinualRunner(relr, tmp_path / "results", tmp_path / "work", log=lambda s: None).pending()
 
 
 def test_the_target_compares_at_90_percent_of_full_finetunings_best():
