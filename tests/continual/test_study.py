@@ -78,6 +78,13 @@ def test_a_tiny_study_runs_records_and_reports(bases, tmp_path):
     spec = next(s for s in again.pending() if s.run_id == "peer_facts_sparse_t10_s0")
     with pytest.raises(ValueError, match="holds a finetune of the base"):
         again.run_one(spec)
+    # and one trained with other settings than the plan now has (here the LR) is not resumed either
+    other_lr = ContinualPlan(bases=plan.bases, tasks=plan.tasks, steps=3, batch=4,
+                             sweeps=(("sparse", ("slots", (10,), {"lr": 2.0, "optimizer": "sgd", "background": 3})),))
+    again = ContinualRunner(other_lr, tmp_path / "results-3", tmp_path / "work", log=lambda s: None)
+    spec = next(s for s in again.pending() if s.run_id == "peer_facts_sparse_t10_s0")
+    with pytest.raises(ValueError, match="the plan now has .'lr': 2.0"):
+        again.run_one(spec)
     # records of a task made with other settings measure something else: refused, and the base's own
     # evaluation is made again for the new settings
     changed = ContinualPlan(bases=plan.bases, tasks=(FactsTask(people=20, paraphrases=2), plan.tasks[1]),
