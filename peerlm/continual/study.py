@@ -67,13 +67,16 @@ EVAL_TOKENS = 65536
 # barely moved (LR 1.0: loss 4.67 -> 4.50 in 76 steps; LR 30, t = 10000: loss 1.59, 0%) where the lazy
 # row-sparse AdamW learned (t = 1000 at 1e-2: loss 2.1, 0%; t = 10000 at 3e-2: loss 0.52, 8%), so
 # sparse sweeps t with the lazy AdamW at about the LR the tables pretrained with (2e-2). LoRA (rank 16):
-# 4.7% at LR 3e-3 (val loss +89%), 8.7% at 1e-2 (+110% on the whole val split).
+# 4.7% at LR 3e-3 (val loss +89%), 8.7% at 1e-2 (+110% on the whole val split). grow with zero-initialised
+# sub-keys (the step-0-exact start) learned nothing at m = 16 (0.0%, val loss +0.0%): on this base every
+# position has k old sub-keys scoring above 0 in both halves, so no new expert is ever retrieved and none
+# gets a gradient; the sweep draws the new sub-keys at random instead.
 SWEEPS: dict[str, tuple[str, tuple[Any, ...], dict[str, Any]]] = {
     "full": ("lr", (3e-4, 1e-3, 3e-3), {}),
     "lora": ("lora_rank", (4, 16, 64), {"lr": 1e-2, "lora_alpha": 32.0}),
     "memory": ("lr", (1e-2, 3e-2, 1e-1), {}),
     "sparse": ("slots", (1000, 10000, 30000), {"lr": 3e-2, "optimizer": "adamw", "background": 100}),
-    "grow": ("grow", (16, 64), {"lr": 3e-2}),
+    "grow": ("grow", (16, 64), {"lr": 3e-2, "key_init": "random"}),
 }
 METHOD_KINDS = {"full": ("peer", "pkm", "dense"), "lora": ("peer", "pkm", "dense"), "memory": ("peer", "pkm"),
                 "sparse": ("peer", "pkm"), "grow": ("peer",)}
@@ -270,11 +273,16 @@ class ContinualRunner:
     # ------------------------------------------------------------------------------------ pieces
 
     def ensure_base(self, base: Base) -> Path:
-        if RunDir(base.path).latest_checkpoint() is None:
-            if base.make is None:
+        """The base's run directory, trained to its end first where ``make`` can: a base whose training
+        was interrupted has checkpoints but is not the base yet, so ``make`` resumes it (and returns at
+        once for a finished one)."""
+        if base.make is None:
+            if RunDir(base.path).latest_checkpoint() is None:
                 raise ValueError(f"the base {base.run_id} has no checkpoint in {base.path}")
+            return base.path
+        if RunDir(base.path).latest_checkpoint() is None:
             self.log(f"continual: training the base {base.run_id} again from its record into {base.path}")
-            base.make()
+        base.make()
         return base.path
 
     def base_data(self, base: Base) -> Path:

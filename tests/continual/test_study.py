@@ -118,3 +118,14 @@ def test_the_target_compares_at_90_percent_of_full_finetunings_best():
     assert lines[-1].startswith("  - target for sparse: met (forgetting 0.20x")
     table[3]["forgetting_val_pct"] = 90.0  # now more than LoRA at the bar
     assert "not met" in target_lines(table)[0][-1]
+
+
+def test_a_base_is_trained_to_its_end_before_use(tmp_path):
+    """An interrupted base training leaves checkpoints that are not the base yet: ``make`` (which resumes,
+    and returns at once for a finished run) runs whenever the base has one; without it a base must exist."""
+    calls = []
+    runner = ContinualRunner(ContinualPlan(bases=()), tmp_path / "r", tmp_path / "w", log=lambda s: None)
+    base = Base("peer", "b", tmp_path / "b", make=lambda: calls.append(1))
+    assert runner.ensure_base(base) == tmp_path / "b" and calls == [1]
+    with pytest.raises(ValueError, match="has no checkpoint"):
+        runner.ensure_base(Base("peer", "c", tmp_path / "c"))
