@@ -246,14 +246,19 @@ class ContinualRunner:
         if task is not None and rec.get("task_settings") != task.settings():
             raise ValueError(f"{path} was made with the {task.name} task's settings {rec.get('task_settings')}, the "
                              f"plan has {task.settings()}; move it aside (or delete it) and run the study again")
-        sweep = dict(self.plan.sweeps).get(spec.get("method"))
-        if sweep is not None:
+        if spec.get("method") in dict(self.plan.sweeps):
+            planned = self.planned_settings(ContinualSpec(**spec))
             trained = rec.get("finetune", {})
-            differ = {k: v for k, v in sweep[2].items() if k != sweep[0] and trained.get(k) != v}
+            differ = {k: v for k, v in planned.items() if trained.get(k) != v}
             if differ:
                 had = {k: trained.get(k) for k in differ}
-                raise ValueError(f"{path} was trained with {had}, the plan's {spec.get('method')} sweep has "
+                raise ValueError(f"{path} was trained with {had}, the plan's {spec['method']} sweep has "
                                  f"{differ}; move it aside (or delete it) and run the study again")
+
+    def planned_settings(self, spec: ContinualSpec) -> dict[str, Any]:
+        """What the plan trains ``spec`` with, as a run's config names it (``finetune`` fields and the LR)."""
+        fixed = self.plan.fixed(spec.method)
+        return {"lr": spec.lr(fixed), **{k: v for k, v in spec.spec_args(fixed).items() if k != "method"}}
 
     def pending(self) -> list[ContinualSpec]:
         recs = self.records()  # checks every record
@@ -345,8 +350,8 @@ class ContinualRunner:
             if started_from is None or Path(started_from).resolve() != Path(base.path).resolve():
                 raise ValueError(f"{out} holds a finetune of the base {started_from}, not of {base.path}; "
                                  f"delete that directory to train {spec.run_id} from {base.run_id}")
-            planned = {"lr": spec.lr(fixed), **{k: v for k, v in spec.spec_args(fixed).items() if k != "method"}}
-            had = {"lr": run.train.lr, **{k: run.finetune.get(k) for k in planned if k != "lr"}}
+            planned = self.planned_settings(spec)
+            had = {k: v for k, v in (run.finetune | {"lr": run.train.lr}).items() if k in planned}
             if had != planned:
                 raise ValueError(f"{out} holds a finetune with {had}, the plan now has {planned}; delete that "
                                  f"directory to train {spec.run_id} again")

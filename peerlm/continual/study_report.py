@@ -80,15 +80,16 @@ def target_lines(table: list[dict[str, Any]], subject: str = "sparse") -> tuple[
         out.append(f"- **{base}**: full finetuning's best exact match is {100 * ref['learning']:.1f}% ({ref['knob']}="
                    f"{ref['value']:g}, val loss {ref['forgetting_val_pct']:+.1f}%); the bar is {100 * bar:.1f}%.")
         best: dict[str, dict[str, Any] | None] = {}
+        ratios: dict[str, float | None] = {}
         for method in sorted({r["method"] for r in runs} - {"full"}):
             mine = [r for r in runs if r["method"] == method]
             reach = [r for r in mine if r["learning"] >= bar]
             best[method] = min(reach, key=lambda r: r["forgetting_val_pct"]) if reach else None
             top = max(mine, key=lambda r: r["learning"])
+            ratios[method] = (best[method]["forgetting_val_pct"] / ref["forgetting_val_pct"]
+                              if best[method] and ref["forgetting_val_pct"] else None)
             row = {"base": base, "method": method, "reference": ref["run_id"], "bar": bar,
-                   "run": best[method]["run_id"] if best[method] else None,
-                   "forgetting_ratio": (best[method]["forgetting_val_pct"] / ref["forgetting_val_pct"]
-                                        if best[method] and ref["forgetting_val_pct"] else None),
+                   "run": best[method]["run_id"] if best[method] else None, "forgetting_ratio": ratios[method],
                    "best_learning": top["learning"], "runs": len(mine)}
             rows.append(row)
             if best[method] is None:
@@ -101,10 +102,10 @@ def target_lines(table: list[dict[str, Any]], subject: str = "sparse") -> tuple[
                            f"{r['forgetting_val_pct']:+.1f}%, {row['forgetting_ratio']:.2f}x full's forgetting")
         if subject in best:
             mine, lora = best[subject], best.get("lora")
-            if mine is None:
-                verdict = "not met: no run reaches the bar"
+            ratio = ratios[subject]
+            if mine is None or ratio is None:
+                verdict = "not met: no run reaches the bar" if mine is None else "undecided: full forgot nothing"
             else:
-                ratio = mine["forgetting_val_pct"] / ref["forgetting_val_pct"]
                 below_lora = lora is None or mine["forgetting_val_pct"] < lora["forgetting_val_pct"]
                 verdict = ("met" if ratio <= TARGET_FORGETTING and below_lora else "not met") + \
                     f" (forgetting {ratio:.2f}x full's, target at most {TARGET_FORGETTING:g}x" + \

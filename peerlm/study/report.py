@@ -439,9 +439,9 @@ def _trend_plot(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[flo
                [math.exp(x + d) - p for p, x, d in zip(ppl, means, sds)]]
         (line,) = left.plot(bs, ppl, "o", label=f"{m} (b = {fits[m].b:.3f})")
         left.errorbar(bs, ppl, yerr=err, fmt="none", color=line.get_color(), capsize=3)
-        log_a, b = fit_power_law(bs, means)
         grid = np.geomspace(bs[0] / 1.5, bs[-1] * 1.5, 50)
-        left.plot(grid, np.exp(np.exp(log_a - b * np.log(grid))), "-", color=line.get_color(), alpha=0.6)
+        left.plot(grid, np.exp(np.exp(fits[m].log_a - fits[m].b * np.log(grid))), "-", color=line.get_color(),
+                  alpha=0.6)
     left.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="compute-optimal val perplexity",
              title="measured, with the power-law fits")
     left.grid(True, which="both", alpha=0.3)
@@ -470,7 +470,9 @@ def _trend_plot(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[flo
     right.grid(True, which="both", alpha=0.3)
     right.legend(fontsize=8)
     fig.tight_layout()
-    return save_png(fig, out / "trend.png")
+    path = save_png(fig, out / "trend.png")
+    plt.close(fig)
+    return path
 
 
 def save_png(fig, path: Path) -> Path:

@@ -26,6 +26,7 @@ class Fit:
 
     method: str
     budgets: tuple[float, ...]
+    log_a: float
     b: float
     b_interval: tuple[float, float]
     target: float
@@ -72,7 +73,8 @@ def trend_fits(seeds: dict[str, dict[float, list[float]]], target: float = 2e19,
         fits = [fit_power_law(budgets, list(row)) for row in sample]
         bs = np.array([f[1] for f in fits])
         at = np.array([_predict(la, bb, target) for la, bb in fits])
-        out[method] = Fit(method, tuple(budgets), b, (float(np.percentile(bs, 2.5)), float(np.percentile(bs, 97.5))),
+        out[method] = Fit(method, tuple(budgets), log_a, b,
+                          (float(np.percentile(bs, 2.5)), float(np.percentile(bs, 97.5))),
                           target, _predict(log_a, b, target),
                           (float(np.percentile(at, 2.5)), float(np.percentile(at, 97.5))))
     return out

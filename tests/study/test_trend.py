@@ -45,6 +45,8 @@ def test_ratio_of_two_methods_at_the_target():
     assert r == pytest.approx(math.exp(law(20.0, 0.09, 2e19) - law(20.0, 0.07, 2e19)))
     assert lo == pytest.approx(r) and hi == pytest.approx(r)  # no seed noise: no width
     assert r < 1 and ratio_at(seeds, "peer", "pkm") is None
+    fit = trend_fits(seeds)["peer"]
+    assert fit.log_a == pytest.approx(math.log(20.0)) and fit.b == pytest.approx(0.09)
 
 
 def test_the_trend_plot_needs_two_budgets(tmp_path):
