@@ -21,7 +21,8 @@ Forgetting = the loss change of the finetuned model against its base, in nats an
 Sweeps (``SWEEPS``): each method's knob, to trace learning against forgetting: the LR for ``full``
 and ``memory``, t for ``sparse`` (with the lazy AdamW: see ``SWEEPS``), m for ``grow``, the rank for
 ``lora``. ``memory`` and ``sparse`` run on PEER and PKM, ``grow`` on PEER, ``full`` and ``lora`` on
-all three. Every run trains ``STEPS`` steps of ``BATCH`` windows.
+all three. Every run trains ``STEPS`` steps of ``BATCH`` windows. Once a sweep has all its records, its
+best-learning point is repeated with further seeds (``SEEDS`` in all), task by task, before the next task.
 
 Records: ``<results>/runs/<run_id>.json`` per finetune (``ContinualRunner``: claimed while it runs,
 resumed from its checkpoints in ``<work>/<run_id>``, written atomically once evaluated) and
@@ -56,7 +57,8 @@ from peerlm.study.records import RecordStore, finite_json
 from peerlm.study.runner import _git_revision, machine
 
 __all__ = ["Base", "Task", "FactsTask", "DocsTask", "TASKS", "SWEEPS", "STEPS", "BATCH", "EVAL_TOKENS",
-           "ContinualSpec", "ContinualPlan", "ContinualRunner", "isoflop_bases", "continual_study"]
+           "SEEDS", "ContinualSpec", "ContinualPlan", "ContinualRunner", "learning_score", "isoflop_bases",
+           "continual_study"]
 
 STEPS = 600
 BATCH = 16
@@ -78,6 +80,7 @@ SWEEPS: dict[str, tuple[str, tuple[Any, ...], dict[str, Any]]] = {
     "sparse": ("slots", (1000, 10000, 30000), {"lr": 3e-2, "optimizer": "adamw", "background": 100}),
     "grow": ("grow", (16, 64), {"lr": 3e-2, "key_init": "random"}),
 }
+SEEDS = 2  # seeds of the points the report leans on (ContinualPlan.repeats)
 METHOD_KINDS = {"full": ("peer", "pkm", "dense"), "lora": ("peer", "pkm", "dense"), "memory": ("peer", "pkm"),
                 "sparse": ("peer", "pkm"), "grow": ("peer",)}
 
@@ -138,6 +141,13 @@ Task = FactsTask | DocsTask
 TASKS: tuple[Task, ...] = (FactsTask(), DocsTask())
 
 
+def learning_score(rec: dict[str, Any]) -> float:
+    """How much a finetune's record says it learned, higher is better: the exact match (facts) or minus
+    the test loss (docs)."""
+    ln = rec["learning"]
+    return ln["exact_match"] if "exact_match" in ln else -ln["test_loss"]
+
+
 @dataclasses.dataclass(frozen=True)
 class ContinualSpec:
     """One finetune of the study."""
@@ -176,15 +186,36 @@ class ContinualPlan:
     steps: int = STEPS
     batch: int = BATCH
     name: str = "continual"
+    seeds: int = SEEDS
 
-    def runs(self) -> Iterator[ContinualSpec]:
-        """Task by task (the facts first), base by base, method by method."""
+    def sweep(self, task: Task) -> list[ContinualSpec]:
+        """The task's first-seed runs: base by base, method by method, knob value by knob value."""
+        return [ContinualSpec(base.kind, task.name, method, knob, v)
+                for base in self.bases for method, (knob, values, _) in self.sweeps
+                if base.kind in METHOD_KINDS[method] for v in values]
+
+    def runs(self, records: dict[str, dict[str, Any]] | None = None) -> Iterator[ContinualSpec]:
+        """Task by task (the facts first): the sweep, then the repeats that ``records`` can choose."""
         for task in self.tasks:
-            for base in self.bases:
-                for method, (knob, values, _) in self.sweeps:
-                    if base.kind in METHOD_KINDS[method]:
-                        for v in values:
-                            yield ContinualSpec(base.kind, task.name, method, knob, v)
+            yield from self.sweep(task)
+            yield from self.repeats(task, records or {})[0]
+
+    def repeats(self, task: Task, records: dict[str, dict[str, Any]]) -> tuple[list[ContinualSpec], int]:
+        """The further seeds (1 .. ``seeds`` - 1) of the points the report leans on: each (base, method)
+        sweep's best-learning knob value (the reference of the target, and each method's best). A sweep's
+        point is known once every run of it has a record; returns (the repeats known, how many are not
+        known yet)."""
+        groups: dict[tuple[str, str], list[ContinualSpec]] = {}
+        for s in self.sweep(task):
+            groups.setdefault((s.base, s.method), []).append(s)
+        out, unknown = [], 0
+        for specs in groups.values():
+            if all(s.run_id in records for s in specs):
+                best = max(specs, key=lambda s: learning_score(records[s.run_id]))  # the first of equals
+                out += [dataclasses.replace(best, seed=seed) for seed in range(1, self.seeds)]
+            else:
+                unknown += self.seeds - 1
+        return out, unknown
 
     def fixed(self, method: str) -> dict[str, Any]:
         """The settings ``method``'s sweep holds fixed."""
@@ -262,17 +293,21 @@ class ContinualRunner:
 
     def pending(self) -> list[ContinualSpec]:
         recs = self.records()  # checks every record
-        return [s for s in self.plan.runs() if s.run_id not in recs]
+        return [s for s in self.plan.runs(recs) if s.run_id not in recs]
 
     def format_plan(self) -> str:
-        pending = self.pending()
+        recs = self.records()
+        pending = [s for s in self.plan.runs(recs) if s.run_id not in recs]
+        unknown = sum(self.plan.repeats(t, recs)[1] for t in self.plan.tasks)
         head = ("base", "task", "method", "knob", "run", "steps")
         rows = [(s.base, s.task, s.method, f"{s.knob}={s.value:g}", s.run_id, str(self.plan.steps)) for s in pending]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
-        done = len(list(self.plan.runs())) - len(pending)
-        lines.append(f"{len(pending)} finetunes to go ({done} recorded), {self.plan.steps} steps of {self.plan.batch} "
-                     "windows each; bases: " + ", ".join(f"{b.kind} {b.run_id}" for b in self.plan.bases))
+        done = len(list(self.plan.runs(recs))) - len(pending)
+        lines.append(f"{len(pending)} finetunes to go ({done} recorded)"
+                     + (f" and {unknown} repeats with further seeds, chosen as their sweeps finish" if unknown else "")
+                     + f", {self.plan.steps} steps of {self.plan.batch} windows each; bases: "
+                     + ", ".join(f"{b.kind} {b.run_id}" for b in self.plan.bases))
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------------ pieces
@@ -388,14 +423,17 @@ class ContinualRunner:
     def run(self, max_runs: int | None = None, progress: bool = False) -> int:
         """Run pending finetunes in plan order (at most ``max_runs``), skipping those another process
         holds; returns how many were run."""
-        count = 0
-        for spec in self.pending():
-            if max_runs is not None and count >= max_runs:
+        count, skipped = 0, set()
+        while max_runs is None or count < max_runs:
+            # planned again after each run: a finished sweep adds its repeats
+            spec = next((s for s in self.pending() if s.run_id not in skipped), None)
+            if spec is None:
                 break
             try:
                 self.run_one(spec, progress)
             except RunClaimed as e:
                 self.log(f"continual: skipped: {e}")
+                skipped.add(spec.run_id)
                 continue
             count += 1
         pending = self.pending()

@@ -3,8 +3,9 @@ against forgetting, from the records of ``peerlm.continual.study``.
 
 Per (base, task), each method's sweep is a curve: learning (facts: exact match on held-out prompts;
 docs: test perplexity) against forgetting (the loss change on the base data's validation split, in
-%). A run is on the Pareto front of its (base, task) when no other run learns at least as much with
-no more forgetting, and better in one of the two. The plot needs the ``study`` extra (matplotlib);
+%). A point (one knob value) with several seeds shows their mean and range. A point is on the Pareto
+front of its (base, task) when no other point learns at least as much with no more forgetting, and
+better in one of the two. The plot needs the ``study`` extra (matplotlib);
 without it the table and JSON are written and a line says so.
 """
 
@@ -15,35 +16,62 @@ import math
 from pathlib import Path
 from typing import Any
 
-from peerlm.continual.study import ContinualRunner
+from peerlm.continual.study import ContinualRunner, learning_score
 from peerlm.fileio import atomic_write_text
 from peerlm.study.records import finite_json
 
-__all__ = ["rows", "pareto", "write_continual_report"]
-
-
-def _learning(rec: dict[str, Any]) -> tuple[float, str]:
-    """(score where higher is better, as printed)."""
-    ln = rec["learning"]
-    if "exact_match" in ln:
-        return ln["exact_match"], f"{100 * ln['exact_match']:.1f}%"
-    return -ln["test_loss"], f"{ln['test_ppl']:.2f} ppl"
+__all__ = ["rows", "points", "pareto", "target_lines", "write_continual_report"]
 
 
 def rows(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per record: what the table and plot show."""
+    """One row per record."""
     out = []
     for run_id, rec in sorted(records.items()):
         s = rec["spec"]
-        score, shown = _learning(rec)
         val = rec["forgetting"].get("val", {})
         held = [v["pct"] for k, v in rec["forgetting"].items() if k != "val" and v.get("pct") is not None]
         out.append({"run_id": run_id, "base": s["base"], "task": s["task"], "method": s["method"], "knob": s["knob"],
-                    "value": s["value"], "learning": score, "learning_shown": shown,
+                    "value": s["value"], "seed": s.get("seed", 0), "learning": learning_score(rec),
                     "forgetting_val_nats": val.get("nats"), "forgetting_val_pct": val.get("pct"),
                     "forgetting_heldout_pct": sum(held) / len(held) if held else None,
                     "train_seconds": rec.get("train_seconds")})
     return out
+
+
+MEASURES = ("learning", "forgetting_val_nats", "forgetting_val_pct", "forgetting_heldout_pct")
+
+
+def points(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows averaged over seeds: one point per (base, task, method, knob value), named by its runs'
+    id without the seed, with each measure's mean and, from two seeds on, its range (min, max)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in table:
+        groups.setdefault((r["base"], r["task"], r["method"], r["knob"], r["value"]), []).append(r)
+    out = []
+    for (base, task, method, knob, value), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        p: dict[str, Any] = {"run_id": rs[0]["run_id"].rsplit("_s", 1)[0], "base": base, "task": task,
+                             "method": method, "knob": knob, "value": value, "seeds": [r["seed"] for r in rs],
+                             "runs": [r["run_id"] for r in rs]}
+        for k in MEASURES:
+            vals = [r[k] for r in rs if r[k] is not None]
+            p[k] = sum(vals) / len(vals) if vals else None
+            p[f"{k}_range"] = [min(vals), max(vals)] if len(vals) > 1 else None
+        out.append(p)
+    return out
+
+
+def _shown(task: str, score: float) -> str:
+    return f"{100 * score:.1f}%" if task == "facts" else f"{math.exp(-score):.2f} ppl"
+
+
+def learning_shown(p: dict[str, Any]) -> str:
+    """A point's learning as the table prints it: exact match or test perplexity, with its seeds' range."""
+    rng = p.get("learning_range")
+    if not rng:
+        return _shown(p["task"], p["learning"])
+    lo, hi = rng if p["task"] == "facts" else rng[::-1]  # docs: the lower perplexity first
+    return f"{_shown(p['task'], p['learning'])} ({_shown(p['task'], lo)} to {_shown(p['task'], hi)})"
 
 
 def pareto(points: list[dict[str, Any]]) -> set[str]:
@@ -114,10 +142,18 @@ def target_lines(table: list[dict[str, Any]], subject: str = "sparse") -> tuple[
     return out, rows
 
 
+def _spread(pts: list[dict[str, Any]], key: str) -> list[list[float]]:
+    """Error-bar lengths (below, above) of each point's ``key`` from its seeds' range (0 for one seed)."""
+    lo = [r[key] - r[f"{key}_range"][0] if r[f"{key}_range"] else 0.0 for r in pts]
+    hi = [r[f"{key}_range"][1] - r[key] if r[f"{key}_range"] else 0.0 for r in pts]
+    return [lo, hi]
+
+
 def write_continual_report(study: ContinualRunner) -> list[Path]:
     """Write summary.json, table.md and (with matplotlib) pareto.png into the study's results."""
     recs = study.records()
-    table = rows(recs)
+    runs = rows(recs)
+    table = points(runs)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in table:
         groups.setdefault((r["base"], r["task"]), []).append(r)
@@ -129,28 +165,34 @@ def write_continual_report(study: ContinualRunner) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "summary.json", out / "table.md"]
     target, target_rows = target_lines(table)
-    atomic_write_text(paths[0], json.dumps(finite_json({"rows": table, "bases": sorted({r["base"] for r in table}),
+    atomic_write_text(paths[0], json.dumps(finite_json({"runs": runs, "points": table,
+                                                        "bases": sorted({r["base"] for r in table}),
                                                         "target": target_rows}), indent=1) + "\n")
+    repeated = sum(len(p["seeds"]) > 1 for p in table)
     lines = ["# Continual learning: learning against forgetting", "",
-             f"{len(table)} finetune records (`peerlm study continual`). Learning: exact match on the facts' "
-             "held-out prompts (completion and question), or the docs task's test perplexity. Forgetting: the "
-             "change of the loss on the base data's validation split (nats and %) and the mean % over the held-out "
-             "sets, against the base itself. Pareto: no run of the same base and task learns at least as much "
-             "with no more val forgetting, and better in one.", ""]
+             f"{len(runs)} finetune records (`peerlm study continual`) at {len(table)} points; {repeated} points "
+             "have more than one seed: the mean is shown, and the seeds' range in brackets. Learning: exact match "
+             "on the facts' held-out prompts (completion and question), or the docs task's test perplexity. "
+             "Forgetting: the change of the loss on the base data's validation split (nats and %) and the mean % "
+             "over the held-out sets, against the base itself. Pareto: no point of the same base and task learns "
+             "at least as much with no more val forgetting, and better in one.", ""]
     if target:
         lines += [f"Target (facts): at {TARGET_SHARE:.0%} or more of full finetuning's best exact match, sparse "
                   f"forgets at most {TARGET_FORGETTING:g}x what that full finetune forgets on val, and less than "
                   "LoRA at the same bar.", "", *target, ""]
-    lines += ["| base | task | method | knob | learning | forgetting val (nats) | val % | held-out % | Pareto |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in table:
-        def num(x: Any, fmt: str) -> str:
-            return "" if x is None else format(x, fmt)
+    lines += ["| base | task | method | knob | seeds | learning | forgetting val (nats) | val % | held-out % "
+              "| Pareto |", "|---|---|---|---|---|---|---|---|---|---|"]
 
-        lines.append(f"| {r['base']} | {r['task']} | {r['method']} | {r['knob']}={r['value']:g} | "
-                     f"{r['learning_shown']} | {num(r['forgetting_val_nats'], '+.4f')} | "
-                     f"{num(r['forgetting_val_pct'], '+.2f')} | {num(r['forgetting_heldout_pct'], '+.2f')} | "
-                     f"{'yes' if r.get('pareto') else ''} |")
+    def num(x: Any, fmt: str, rng: list[float] | None = None) -> str:
+        if x is None:
+            return ""
+        return format(x, fmt) + (f" ({format(rng[0], fmt)} to {format(rng[1], fmt)})" if rng else "")
+
+    for r in sorted(table, key=lambda r: (r["task"] != "facts", r["base"], r["method"], r["knob"], r["value"])):
+        lines.append(f"| {r['base']} | {r['task']} | {r['method']} | {r['knob']}={r['value']:g} | {len(r['seeds'])} | "
+                     f"{learning_shown(r)} | {num(r['forgetting_val_nats'], '+.4f')} | "
+                     f"{num(r['forgetting_val_pct'], '+.2f', r['forgetting_val_pct_range'])} | "
+                     f"{num(r['forgetting_heldout_pct'], '+.2f')} | {'yes' if r.get('pareto') else ''} |")
     atomic_write_text(paths[1], "\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -166,7 +208,9 @@ def write_continual_report(study: ContinualRunner) -> list[Path]:
             for method in sorted({r["method"] for r in g}):
                 pts = sorted((r for r in g if r["method"] == method and r["forgetting_val_pct"] is not None),
                              key=lambda r: r["value"])
-                ax.plot([r["forgetting_val_pct"] for r in pts], [r["learning"] for r in pts], marker="o", label=method)
+                x, y = [r["forgetting_val_pct"] for r in pts], [r["learning"] for r in pts]
+                ax.errorbar(x, y, xerr=_spread(pts, "forgetting_val_pct"), yerr=_spread(pts, "learning"), marker="o",
+                            capsize=2, label=method)  # bars: the seeds' range
             ax.set_title(f"{base}, {task}")
             ax.set_xlabel("forgetting: val loss change (%)")
             ax.set_ylabel("exact match" if task == "facts" else "- test loss (nats)")

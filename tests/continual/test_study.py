@@ -55,10 +55,15 @@ def test_a_tiny_study_runs_records_and_reports(bases, tmp_path):
                 ("lora", ("lora_rank", (2,), {"lr": 1e-3}))),
         steps=3, batch=4)
     study = ContinualRunner(plan, tmp_path / "results", tmp_path / "work", log=lambda s: None)
-    assert len(study.pending()) == 6
-    assert study.run(max_runs=2) == 2 and len(study.pending()) == 4
-    assert study.run() == 4 and study.pending() == [] and study.run() == 0
+    assert len(study.pending()) == 6 and plan.seeds == 2
+    assert study.run(max_runs=3) == 3
+    # the facts sweeps are done: their repeats (seed 1 of each sweep's one point) come before the docs
+    assert [s.run_id for s in study.pending()] == ["peer_facts_sparse_t10_s1", "peer_facts_lora_r2_s1",
+                                                   "dense_facts_lora_r2_s1", "peer_docs_sparse_t10_s0",
+                                                   "peer_docs_lora_r2_s0", "dense_docs_lora_r2_s0"]
+    assert study.run() == 9 and study.pending() == [] and study.run() == 0
     recs = study.records()
+    assert len(recs) == 12 and recs["peer_facts_sparse_t10_s1"]["spec"]["seed"] == 1
     rec = recs["peer_facts_sparse_t10_s0"]
     base = json.loads((tmp_path / "results" / "bases" / "tiny-peer.json").read_text())
     v = rec["forgetting"]["val"]
@@ -68,9 +73,11 @@ def test_a_tiny_study_runs_records_and_reports(bases, tmp_path):
     paths = write_continual_report(study)
     table = (tmp_path / "results" / "table.md").read_text().splitlines()
     rows = [line for line in table if line.startswith(("| peer |", "| dense |"))]
-    assert len(rows) == 6 and table[0].startswith("# Continual learning")
+    assert len(rows) == 6 and table[0].startswith("# Continual learning")  # one row per point
+    assert all(line.split(" | ")[4] == "2" for line in rows)  # of two seeds each
     assert {p.name for p in paths} >= {"summary.json", "table.md"}
-    assert len(json.loads((tmp_path / "results" / "summary.json").read_text())["rows"]) == 6
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert len(summary["runs"]) == 12 and len(summary["points"]) == 6
     # a finetune directory left by another base (the bases changed) is refused, not resumed
     other = ContinualPlan(bases=(Base("peer", "tiny-peer", bases["dense"]),), tasks=plan.tasks, sweeps=plan.sweeps,
                           steps=3, batch=4)
@@ -99,6 +106,42 @@ def test_a_tiny_study_runs_records_and_reports(bases, tmp_path):
                          sweeps=(plan.sweeps[0], ("lora", ("lora_rank", (2,), {"lr": 3e-3}))))
     with pytest.raises(ValueError, match=r"trained with \{'lr': 0.001\}.*lora sweep has \{'lr': 0.003\}"):
         ContinualRunner(relr, tmp_path / "results", tmp_path / "work", log=lambda s: None).pending()
+
+
+def test_a_repeat_is_the_best_learning_point_of_a_finished_sweep(tmp_path):
+    plan = ContinualPlan(bases=(Base("peer", "p", tmp_path),), tasks=(FactsTask(),),
+                         sweeps=(("sparse", ("slots", (10, 20, 30), {})), ("full", ("lr", (1e-3,), {}))), seeds=3)
+    recs = {f"peer_facts_sparse_t{t}_s0": {"learning": {"exact_match": em}} for t, em in ((10, 0.1), (20, 0.3))}
+    assert plan.repeats(plan.tasks[0], recs) == ([], 4)  # sparse t=30 and full are not recorded yet
+    recs |= {"peer_facts_sparse_t30_s0": {"learning": {"exact_match": 0.2}},
+             "peer_facts_full_lr0.001_s0": {"learning": {"exact_match": 0.0}}}
+    repeats, unknown = plan.repeats(plan.tasks[0], recs)
+    assert unknown == 0 and [s.run_id for s in repeats] == ["peer_facts_sparse_t20_s1", "peer_facts_sparse_t20_s2",
+                                                            "peer_facts_full_lr0.001_s1", "peer_facts_full_lr0.001_s2"]
+    docs = ContinualPlan(bases=plan.bases, tasks=(DocsTask(),), sweeps=(("full", ("lr", (1e-3, 3e-3), {})),))
+    recs = {"peer_docs_full_lr0.001_s0": {"learning": {"test_loss": 3.0}},
+            "peer_docs_full_lr0.003_s0": {"learning": {"test_loss": 2.5}}}
+    assert [s.run_id for s in docs.repeats(docs.tasks[0], recs)[0]] == ["peer_docs_full_lr0.003_s1"]  # lower loss
+
+
+def test_points_average_the_seeds():
+    from peerlm.continual.study_report import learning_shown, points
+
+    def row(seed, learning, forgetting, task="facts"):
+        return {"run_id": f"peer_{task}_full_lr0.001_s{seed}", "base": "peer", "task": task, "method": "full",
+                "knob": "lr", "value": 1e-3, "seed": seed, "learning": learning, "forgetting_val_nats": 1.0,
+                "forgetting_val_pct": forgetting, "forgetting_heldout_pct": None}
+
+    [p] = points([row(1, 0.5, 30.0), row(0, 0.1, 10.0)])
+    assert p["run_id"] == "peer_facts_full_lr0.001" and p["seeds"] == [0, 1]
+    assert p["learning"] == pytest.approx(0.3) and p["learning_range"] == [0.1, 0.5]
+    assert p["forgetting_val_pct"] == pytest.approx(20.0) and p["forgetting_val_pct_range"] == [10.0, 30.0]
+    assert p["forgetting_heldout_pct"] is None and p["forgetting_val_nats_range"] == [1.0, 1.0]
+    assert learning_shown(p) == "30.0% (10.0% to 50.0%)"
+    [d] = points([row(0, -2.0, 1.0, "docs"), row(1, -3.0, 2.0, "docs")])  # docs: minus the test loss
+    assert learning_shown(d) == "12.18 ppl (7.39 ppl to 20.09 ppl)"
+    [one] = points([row(0, 0.25, 5.0)])
+    assert learning_shown(one) == "25.0%" and one["learning_range"] is None
 
 
 def test_the_target_compares_at_90_percent_of_full_finetunings_best():
