@@ -32,13 +32,14 @@ def rows(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         held = [v["pct"] for k, v in rec["forgetting"].items() if k != "val" and v.get("pct") is not None]
         out.append({"run_id": run_id, "base": s["base"], "task": s["task"], "method": s["method"], "knob": s["knob"],
                     "value": s["value"], "seed": s.get("seed", 0), "learning": learning_score(rec),
+                    "learning_before": learning_score({"learning": rec["learning_before"]}),
                     "forgetting_val_nats": val.get("nats"), "forgetting_val_pct": val.get("pct"),
                     "forgetting_heldout_pct": sum(held) / len(held) if held else None,
                     "train_seconds": rec.get("train_seconds")})
     return out
 
 
-MEASURES = ("learning", "forgetting_val_nats", "forgetting_val_pct", "forgetting_heldout_pct")
+MEASURES = ("learning", "learning_before", "forgetting_val_nats", "forgetting_val_pct", "forgetting_heldout_pct")
 
 
 def points(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -92,11 +93,23 @@ TARGET_SHARE = 0.9  # of full finetuning's best fact accuracy
 TARGET_FORGETTING = 0.25  # of what that full finetune forgets
 
 
+def full_at(full: list[dict[str, Any]], forgetting: float, before: float) -> float | None:
+    """Full finetuning's learning at ``forgetting`` (val %), linear along its sweep's points from the base
+    itself (no forgetting, learning ``before``); None outside that range."""
+    pts = sorted([(0.0, before)] + [(r["forgetting_val_pct"], r["learning"]) for r in full])
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= forgetting <= x1:
+            return y0 + (y1 - y0) * (forgetting - x0) / (x1 - x0) if x1 > x0 else max(y0, y1)
+    return None
+
+
 def target_lines(table: list[dict[str, Any]], subject: str = "sparse") -> tuple[list[str], list[dict[str, Any]]]:
     """The issue's target per base on the facts task, as markdown lines and rows: the reference is the
     full finetune of highest exact match; each other method's run with the least val forgetting among
     those reaching ``TARGET_SHARE`` of that accuracy is compared with it (forgetting ratio), and
-    ``subject`` meets the target where its ratio is at most ``TARGET_FORGETTING`` and below LoRA's."""
+    ``subject`` meets the target where its ratio is at most ``TARGET_FORGETTING`` and below LoRA's.
+    Each method's best-learning point is also set against full finetuning at the same forgetting
+    (``full_at``)."""
     out, rows = [], []
     for base in sorted({r["base"] for r in table if r["task"] == "facts"}):
         runs = [r for r in table if r["base"] == base and r["task"] == "facts" and r["forgetting_val_pct"] is not None]
@@ -116,9 +129,10 @@ def target_lines(table: list[dict[str, Any]], subject: str = "sparse") -> tuple[
             top = max(mine, key=lambda r: r["learning"])
             ratios[method] = (best[method]["forgetting_val_pct"] / ref["forgetting_val_pct"]
                               if best[method] and ref["forgetting_val_pct"] else None)
+            same = full_at(full, top["forgetting_val_pct"], top["learning_before"])
             row = {"base": base, "method": method, "reference": ref["run_id"], "bar": bar,
                    "run": best[method]["run_id"] if best[method] else None, "forgetting_ratio": ratios[method],
-                   "best_learning": top["learning"], "runs": len(mine)}
+                   "best_learning": top["learning"], "full_at_same_forgetting": same, "runs": len(mine)}
             rows.append(row)
             if best[method] is None:
                 out.append(f"  - {method}: no run reaches the bar ({len(mine)} run(s); best "
@@ -128,6 +142,9 @@ def target_lines(table: list[dict[str, Any]], subject: str = "sparse") -> tuple[
                 r = best[method]
                 out.append(f"  - {method}: {r['knob']}={r['value']:g} reaches {100 * r['learning']:.1f}% with val loss "
                            f"{r['forgetting_val_pct']:+.1f}%, {row['forgetting_ratio']:.2f}x full's forgetting")
+            if same is not None:
+                out.append(f"    full finetuning at its best's forgetting ({top['forgetting_val_pct']:+.1f}%) learns "
+                           f"{100 * same:.1f}% (along its sweep from the base)")
         if subject in best:
             mine, lora = best[subject], best.get("lora")
             ratio = ratios[subject]

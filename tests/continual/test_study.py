@@ -129,7 +129,8 @@ def test_points_average_the_seeds():
 
     def row(seed, learning, forgetting, task="facts"):
         return {"run_id": f"peer_{task}_full_lr0.001_s{seed}", "base": "peer", "task": task, "method": "full",
-                "knob": "lr", "value": 1e-3, "seed": seed, "learning": learning, "forgetting_val_nats": 1.0,
+                "knob": "lr", "value": 1e-3, "seed": seed, "learning": learning, "learning_before": 0.0,
+                "forgetting_val_nats": 1.0,
                 "forgetting_val_pct": forgetting, "forgetting_heldout_pct": None}
 
     [p] = points([row(1, 0.5, 30.0), row(0, 0.1, 10.0)])
@@ -149,7 +150,8 @@ def test_the_target_compares_at_90_percent_of_full_finetunings_best():
 
     def row(method, value, learning, forgetting):
         return {"run_id": f"peer_facts_{method}_{value}", "base": "peer", "task": "facts", "method": method,
-                "knob": "lr", "value": value, "learning": learning, "forgetting_val_pct": forgetting}
+                "knob": "lr", "value": value, "learning": learning, "learning_before": 0.0,
+                "forgetting_val_pct": forgetting}
 
     table = [row("full", 1, 0.2, 100.0), row("full", 3, 0.5, 200.0),
              row("sparse", 1, 0.44, 10.0), row("sparse", 2, 0.46, 40.0), row("sparse", 3, 0.6, 70.0),
@@ -158,6 +160,11 @@ def test_the_target_compares_at_90_percent_of_full_finetunings_best():
     by = {r["method"]: r for r in rows}
     assert by["sparse"]["run"] == "peer_facts_sparse_2" and by["sparse"]["forgetting_ratio"] == pytest.approx(0.2)
     assert by["memory"]["run"] is None and by["lora"]["forgetting_ratio"] == pytest.approx(0.4)
+    # against full finetuning at the same forgetting: from the base (0, 0) to (100, 0.2) to (200, 0.5)
+    assert by["memory"]["full_at_same_forgetting"] == pytest.approx(0.01)  # 5% of the way to lr=1
+    assert by["lora"]["full_at_same_forgetting"] == pytest.approx(0.16)
+    assert by["sparse"]["full_at_same_forgetting"] == pytest.approx(0.14)  # its best learner forgets 70%
+    assert "forgetting (+5.0%) learns 1.0%" in "\n".join(lines)
     assert lines[-1].startswith("  - target for sparse: met (forgetting 0.20x")
     table[3]["forgetting_val_pct"] = 90.0  # now more than LoRA at the bar
     assert "not met" in target_lines(table)[0][-1]
