@@ -27,7 +27,7 @@ best-learning point is repeated with further seeds (``SEEDS`` in all), task by t
 Records: ``<results>/runs/<run_id>.json`` per finetune (``ContinualRunner``: claimed while it runs,
 resumed from its checkpoints in ``<work>/<run_id>``, written atomically once evaluated) and
 ``<results>/bases/<base run id>.json`` with each base's own evaluation (the "before"). A plan is a
-pure function of its settings, so two machines agree on the next run. Reports: ``study_report``.
+pure function of its settings and the records, so two machines agree on the next run. Reports: ``study_report``.
 """
 
 from __future__ import annotations
