@@ -159,6 +159,9 @@ def target_lines(table: list[dict[str, Any]], subject: str = "sparse") -> tuple[
     return out, rows
 
 
+COLORS = {"full": "C0", "lora": "C1", "memory": "C2", "sparse": "C3", "grow": "C4"}  # one per method, every panel
+
+
 def _spread(pts: list[dict[str, Any]], key: str) -> list[list[float]]:
     """Error-bar lengths (below, above) of each point's ``key`` from its seeds' range (0 for one seed)."""
     lo = [r[key] - r[f"{key}_range"][0] if r[f"{key}_range"] else 0.0 for r in pts]
@@ -227,7 +230,7 @@ def write_continual_report(study: ContinualRunner) -> list[Path]:
                              key=lambda r: r["value"])
                 x, y = [r["forgetting_val_pct"] for r in pts], [r["learning"] for r in pts]
                 ax.errorbar(x, y, xerr=_spread(pts, "forgetting_val_pct"), yerr=_spread(pts, "learning"), marker="o",
-                            capsize=2, label=method)  # bars: the seeds' range
+                            capsize=2, label=method, color=COLORS.get(method))  # bars: the seeds' range
             ax.set_title(f"{base}, {task}")
             ax.set_xlabel("forgetting: val loss change (%)")
             ax.set_ylabel("exact match" if task == "facts" else "- test loss (nats)")
