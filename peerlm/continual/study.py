@@ -73,11 +73,16 @@ EVAL_TOKENS = 65536
 # sub-keys (the step-0-exact start) learned nothing at m = 16 (0.0%, val loss +0.0%): on this base every
 # position has k old sub-keys scoring above 0 in both halves, so no new expert is ever retrieved and none
 # gets a gradient; the sweep draws the new sub-keys at random instead.
+# The tables' LRs differ by base: the isoFLOP optima trained PEER's at 3x the trunk's (2.1e-2) and PKM's
+# at 10x (7.2e-2). So sparse runs at about 1.4x each base's own table LR (PEER 3e-2, PKM 1e-1: at PEER's
+# 3e-2, PKM learned 0.0 / 0.0 / 5.7% at t = 1000 / 10000 / 30000), and memory's LR sweep reaches 3e-1, about
+# 4x PKM's table LR as 1e-1 is for PEER's (PKM's best was at 1e-1, the sweep's edge).
 SWEEPS: dict[str, tuple[str, tuple[Any, ...], dict[str, Any]]] = {
     "full": ("lr", (3e-4, 1e-3, 3e-3), {}),
     "lora": ("lora_rank", (4, 16, 64), {"lr": 1e-2, "lora_alpha": 32.0}),
-    "memory": ("lr", (1e-2, 3e-2, 1e-1), {}),
-    "sparse": ("slots", (1000, 10000, 30000), {"lr": 3e-2, "optimizer": "adamw", "background": 100}),
+    "memory": ("lr", (1e-2, 3e-2, 1e-1, 3e-1), {}),
+    "sparse": ("slots", (1000, 10000, 30000), {"lr": {"peer": 3e-2, "pkm": 1e-1}, "optimizer": "adamw",
+                                               "background": 100}),
     "grow": ("grow", (16, 64), {"lr": 3e-2, "key_init": "random"}),
 }
 SEEDS = 2  # seeds of the points the report leans on (ContinualPlan.repeats)
@@ -173,7 +178,12 @@ class ContinualSpec:
         return out
 
     def lr(self, fixed: dict[str, Any]) -> float:
-        return self.value if self.knob == "lr" else fixed["lr"]
+        """The knob's value where the knob is the LR, else the sweep's fixed LR (its base's, where it
+        names one per base kind)."""
+        if self.knob == "lr":
+            return self.value
+        lr = fixed["lr"]
+        return lr[self.base] if isinstance(lr, dict) else lr
 
 
 @dataclasses.dataclass(frozen=True)
