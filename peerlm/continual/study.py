@@ -188,7 +188,8 @@ class ContinualSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ContinualPlan:
-    """The runs: every (base, task, method, knob value) the sweeps name, in that order."""
+    """The runs: every (base, task, method, knob value) the sweeps name, in that order, task by task,
+    each task's sweeps followed by the further seeds of their best points (``repeats``)."""
 
     bases: tuple[Base, ...]
     tasks: tuple[Task, ...] = TASKS

@@ -76,14 +76,16 @@ def learning_shown(p: dict[str, Any]) -> str:
 
 
 def pareto(points: list[dict[str, Any]]) -> set[str]:
-    """Run ids on the front (more learning, less val forgetting) of ``points`` (one base and task)."""
+    """The ids of the points on the front (more learning, less val forgetting) of ``points`` (one base
+    and task); a point without a val forgetting counts as forgetting everything."""
+    def forgot(p: dict[str, Any]) -> float:
+        return p["forgetting_val_pct"] if p["forgetting_val_pct"] is not None else math.inf
+
     front = set()
     for p in points:
-        f = p["forgetting_val_pct"] if p["forgetting_val_pct"] is not None else math.inf
-        dominated = any(
-            (q["learning"] >= p["learning"] and (q["forgetting_val_pct"] or math.inf) <= f)
-            and (q["learning"] > p["learning"] or (q["forgetting_val_pct"] or math.inf) < f)
-            for q in points if q is not p)
+        f = forgot(p)
+        dominated = any(q["learning"] >= p["learning"] and forgot(q) <= f
+                        and (q["learning"] > p["learning"] or forgot(q) < f) for q in points if q is not p)
         if not dominated:
             front.add(p["run_id"])
     return front
@@ -104,10 +106,11 @@ def full_at(full: list[dict[str, Any]], forgetting: float, before: float) -> flo
 
 
 def target_lines(table: list[dict[str, Any]], subject: str = "sparse") -> tuple[list[str], list[dict[str, Any]]]:
-    """The issue's target per base on the facts task, as markdown lines and rows: the reference is the
-    full finetune of highest exact match; each other method's run with the least val forgetting among
-    those reaching ``TARGET_SHARE`` of that accuracy is compared with it (forgetting ratio), and
-    ``subject`` meets the target where its ratio is at most ``TARGET_FORGETTING`` and below LoRA's.
+    """The issue's target per base on the facts task, as markdown lines and rows, over points (means of
+    their seeds): the reference is the full finetuning point of highest exact match; each other
+    method's point with the least val forgetting among those reaching ``TARGET_SHARE`` of that accuracy
+    is compared with it (forgetting ratio), and ``subject`` meets the target where its ratio is at most
+    ``TARGET_FORGETTING`` and below LoRA's.
     Each method's best-learning point is also set against full finetuning at the same forgetting
     (``full_at``)."""
     out, rows = [], []
@@ -135,7 +138,7 @@ def target_lines(table: list[dict[str, Any]], subject: str = "sparse") -> tuple[
                    "best_learning": top["learning"], "full_at_same_forgetting": same, "runs": len(mine)}
             rows.append(row)
             if best[method] is None:
-                out.append(f"  - {method}: no run reaches the bar ({len(mine)} run(s); best "
+                out.append(f"  - {method}: no run reaches the bar ({len(mine)} point(s); best "
                            f"{100 * top['learning']:.1f}% at {top['knob']}={top['value']:g}, val loss "
                            f"{top['forgetting_val_pct']:+.1f}%)")
             else:
@@ -192,7 +195,8 @@ def write_continual_report(study: ContinualRunner) -> list[Path]:
     lines = ["# Continual learning: learning against forgetting", "",
              f"{len(runs)} finetune records (`peerlm study continual`) at {len(table)} points; {repeated} points "
              "have more than one seed: the mean is shown, and the seeds' range in brackets. Learning: exact match "
-             "on the facts' held-out prompts (completion and question), or the docs task's test perplexity. "
+             "on the facts' held-out prompts (completion and question), or the docs task's test perplexity (over "
+             "seeds: the exponential of the mean test loss). "
              "Forgetting: the change of the loss on the base data's validation split (nats and %) and the mean % "
              "over the held-out sets, against the base itself. Pareto: no point of the same base and task learns "
              "at least as much with no more val forgetting, and better in one.", ""]

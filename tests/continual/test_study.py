@@ -47,6 +47,8 @@ def test_pareto_front():
            {"run_id": "b", "learning": 0.4, "forgetting_val_pct": 2.0},  # worse on both
            {"run_id": "c", "learning": 0.9, "forgetting_val_pct": 5.0}]
     assert pareto(pts) == {"a", "c"}
+    pts.append({"run_id": "d", "learning": 0.5, "forgetting_val_pct": 0.0})  # no forgetting dominates a
+    assert pareto(pts) == {"c", "d"}
 
 
 def test_a_tiny_study_runs_records_and_reports(bases, tmp_path):
