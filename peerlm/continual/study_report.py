@@ -138,7 +138,7 @@ def target_lines(table: list[dict[str, Any]], subject: str = "sparse") -> tuple[
                    "best_learning": top["learning"], "full_at_same_forgetting": same, "runs": len(mine)}
             rows.append(row)
             if best[method] is None:
-                out.append(f"  - {method}: no run reaches the bar ({len(mine)} point(s); best "
+                out.append(f"  - {method}: no point reaches the bar ({len(mine)} point(s); best "
                            f"{100 * top['learning']:.1f}% at {top['knob']}={top['value']:g}, val loss "
                            f"{top['forgetting_val_pct']:+.1f}%)")
             else:
@@ -152,7 +152,7 @@ def target_lines(table: list[dict[str, Any]], subject: str = "sparse") -> tuple[
             mine, lora = best[subject], best.get("lora")
             ratio = ratios[subject]
             if mine is None or ratio is None:
-                verdict = "not met: no run reaches the bar" if mine is None else "undecided: full forgot nothing"
+                verdict = "not met: no point reaches the bar" if mine is None else "undecided: full forgot nothing"
             else:
                 below_lora = lora is None or mine["forgetting_val_pct"] < lora["forgetting_val_pct"]
                 verdict = ("met" if ratio <= TARGET_FORGETTING and below_lora else "not met") + \
