@@ -76,9 +76,11 @@ EVAL_TOKENS = 65536
 # The tables' LRs differ by base: the isoFLOP optima trained PEER's at 3x the trunk's (2.1e-2) and PKM's
 # at 10x (7.2e-2). So sparse runs at about 1.4x each base's own table LR (PEER 3e-2, PKM 1e-1: at PEER's
 # 3e-2, PKM learned 0.0 / 0.0 / 5.7% at t = 1000 / 10000 / 30000), and memory's LR sweep reaches 3e-1, about
-# 4x PKM's table LR as 1e-1 is for PEER's (PKM's best was at 1e-1, the sweep's edge).
+# 4x PKM's table LR as 1e-1 is for PEER's (PKM's best was at 1e-1, the sweep's edge). Likewise full
+# finetuning's LR sweep reaches 1e-2, past the bases' own peak LR (7.2e-3): its best was at 3e-3, the
+# edge of a first sweep, on every base for the facts and on PEER for the documents.
 SWEEPS: dict[str, tuple[str, tuple[Any, ...], dict[str, Any]]] = {
-    "full": ("lr", (3e-4, 1e-3, 3e-3), {}),
+    "full": ("lr", (3e-4, 1e-3, 3e-3, 1e-2), {}),
     "lora": ("lora_rank", (4, 16, 64), {"lr": 1e-2, "lora_alpha": 32.0}),
     "memory": ("lr", (1e-2, 3e-2, 1e-1, 3e-1), {}),
     "sparse": ("slots", (1000, 10000, 30000), {"lr": {"peer": 3e-2, "pkm": 1e-1}, "optimizer": "adamw",

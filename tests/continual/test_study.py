@@ -25,7 +25,7 @@ def test_bases_are_the_isoflop_optima_at_the_larger_budget(tmp_path):
                                                    ("dense", "8e12_dense_L3d80_lr2_s0")]
     assert all(b.path == tmp_path / "iso-work" / b.run_id and b.make is not None for b in bases)
     runs = list(ContinualPlan(bases).runs())
-    assert len(runs) == len({r.run_id for r in runs}) == 2 * (15 + 13 + 6)
+    assert len(runs) == len({r.run_id for r in runs}) == 2 * (16 + 14 + 7)
     # sparse trains at about each base's own table LR
     fixed = ContinualPlan(bases).fixed("sparse")
     assert {r.base: r.lr(fixed) for r in runs if r.method == "sparse"} == {"peer": 3e-2, "pkm": 1e-1}
@@ -37,7 +37,7 @@ def test_the_plan_command_lists_the_finetunes(tmp_path, capsys):
     assert main(["study", "continual", "--plan", "--results", str(tmp_path / "r"), "--isoflop-work",
                  str(tmp_path / "w"), "--work", str(tmp_path / "cw")]) == 0
     out = capsys.readouterr().out
-    assert "68 finetunes to go (0 recorded)" in out and "peer_facts_sparse_t1000_s0" in out
+    assert "74 finetunes to go (0 recorded)" in out and "peer_facts_sparse_t1000_s0" in out
     assert out.index("peer_facts_") < out.index("dense_facts_") < out.index("peer_docs_")  # the facts first
     assert not (tmp_path / "r").exists()  # a plan writes nothing
 
