@@ -304,19 +304,19 @@ class ContinualRunner:
         fixed = self.plan.fixed(spec.method)
         return {"lr": spec.lr(fixed), **{k: v for k, v in spec.spec_args(fixed).items() if k != "method"}}
 
-    def pending(self) -> list[ContinualSpec]:
-        recs = self.records()  # checks every record
+    def pending(self, recs: dict[str, dict[str, Any]] | None = None) -> list[ContinualSpec]:
+        recs = self.records() if recs is None else recs  # records() checks every record
         return [s for s in self.plan.runs(recs) if s.run_id not in recs]
 
     def format_plan(self) -> str:
         recs = self.records()
-        pending = [s for s in self.plan.runs(recs) if s.run_id not in recs]
+        pending = self.pending(recs)
         unknown = sum(self.plan.repeats(t, recs)[1] for t in self.plan.tasks)
         head = ("base", "task", "method", "knob", "run", "steps")
         rows = [(s.base, s.task, s.method, f"{s.knob}={s.value:g}", s.run_id, str(self.plan.steps)) for s in pending]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
-        done = len(list(self.plan.runs(recs))) - len(pending)
+        done = sum(s.run_id in recs for s in self.plan.runs(recs))
         lines.append(f"{len(pending)} finetunes to go ({done} recorded)"
                      + (f" and {unknown} repeats with further seeds, chosen as their sweeps finish" if unknown else "")
                      + f", {self.plan.steps} steps of {self.plan.batch} windows each; bases: "
