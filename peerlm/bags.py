@@ -17,6 +17,8 @@ TK = T * K flattened (bag-major).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -64,12 +66,25 @@ def bag_table_grad(rows_TD: Tensor, ids_TK: Tensor, offset2bag_TK: Tensor, bag_s
 
 
 def table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK: Tensor, bag_size_T: Tensor,
-                parts: list[tuple[Tensor, Tensor] | None]) -> list[Tensor | None]:
+                parts: list[tuple[Tensor, Tensor] | None],
+                grad_rows: Callable[[Tensor, Tensor], Tensor] | None = None) -> list[Tensor | None]:
     """For each (rows_TD, weights_TK) of ``parts`` (None: no gradient wanted), the (num_rows, D) table
     gradient ``bag_table_grad`` sums; dense, or with ``sparse_grad`` coalesced COO over the distinct ids,
-    holding O(U D) instead of O(N D)."""
+    holding O(U D) instead of O(N D).
+
+    ``grad_rows`` (sparse only) restricts the gradient to some rows before any is summed: it gets the
+    distinct ids (ascending) and how often each was retrieved, and returns the ids to keep (an ascending
+    subset); the rest get no row at all. Sparse memory finetuning chooses its rows this way, so the
+    batch's full U-row gradient is never held (``peerlm.continual.memory.SparseRows``)."""
     T, K = ids_TK.shape
-    if sparse_grad:
+    if sparse_grad and grad_rows is not None:
+        uniq_U, inv, counts_U = torch.unique(ids_TK.reshape(-1), return_inverse=True, return_counts=True)
+        keep_R = grad_rows(uniq_U, counts_U)
+        kept_U = torch.isin(uniq_U, keep_R)
+        # kept ids to 0..R-1 in order, the others to one spare row R that is summed and dropped
+        slot_U = torch.where(kept_U, kept_U.cumsum(0) - 1, int(kept_U.sum()))
+        uniq_U, rows, target_TK = uniq_U[kept_U], int(kept_U.sum()) + 1, slot_U[inv].view(T, K)
+    elif sparse_grad:
         uniq_U, inv = torch.unique(ids_TK.reshape(-1), return_inverse=True)
         rows, target_TK = uniq_U.numel(), inv.view(T, K)
     else:
@@ -82,7 +97,7 @@ def table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK:
         rows_TD, weights_TK = part
         g = bag_table_grad(rows_TD, target_TK, offset2bag_TK, bag_size_T, rows, weights_TK)
         if sparse_grad:
-            g = torch.sparse_coo_tensor(uniq_U.unsqueeze(0), g, (num_rows, g.shape[1]), is_coalesced=True,
-                                        check_invariants=False)
+            g = torch.sparse_coo_tensor(uniq_U.unsqueeze(0), g[:uniq_U.numel()], (num_rows, g.shape[1]),
+                                        is_coalesced=True, check_invariants=False)
         grads.append(g)
     return grads

@@ -29,6 +29,8 @@ U distinct experts retrieved in the batch, TK = T * K flattened (bag-major).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -75,7 +77,7 @@ class PEERExperts(torch.autograd.Function):
     """y_TD = sum_K g_TK * act(w_down[ids_TK] . x_TD) * w_up[ids_TK]; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x_TD, ids_TK, g_TK, w_down, w_up, activation: str, sparse_grad: bool):
+    def forward(ctx, x_TD, ids_TK, g_TK, w_down, w_up, activation: str, sparse_grad: bool, grad_rows=None):
         T, K = ids_TK.shape
         N, D = w_down.shape
         assert x_TD.shape == (T, D) and g_TK.shape == (T, K) and w_up.shape == (N, D)
@@ -89,6 +91,7 @@ class PEERExperts(torch.autograd.Function):
         y_TD = F.embedding_bag(ids_TK, w_up, per_sample_weights=h_TK, mode="sum")
         ctx.save_for_backward(xw_TD, ids_TK, gw_TK, z_TK, w_down, w_up)
         ctx.activation, ctx.sparse_grad, ctx.x_dtype = activation, sparse_grad, x_TD.dtype
+        ctx.grad_rows = grad_rows
         return y_TD.to(x_TD.dtype)
 
     @staticmethod
@@ -110,11 +113,13 @@ class PEERExperts(torch.autograd.Function):
             dx_TD = F.embedding_bag(ids_TK, w_down, per_sample_weights=dz_TK, mode="sum").to(ctx.x_dtype)
         d_down, d_up = table_grads(ids_TK, N, ctx.sparse_grad, offset2bag_TK, bag_size_T,
                                    [(x_TD, dz_TK) if need_down else None,
-                                    (dy_TD, g_TK * a_TK) if need_up else None])
-        return dx_TD, None, dg_TK, d_down, d_up, None, None
+                                    (dy_TD, g_TK * a_TK) if need_up else None], ctx.grad_rows)
+        return dx_TD, None, dg_TK, d_down, d_up, None, None, None
 
 
 def peer_experts(x_TD: Tensor, ids_TK: Tensor, g_TK: Tensor, w_down: Tensor, w_up: Tensor,
-                 activation: str = "gelu", sparse_grad: bool = False) -> Tensor:
-    """Fused expert mixture; (T, D) inputs, (T, K) ids, (T, K) gates, (N, D) tables -> (T, D)."""
-    return PEERExperts.apply(x_TD, ids_TK, g_TK, w_down, w_up, activation, sparse_grad)
+                 activation: str = "gelu", sparse_grad: bool = False,
+                 grad_rows: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+    """Fused expert mixture; (T, D) inputs, (T, K) ids, (T, K) gates, (N, D) tables -> (T, D).
+    ``grad_rows``: with ``sparse_grad``, which retrieved rows get a table gradient (``bags.table_grads``)."""
+    return PEERExperts.apply(x_TD, ids_TK, g_TK, w_down, w_up, activation, sparse_grad, grad_rows)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,9 @@ class PEER(UsageTracking, nn.Module):
         self._init_usage(track_usage)
         self.shard: ColumnShard | None = None  # this rank's columns of the tables (peerlm.parallel.shard_peer)
         self.grad_reduction = "mean"  # of a sharded table's gradient over the ranks (peerlm.parallel.experts)
+        # with sparse_grad on the fused path: (distinct ids, counts) -> the rows that get a table gradient
+        # (peerlm.bags.table_grads; set by sparse memory finetuning, peerlm.continual.memory.SparseRows)
+        self.grad_rows: Callable[[Tensor, Tensor], Tensor] | None = None
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------- set-up
@@ -255,7 +259,7 @@ class PEER(UsageTracking, nn.Module):
             return peer_experts_triton(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
                                        self.activation, self.sparse_grad)
         return peer_experts(x_TD, ids_THK.flatten(1), g_THK.flatten(1), self.w_down, self.w_up,
-                            self.activation, self.sparse_grad)
+                            self.activation, self.sparse_grad, self.grad_rows)
 
     def _experts_reference(self, x_TD: Tensor, ids_THK: Tensor, g_THK: Tensor) -> Tensor:
         """Algorithm 1 of the paper: materialises (T, H, K, D) twice."""

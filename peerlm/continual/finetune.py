@@ -358,7 +358,7 @@ def _builder(spec: FinetuneSpec, hooks: _LateHooks, log: Callable[[str], None],
             hooks.inner = RoutingFrozen()
         else:
             df = _background(spec, model if not resuming else None, cfg, device, log)
-            hooks.inner = SparseRows(model, df, spec.background, spec.slots, chosen)
+            hooks.inner = SparseRows(model, df, spec.background, spec.slots, chosen, micro_batches=t.grad_accum)
         return model, _table_optimizer(model, t, sgd=spec.optimizer == "sgd")
 
     return build

@@ -182,10 +182,16 @@ class RoutingFrozen:
 class SparseRows(RoutingFrozen):
     """Step hooks of sparse memory finetuning: count the step's retrieved ids, choose each layer's top
     ``slots`` rows by TF-IDF against ``df`` (over ``batches`` background batches) and keep only those
-    rows of the layer's table gradients. ``chosen`` (when a list) receives {layer: rows} per step."""
+    rows of the layer's table gradients. ``chosen`` (when a list) receives {layer: rows} per step.
+
+    With one micro-batch per step (``micro_batches``), a step's ids are all known before its backward:
+    each PEER layer then gets the same choice as its ``grad_rows``, and its fused backward sums gradient
+    rows for the chosen ids only, so the batch's whole U-row gradient never exists (peak memory follows
+    t, not U). The choice after backward still runs and keeps every row of such a gradient; it alone
+    restricts the gradients of other paths (PKM, Triton, sharded tables) and of accumulated steps."""
 
     def __init__(self, model: nn.Module, df: Mapping[str, Tensor], batches: int, slots: int,
-                 chosen: list[dict[str, Tensor]] | None = None):
+                 chosen: list[dict[str, Tensor]] | None = None, micro_batches: int = 1):
         layers = dict(model.memory_layers())
         if set(df) != set(layers):
             raise ValueError(f"background frequencies are for layers {sorted(df)}, the model has {sorted(layers)}")
@@ -198,6 +204,15 @@ class SparseRows(RoutingFrozen):
         self.layers, self.slots, self.chosen = layers, slots, chosen
         self.idf = {name: idf(d, batches).to(table_parameters(layers[name])[0].device) for name, d in df.items()}
         self.counter = RetrievalCounter(model)
+        if micro_batches == 1:
+            for name, layer in layers.items():
+                if isinstance(layer, PEER):
+                    layer.grad_rows = functools.partial(self.choose, name)
+
+    def choose(self, name: str, ids_U: Tensor, counts_U: Tensor) -> Tensor:
+        """Layer ``name``'s rows to update, from its distinct retrieved ids and their counts."""
+        idf_N = self.idf[name]
+        return top_tfidf(ids_U.to(idf_N.device), counts_U.to(idf_N.device), idf_N, self.slots)
 
     def begin_step(self, model: nn.Module, step: int) -> None:
         super().begin_step(model, step)
@@ -207,9 +222,7 @@ class SparseRows(RoutingFrozen):
         taken = self.counter.take()
         record = {}
         for name, layer in self.layers.items():
-            ids_U, counts_U = taken[name]
-            rows = top_tfidf(ids_U.to(self.idf[name].device), counts_U.to(self.idf[name].device),
-                             self.idf[name], self.slots)
+            rows = self.choose(name, *taken[name])
             record[name] = rows
             for p in table_parameters(layer):
                 if p.grad is not None:

@@ -133,3 +133,61 @@ def test_a_sparse_step_changes_only_the_chosen_rows():
             assert set(changed.tolist()) <= set(rows.tolist())
             assert changed.numel() > 0
         hooks.counter.close()
+
+
+def _sparse_grads(micro_batches: int, impl: str = "fused") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One sparse step's table gradients on tiny-peer, with the rows chosen in backward (one micro-batch)
+    or only after it (two); and the rows chosen."""
+    model = _model("tiny-peer")
+    name, layer = model.memory_layers()[0]
+    layer.sparse_grad, layer.impl = True, impl
+    tables = table_parameters(layer)
+    for p in model.parameters():
+        p.requires_grad = any(p is q for q in tables)
+    df = {name: torch.randint(0, 5, (layer.keys.n ** 2,), generator=torch.Generator().manual_seed(1))}
+    chosen: list = []
+    hooks = SparseRows(model, df, 8, slots=7, chosen=chosen, micro_batches=micro_batches)
+    assert (layer.grad_rows is not None) == (micro_batches == 1)
+    model.train()
+    hooks.begin_step(model, 0)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    _, loss = model(x, x)
+    loss.backward()
+    in_backward = [p.grad.coalesce() for p in tables]
+    hooks.before_update(model, 0)
+    hooks.counter.close()
+    return in_backward, [p.grad.coalesce() for p in tables], chosen[0][name]
+
+
+def test_rows_chosen_in_backward_give_the_gradient_kept_after_it():
+    """With one micro-batch the fused backward sums only the chosen rows: the gradient it hands out is
+    the one the after-backward choice keeps from the full row-sparse gradient, row for row."""
+    raw, kept, rows = _sparse_grads(micro_batches=1)
+    full, reference, rows_after = _sparse_grads(micro_batches=2)
+    assert torch.equal(rows, rows_after)
+    for g_raw, g, ref, f in zip(raw, kept, reference, full):
+        assert torch.equal(g_raw.indices()[0], rows)  # restricted before before_update ran
+        assert f.indices().shape[1] > rows.numel()  # without it, every retrieved row had a gradient
+        assert torch.equal(g.indices(), ref.indices())
+        torch.testing.assert_close(g.values(), ref.values(), rtol=1e-6, atol=1e-7)
+    # the reference path has no backward restriction: the after-backward choice alone does it
+    _, ref_kept, _ = _sparse_grads(micro_batches=1, impl="reference")
+    for g, ref in zip(kept, ref_kept):
+        assert torch.equal(g.indices(), ref.indices())
+        torch.testing.assert_close(g.values(), ref.values(), rtol=1e-5, atol=1e-6)
+
+
+def test_table_grads_restricted_rows_equal_the_full_rows():
+    from peerlm.bags import bags, table_grads
+
+    g = torch.Generator().manual_seed(0)
+    T, K, N, D = 12, 6, 40, 5
+    ids = torch.randint(0, N, (T, K), generator=g)
+    rows_TD, w_TK = torch.randn(T, D, generator=g), torch.randn(T, K, generator=g)
+    _, offset2bag, sizes = bags(T, K, ids.device)
+    (full,) = table_grads(ids, N, True, offset2bag, sizes, [(rows_TD, w_TK)])
+    for keep in (lambda u, c: u[::3], lambda u, c: u[c > 1], lambda u, c: u[:0], lambda u, c: u):
+        (part,) = table_grads(ids, N, True, offset2bag, sizes, [(rows_TD, w_TK)], grad_rows=keep)
+        want = keep_rows(full, keep(*torch.unique(ids, return_counts=True)))
+        assert torch.equal(part.indices(), want.indices())
+        torch.testing.assert_close(part.values(), want.values())
