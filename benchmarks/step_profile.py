@@ -31,6 +31,9 @@ from peerlm.train import build_for_training
 EXPERT_RATIO = {"peer": 3.0, "pkm": 10.0}  # the study's table LR ratios
 GROUPS = {  # operator name -> group, first match wins
     "aten::topk": "top-k",
+    "peerlm::pk_topk": "top-k",
+    "peerlm::bag_scatter": "table gradients (embedding-bag backward)",
+    "peerlm::bag_dot": "per-pair dot products (gate gradients, sampled dots)",
     "embedding_bag_dense_backward": "table gradients (embedding-bag backward)",
     "per_sample_weights_backward": "gate gradients (embedding-bag backward)",
     "aten::sort": "sort (embedding-bag backward)",

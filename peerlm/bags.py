@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from peerlm.config import PEER_ACTIVATIONS
+from peerlm.kernels.cpu import usable
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_GRADS", "bags", "bag_dot", "bag_table_grad", "table_grads"]
 
@@ -50,6 +51,10 @@ def bags(T: int, K: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
 
 def bag_dot(rows_TD: Tensor, table_ND: Tensor, ids_TK: Tensor, offsets_T: Tensor, offset2bag_TK: Tensor) -> Tensor:
     """out[t*K + s] = table[ids[t, s]] . rows[t], shape (TK,), without gathering the table rows."""
+    kernels = usable(rows_TD, table_ND)
+    if kernels is not None:
+        with torch.profiler.record_function("peerlm::bag_dot"):
+            return kernels.bag_dot(rows_TD.contiguous(), table_ND.contiguous(), ids_TK.contiguous())
     return _aten._embedding_bag_per_sample_weights_backward(
         rows_TD, table_ND, ids_TK.reshape(-1), offsets_T, offset2bag_TK, _MODE_SUM
     )
@@ -58,6 +63,10 @@ def bag_dot(rows_TD: Tensor, table_ND: Tensor, ids_TK: Tensor, offsets_T: Tensor
 def bag_table_grad(rows_TD: Tensor, ids_TK: Tensor, offset2bag_TK: Tensor, bag_size_T: Tensor,
                    num_rows: int, weights_TK: Tensor) -> Tensor:
     """out[e] = sum over (t, s) with ids[t, s] == e of weights[t, s] * rows[t]; shape (num_rows, D)."""
+    kernels = usable(rows_TD, weights_TK)
+    if kernels is not None:
+        with torch.profiler.record_function("peerlm::bag_scatter"):
+            return kernels.bag_scatter(rows_TD.contiguous(), ids_TK.contiguous(), weights_TK.contiguous(), num_rows)
     empty = torch.empty(0, dtype=torch.long, device=rows_TD.device)
     return _aten._embedding_bag_dense_backward(
         rows_TD, ids_TK.reshape(-1), offset2bag_TK, bag_size_T, empty, num_rows, False, _MODE_SUM,

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peerlm.config import MLP_ACTIVATIONS, DenseConfig, MoEConfig, PEERConfig, PKMConfig
+from peerlm.fused import memory_bag
 from peerlm.norms import make_query_norm
 from peerlm.peer import PEER
 from peerlm.retrieval import ProductKeys
@@ -53,13 +54,6 @@ from peerlm.tables import ColumnShard, normal_table_, shard_repr
 from peerlm.usage import UsageTracking
 
 __all__ = ["DenseMLP", "MoE", "PKM", "build_ffn"]
-
-
-@torch.compiler.disable
-def _sparse_embedding_bag(ids: Tensor, table: Tensor, weights: Tensor) -> Tensor:
-    """``F.embedding_bag(sparse=True)``, run eagerly under torch.compile: the meta kernel of its backward
-    fails to trace (torch 2.13: a broadcast error in ``_embedding_bag_sparse_backward``)."""
-    return F.embedding_bag(ids, table, per_sample_weights=weights, mode="sum", sparse=True)
 
 
 def _fp32_off(x: Tensor):
@@ -336,11 +330,7 @@ class PKM(UsageTracking, nn.Module):
             y_SD = column_sharded_memory(ids_SM, g_SM, self.values, self.shard, self.sparse_grad, self.grad_reduction,
                                          out_dtype=x.dtype)
             return y_SD.view(x.shape)
-        w_SM = g_SM.to(self.values.dtype)
-        if self.sparse_grad:
-            y_SD = _sparse_embedding_bag(ids_SM, self.values, w_SM)
-        else:
-            y_SD = F.embedding_bag(ids_SM, self.values, per_sample_weights=w_SM, mode="sum")
+        y_SD = memory_bag(ids_SM, g_SM.to(self.values.dtype), self.values, self.sparse_grad)
         return y_SD.to(x.dtype).view(x.shape)
 
 

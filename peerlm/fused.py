@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from peerlm.bags import ACTIVATION_GRADS, ACTIVATIONS, bag_dot, bag_table_grad, bags, table_grads
 
-__all__ = ["ACTIVATIONS", "PEERExperts", "SampledDot", "peer_experts", "sampled_dot"]
+__all__ = ["ACTIVATIONS", "MemoryBag", "PEERExperts", "SampledDot", "memory_bag", "peer_experts", "sampled_dot"]
 
 
 class SampledDot(torch.autograd.Function):
@@ -123,3 +123,35 @@ def peer_experts(x_TD: Tensor, ids_TK: Tensor, g_TK: Tensor, w_down: Tensor, w_u
     """Fused expert mixture; (T, D) inputs, (T, K) ids, (T, K) gates, (N, D) tables -> (T, D).
     ``grad_rows``: with ``sparse_grad``, which retrieved rows get a table gradient (``bags.table_grads``)."""
     return PEERExperts.apply(x_TD, ids_TK, g_TK, w_down, w_up, activation, sparse_grad, grad_rows)
+
+
+class MemoryBag(torch.autograd.Function):
+    """y[t] = sum_s w[t, s] * table[ids[t, s]] (PKM's value read): embedding-bag's forward, and a backward
+    on the same primitives as ``PEERExperts`` (the gate gradient ``bag_dot``, the table gradient
+    ``table_grads``: dense, or coalesced row-sparse over the distinct ids)."""
+
+    @staticmethod
+    def forward(ctx, ids_TK, w_TK, table_ND, sparse_grad: bool):
+        ids_TK, w_TK = ids_TK.contiguous(), w_TK.contiguous()
+        ctx.save_for_backward(ids_TK, w_TK, table_ND)
+        ctx.sparse_grad = sparse_grad
+        return F.embedding_bag(ids_TK, table_ND, per_sample_weights=w_TK, mode="sum")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_TD):
+        ids_TK, w_TK, table_ND = ctx.saved_tensors
+        T, K = ids_TK.shape
+        dy_TD = dy_TD.to(table_ND.dtype).contiguous()
+        offsets_T, offset2bag_TK, bag_size_T = bags(T, K, dy_TD.device)
+        dw_TK = None
+        if ctx.needs_input_grad[1]:
+            dw_TK = bag_dot(dy_TD, table_ND, ids_TK, offsets_T, offset2bag_TK).view(T, K).to(w_TK.dtype)
+        (d_table,) = table_grads(ids_TK, table_ND.shape[0], ctx.sparse_grad, offset2bag_TK, bag_size_T,
+                                 [(dy_TD, w_TK) if ctx.needs_input_grad[2] else None])
+        return None, dw_TK, d_table, None
+
+
+def memory_bag(ids_TK: Tensor, w_TK: Tensor, table_ND: Tensor, sparse_grad: bool = False) -> Tensor:
+    """(T, K) ids, (T, K) weights, (N, D) table -> (T, D) weighted sums of the rows (see ``MemoryBag``)."""
+    return MemoryBag.apply(ids_TK, w_TK, table_ND, sparse_grad)

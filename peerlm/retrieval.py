@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from peerlm.fused import sampled_dot
+from peerlm.kernels.cpu import usable
 
 __all__ = ["product_key_topk", "ProductKeys", "split_index"]
 
@@ -44,6 +45,14 @@ def product_key_topk(scores_a: Tensor, scores_b: Tensor, k: int) -> tuple[Tensor
     n = scores_a.shape[-1]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, n={n}], got {k}")
+    kernels = usable(scores_a, scores_b)
+    if kernels is not None:  # the same values; one pass per row (peerlm/kernels/cpu.cpp)
+        a_P, b_P = _grid_candidates(k, scores_a.device)
+        lead = scores_a.shape[:-1]
+        with torch.profiler.record_function("peerlm::pk_topk"):
+            values_RK, indices_RK = kernels.pk_topk(scores_a.reshape(-1, n).contiguous(),
+                                                    scores_b.reshape(-1, n).contiguous(), k, a_P, b_P)
+        return values_RK.view(*lead, k), indices_RK.view(*lead, k)
     va_K, ia_K = scores_a.topk(k, dim=-1)  # (..., K), sorted descending
     vb_K, ib_K = scores_b.topk(k, dim=-1)  # (..., K)
     # the grid's rows a = 0..k-1, each the b < k // (a + 1) that can reach the top k (_grid_candidates)
@@ -101,7 +110,8 @@ class _GatherRescore(torch.autograd.Function):
 
 
 # the dense re-scoring backward pays n / K times the FLOPs of the sparse one; up to this ratio its BLAS
-# matmuls still take less time on CPU (n 256, K 16: about 3x faster than the embedding-bag path)
+# matmuls still take less time than PyTorch's embedding-bag kernels (n 256, K 16: about 3x faster). With
+# peerlm's CPU kernels (peerlm.kernels.cpu) the sparse path is the faster one, and is taken instead.
 DENSE_RESCORE_RATIO = 16
 
 
@@ -169,7 +179,7 @@ class ProductKeys(nn.Module):
         with torch.no_grad():
             s_a, s_b = self.half_scores(q.detach())
             _, indices = product_key_topk(s_a, s_b, k)
-        if self.shared and self.n <= DENSE_RESCORE_RATIO * k:
+        if self.shared and self.n <= DENSE_RESCORE_RATIO * k and usable(s_a) is None:
             return self._dense_rescore(q, s_a, s_b, indices), indices
         return self.rescore(q, indices), indices
 

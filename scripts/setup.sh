@@ -13,3 +13,5 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 "$py" -m pip install --quiet -e ".[${extras}]"
 "$py" -c "import torch, peerlm; print(f'peerlm {peerlm.__version__} with torch {torch.__version__} in .venv')"
+# compile the CPU kernels now (about a minute, once; cached by torch), not inside the first training
+"$py" -c "from peerlm.kernels.cpu import cpu_kernels; print('CPU kernels:', 'built' if cpu_kernels() else 'unavailable, PyTorch ops instead')"

@@ -1,0 +1,64 @@
+"""CPU kernels for the fused path (``cpu.cpp``): product-key top-k, and the two embedding-bag sums of
+the expert tables. PyTorch's own ops for these pay a fixed cost per row (``torch.topk`` over 256
+sub-key scores) or sort every (token, slot) pair first (embedding-bag backward); on a CPU they were
+most of a PEER or PKM training step.
+
+The file is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``,
+a dependency, about a minute once; torch caches the build under ``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``). Where it cannot be built, or with ``PEERLM_CPU_KERNELS=0``, every
+caller falls back to the PyTorch ops it replaces, with one line on stderr saying why: the results
+are the same up to the order of floating-point sums (and, for exactly tied scores, which tied id
+comes first), which the tests check.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = ["cpu_kernels", "usable"]
+
+_SOURCE = Path(__file__).with_name("cpu.cpp")
+_lock = threading.Lock()
+
+
+@functools.cache
+def _build() -> ModuleType | None:
+    if os.environ.get("PEERLM_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="peerlm_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: the PyTorch ops still work
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"peerlm: CPU kernels unavailable ({first}); using PyTorch's ops "
+              "(slower; PEERLM_CPU_KERNELS=0 silences this)", file=sys.stderr)
+        return None
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The compiled module (``pk_topk``, ``bag_dot``, ``bag_scatter``), or None where unavailable."""
+    with _lock:
+        return _build()
+
+
+def usable(*tensors: Tensor) -> ModuleType | None:
+    """The kernels, when every tensor is a float32 / float64 CPU tensor of one dtype, nothing is recorded
+    for autograd and no tracing (``torch.compile``) is under way; else None."""
+    if torch.compiler.is_compiling() or not tensors:
+        return None
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if (t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or t.dtype != tensors[0].dtype
+                or (grad and t.requires_grad)):
+            return None
+    return cpu_kernels()

@@ -1,0 +1,149 @@
+"""The compiled CPU kernels (``peerlm/kernels/cpu.cpp``) against brute force and PyTorch's own ops.
+
+Product-key top-k against the top-k of all n^2 sums (exact values; the same ids where no two scores
+tie, and where many do, the lowest-index choice it documents); the embedding-bag sums against aten's
+kernels they replace, in float32 and float64; bad ids; the fallback when the kernels are switched off.
+Where the kernels cannot be built here (no compiler), these tests are skipped with the reason.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peerlm import bags as bags_mod
+from peerlm import retrieval
+from peerlm.kernels.cpu import cpu_kernels, usable
+
+kernels = cpu_kernels()
+pytestmark = pytest.mark.skipif(kernels is None, reason="the CPU kernels could not be built here")
+
+
+def _grid(k: int):
+    return retrieval._grid_candidates(k, torch.device("cpu"))
+
+
+def _brute_topk(a: torch.Tensor, b: torch.Tensor, k: int):
+    """Top-k of every sum, ties to the lower flat index (a stable sort of the negated sums)."""
+    n = a.shape[-1]
+    sums = (a[..., :, None] + b[..., None, :]).reshape(*a.shape[:-1], n * n)
+    order = torch.sort(-sums, dim=-1, stable=True).indices[..., :k]
+    return sums.gather(-1, order), order
+
+
+@pytest.mark.parametrize("n,k", [(256, 16), (256, 32), (64, 64), (37, 5), (8, 1), (100, 30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pk_topk_equals_brute_force(n, k, dtype):
+    g = torch.Generator().manual_seed(n * 100 + k)
+    a, b = torch.randn(300, n, generator=g, dtype=dtype), torch.randn(300, n, generator=g, dtype=dtype)
+    a_P, b_P = _grid(k)
+    v, i = kernels.pk_topk(a, b, k, a_P, b_P)
+    v_ref, i_ref = _brute_topk(a, b, k)
+    assert torch.equal(v, v_ref)
+    sums = (a[:, :, None] + b[:, None, :]).reshape(300, -1)
+    assert torch.equal(sums.gather(-1, i), v)
+    # ids differ from the lowest-flat-index order only within exactly tied sums (rare, but float32 sums
+    # of 256^2 pairs do tie): the kernel orders ties by grid position
+    off = i != i_ref
+    tied = torch.zeros_like(off)
+    tied[:, 1:] |= v[:, 1:] == v[:, :-1]
+    tied[:, :-1] |= v[:, 1:] == v[:, :-1]
+    tied |= v == v[:, -1:]  # a tie with a sum just outside the top k
+    assert not (off & ~tied).any()
+    assert off.sum() <= 0.01 * off.numel()
+
+
+def test_pk_topk_with_many_ties_keeps_exact_values_and_lowest_ids():
+    g = torch.Generator().manual_seed(0)
+    n, k = 64, 16
+    a = torch.randint(0, 4, (500, n), generator=g).float()  # four distinct values: ties everywhere
+    b = torch.randint(0, 4, (500, n), generator=g).float()
+    a_P, b_P = _grid(k)
+    v, i = kernels.pk_topk(a, b, k, a_P, b_P)
+    v_ref, _ = _brute_topk(a, b, k)
+    assert torch.equal(v, v_ref)
+    sums = (a[:, :, None] + b[:, None, :]).reshape(500, -1)
+    assert torch.equal(sums.gather(-1, i), v)  # every id scores what it claims
+    assert all(len(set(row)) == k for row in i.tolist())  # no id twice
+    # ties within each half go to the lower sub-key id: the chosen i, j are the lowest of their scores
+    ia, ja = i // n, i % n
+    ranks_a = (a[:, None, :] > a.gather(-1, ia)[:, :, None]).sum(-1)  # how many strictly better
+    assert (ia < n).all() and (ranks_a < k).all() and (ja < n).all()
+
+
+def test_product_key_topk_uses_the_kernels_and_agrees_with_torch(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 7, 8, 256, generator=g), torch.randn(2, 7, 8, 256, generator=g)
+    v, i = retrieval.product_key_topk(a, b, 16)
+    assert v.shape == i.shape == (2, 7, 8, 16)
+    monkeypatch.setattr(retrieval, "usable", lambda *t: None)  # PyTorch's ops
+    v0, i0 = retrieval.product_key_topk(a, b, 16)
+    assert torch.equal(v, v0) and torch.equal(i, i0)
+
+
+def test_usable_only_without_autograd_on_cpu_floats():
+    x = torch.randn(3, 4)
+    assert usable(x) is kernels
+    assert usable(x.half()) is None and usable(x, x.double()) is None
+    w = torch.randn(3, 4, requires_grad=True)
+    assert usable(w) is None
+    with torch.no_grad():
+        assert usable(w) is kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("D", [1, 7, 48, 130])
+def test_bag_kernels_equal_aten(dtype, D, monkeypatch):
+    g = torch.Generator().manual_seed(D)
+    T, K, N = 33, 12, 50
+    rows = torch.randn(T, D, generator=g, dtype=dtype)
+    table = torch.randn(N, D, generator=g, dtype=dtype)
+    ids = torch.randint(0, N, (T, K), generator=g)
+    ids[0] = 3  # one row retrieved by every slot of a token
+    w = torch.randn(T, K, generator=g, dtype=dtype)
+    offsets, offset2bag, sizes = bags_mod.bags(T, K, rows.device)
+    dot = bags_mod.bag_dot(rows, table, ids, offsets, offset2bag)
+    grad = bags_mod.bag_table_grad(rows, ids, offset2bag, sizes, N, w)
+    monkeypatch.setattr(bags_mod, "usable", lambda *t: None)
+    dot0 = bags_mod.bag_dot(rows, table, ids, offsets, offset2bag)
+    grad0 = bags_mod.bag_table_grad(rows, ids, offset2bag, sizes, N, w)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(dot, dot0, **tol)
+    torch.testing.assert_close(grad, grad0, **tol)
+    untouched = torch.ones(N, dtype=torch.bool)
+    untouched[ids.flatten()] = False
+    assert (grad[untouched] == 0).all()
+
+
+def test_bag_scatter_is_the_same_for_any_thread_count():
+    g = torch.Generator().manual_seed(2)
+    rows, ids, w = torch.randn(64, 96, generator=g), torch.randint(0, 10, (64, 16), generator=g), torch.randn(64, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.bag_scatter(rows, ids, w, 10)
+        torch.set_num_threads(2)
+        two = kernels.bag_scatter(rows, ids, w, 10)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_bad_ids_are_refused():
+    rows, table = torch.randn(2, 4), torch.randn(5, 4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.bag_dot(rows, table, torch.tensor([[0, 5]]).expand(2, 2).contiguous())
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.bag_scatter(rows, torch.tensor([[0, -1], [1, 2]]), torch.ones(2, 2), 5)
+
+
+def test_switched_off_falls_back_to_torch():
+    code = ("from peerlm.kernels.cpu import cpu_kernels; import torch; from peerlm.retrieval import "
+            "product_key_topk as f; assert cpu_kernels() is None; a = torch.randn(4, 16); "
+            "print(f(a, a, 4)[0].shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PEERLM_CPU_KERNELS": "0"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "(4, 4)" in out.stdout.replace("torch.Size([4, 4])", "(4, 4)") and out.stderr == ""
