@@ -578,3 +578,26 @@ def test_build_ffn_and_reset_parameters(cfg, cls):
 def test_build_ffn_rejects_unknown_config():
     with pytest.raises(ValueError, match="no feed-forward for config of type dict"):
         build_ffn({"kind": "peer"}, D)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_memory_bag_equals_embedding_bag_in_output_and_gradients(sparse):
+    """PKM's value read (peerlm.fused.memory_bag, on the CPU kernels where built) against F.embedding_bag."""
+    import torch.nn.functional as F
+
+    from peerlm.fused import memory_bag
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 30, (9, 6), generator=g)
+    w0, t0 = torch.randn(9, 6, generator=g), torch.randn(30, 5, generator=g)
+    dy = torch.randn(9, 5, generator=g)
+    outs = []
+    for fn in (lambda i, w, t: memory_bag(i, w, t, sparse),
+               lambda i, w, t: F.embedding_bag(i, t, per_sample_weights=w, mode="sum", sparse=sparse)):
+        w, t = w0.clone().requires_grad_(), t0.clone().requires_grad_()
+        y = fn(ids, w, t)
+        y.backward(dy)
+        outs.append((y.detach(), w.grad, t.grad.to_dense()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    assert outs[0][2].abs().sum() > 0

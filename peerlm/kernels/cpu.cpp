@@ -25,30 +25,45 @@
 namespace {
 
 // the k largest of s[0..n) into v[0..k), ix[0..k), sorted descending, ties to the lower index.
-// A first pass bounds the k-th largest from below: split s into k groups, the smallest group maximum
-// tau has at least k elements (the k maxima) at or above it. Only those (a few times k, not n) are
-// copied out, branch-free, and go through an insertion into the sorted list. cand/cidx hold n each.
+// A first pass bounds the k-th largest from below: split s into G = min(n, 2k) strided groups (element
+// p in group p % G, so the maxima are element-wise maxima of G-wide slices); the k-th largest group
+// maximum tau has at least k elements (k maxima) at or above it, so nothing below tau is in the top k.
+// Those at or above it (about 1.3k for normal scores) are copied out branch-free, in index order, and
+// go through an insertion into the sorted top k.
+// Scratch: cand/cidx hold n each, gmax 2k.
 template <typename scalar_t>
 inline void row_topk(const scalar_t* s, int64_t n, int64_t k, scalar_t* v, int64_t* ix, scalar_t* cand,
                      int64_t* cidx, scalar_t* gmax) {
-  const int64_t G = std::min(n, 2 * k), gs = (n + G - 1) / G;  // G groups, the last may be shorter
-  int64_t g = 0;
-  for (int64_t g0 = 0; g0 < n; g0 += gs, ++g) {
-    const int64_t g1 = std::min(n, g0 + gs);
-    scalar_t m = s[g0];
-    for (int64_t p = g0 + 1; p < g1; ++p) m = s[p] > m ? s[p] : m;
-    gmax[g] = m;
+  const int64_t G = std::min(n, 2 * k);
+  for (int64_t g = 0; g < G; ++g) gmax[g] = s[g];
+  for (int64_t p0 = G; p0 < n; p0 += G) {
+    const int64_t m = std::min(G, n - p0);
+    for (int64_t g = 0; g < m; ++g) gmax[g] = s[p0 + g] > gmax[g] ? s[p0 + g] : gmax[g];
   }
-  // tau: the k-th largest group maximum (g >= k groups, as n >= k)
-  std::nth_element(gmax, gmax + (k - 1), gmax + g, [](scalar_t a, scalar_t b) { return a > b; });
+  // tau: the k-th largest group maximum (G >= k)
+  std::nth_element(gmax, gmax + (k - 1), gmax + G, [](scalar_t a, scalar_t b) { return a > b; });
   const scalar_t tau = gmax[k - 1];
   int64_t c = 0;
+  bool nan = false;
   for (int64_t p = 0; p < n; ++p) {  // branch-free compaction of the candidates, in index order
     cand[c] = s[p];
     cidx[c] = p;
     c += (s[p] >= tau);
+    nan |= (s[p] != s[p]);
   }
-  int64_t cnt = 0;
+  if (nan) {  // no order to take: the first NaN, then the first other ids, so the NaN reaches the loss
+    int64_t first = 0;
+    while (s[first] == s[first]) ++first;
+    v[0] = s[first];
+    ix[0] = first;
+    for (int64_t q = 1, p = 0; q < k; ++p) {
+      if (p == first) continue;
+      v[q] = s[p];
+      ix[q++] = p;
+    }
+    return;
+  }
+  int64_t cnt = 0;  // insertion into the sorted top k: strict >, so ties keep the earlier (lower) index
   for (int64_t q0 = 0; q0 < c; ++q0) {
     const scalar_t x = cand[q0];
     if (cnt == k) {

@@ -29,6 +29,24 @@ _SOURCE = Path(__file__).with_name("cpu.cpp")
 _lock = threading.Lock()
 
 
+def _machine_tag() -> str:
+    """A short hash of the CPU's model and instruction-set flags: the build uses ``-march=native``, so a
+    cached build is only loaded by a machine that can run it (a shared cache serves each kind apart)."""
+    import hashlib
+    import platform
+
+    text = platform.machine() + platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                text += line
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 @functools.cache
 def _build() -> ModuleType | None:
     if os.environ.get("PEERLM_CPU_KERNELS", "1") == "0":
@@ -36,7 +54,8 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="peerlm_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        return load(name=f"peerlm_cpu_kernels_{_machine_tag()}", sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the PyTorch ops still work
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -73,6 +73,15 @@ def test_pk_topk_with_many_ties_keeps_exact_values_and_lowest_ids():
     assert (ia < n).all() and (ranks_a < k).all() and (ja < n).all()
 
 
+def test_nan_scores_give_valid_ids_and_carry_the_nan():
+    a, b = torch.randn(3, 64), torch.randn(3, 64)
+    a[1, 5] = float("nan")
+    v, i = kernels.pk_topk(a, b, 8, *_grid(8))
+    assert ((0 <= i) & (i < 64 * 64)).all()
+    assert torch.isnan(v[1]).any() and not torch.isnan(v[[0, 2]]).any()
+    torch.testing.assert_close(v[[0, 2]], _brute_topk(a[[0, 2]], b[[0, 2]], 8)[0])
+
+
 def test_product_key_topk_uses_the_kernels_and_agrees_with_torch(monkeypatch):
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(2, 7, 8, 256, generator=g), torch.randn(2, 7, 8, 256, generator=g)
