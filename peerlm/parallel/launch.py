@@ -33,6 +33,9 @@ def _entry(rank: int, fn: Callable, ranks: int, backend: str, tmp: str, timeout_
                             timeout=timedelta(seconds=timeout_s), **kwargs)
     try:
         torch.save(fn(rank, ranks, *args), os.path.join(tmp, f"result{rank}.pt"))
+        # tear the group down together: a rank that closes its gloo connections while another still has
+        # traffic on them could abort that rank ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
