@@ -1,7 +1,7 @@
 """The compiled CPU kernels (``peerlm/kernels/cpu.cpp``) against brute force and PyTorch's own ops.
 
 Product-key top-k against the top-k of all n^2 sums (exact values; the same ids where no two scores
-tie, and where many do, the lowest-index choice it documents); the embedding-bag sums against aten's
+tie, and where many do, exact values with valid, distinct ids from each half's top k); the embedding-bag sums against aten's
 kernels they replace, in float32 and float64; bad ids; the fallback when the kernels are switched off.
 Where the kernels cannot be built here (no compiler), these tests are skipped with the reason.
 """
@@ -67,7 +67,7 @@ def test_pk_topk_with_many_ties_keeps_exact_values_and_lowest_ids():
     sums = (a[:, :, None] + b[:, None, :]).reshape(500, -1)
     assert torch.equal(sums.gather(-1, i), v)  # every id scores what it claims
     assert all(len(set(row)) == k for row in i.tolist())  # no id twice
-    # ties within each half go to the lower sub-key id: the chosen i, j are the lowest of their scores
+    # whichever of tied sub-keys is kept, every chosen i is among its half's k best (< k strictly better)
     ia, ja = i // n, i % n
     ranks_a = (a[:, None, :] > a.gather(-1, ia)[:, :, None]).sum(-1)  # how many strictly better
     assert (ia < n).all() and (ranks_a < k).all() and (ja < n).all()
