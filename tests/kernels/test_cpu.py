@@ -1,8 +1,8 @@
 """The compiled CPU kernels (``peerlm/kernels/cpu.cpp``) against brute force and PyTorch's own ops.
 
-Product-key top-k against the top-k of all n^2 sums (exact values; the same ids where no two scores
-tie, and where many do, exact values with valid, distinct ids from each half's top k); the embedding-bag sums against aten's
-kernels they replace, in float32 and float64; bad ids; the fallback when the kernels are switched off.
+Product-key top-k against the top-k of all n^2 sums (exact values; the same ids except among exactly
+tied sums; with many ties, valid distinct ids from each half's top k); the embedding-bag sums against
+aten's kernels they replace, in float32 and float64; bad ids; the fallback when the kernels are off.
 Where the kernels cannot be built here (no compiler), these tests are skipped with the reason.
 """
 
