@@ -33,7 +33,7 @@ def _brute_topk(a: torch.Tensor, b: torch.Tensor, k: int):
     return sums.gather(-1, order), order
 
 
-@pytest.mark.parametrize("n,k", [(256, 16), (256, 32), (64, 64), (37, 5), (8, 1), (100, 30)])
+@pytest.mark.parametrize("n,k", [(256, 16), (256, 24), (256, 32), (64, 64), (37, 5), (8, 1), (100, 30), (512, 48)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pk_topk_equals_brute_force(n, k, dtype):
     g = torch.Generator().manual_seed(n * 100 + k)
@@ -71,6 +71,23 @@ def test_pk_topk_with_many_ties_keeps_exact_values_and_lowest_ids():
     ia, ja = i // n, i % n
     ranks_a = (a[:, None, :] > a.gather(-1, ia)[:, :, None]).sum(-1)  # how many strictly better
     assert (ia < n).all() and (ranks_a < k).all() and (ja < n).all()
+
+
+@pytest.mark.parametrize("k", [1, 4, 16, 24, 32, 48])
+def test_pk_topk_float32_and_float64_agree_id_for_id_under_ties(k):
+    """float32 takes the vector selection where the CPU has AVX-512 (up to 64 candidates), float64 the
+    scalar one; on sums exact in both (multiples of 1/8, 40 levels: ties in most rows) the ids must be
+    the same, tie order included, and the values those of brute force."""
+    g = torch.Generator().manual_seed(k)
+    n = 256
+    a = torch.randint(-20, 20, (400, n), generator=g).double() / 8
+    b = torch.randint(-20, 20, (400, n), generator=g).double() / 8
+    a_P, b_P = _grid(k)
+    v64, i64 = kernels.pk_topk(a, b, k, a_P, b_P)
+    v32, i32 = kernels.pk_topk(a.float(), b.float(), k, a_P, b_P)
+    assert torch.equal(i32, i64) and torch.equal(v32.double(), v64)
+    assert torch.equal(v64, _brute_topk(a, b, k)[0])
+    assert all(len(set(row)) == k for row in i64.tolist())
 
 
 def test_nan_scores_give_valid_ids_and_carry_the_nan():
