@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from peerlm import PEER
 from peerlm.config import get_preset
 from peerlm.model import build_model
-from peerlm.optim import RowSparseAdamW, build_optimizer, clip_grad_norm, lr_factor, param_groups
+from peerlm.optim import RowSparseAdamW, build_optimizer, clip_grad_norm, coalesced, lr_factor, param_groups
 
 
 def _sparse(rows: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
@@ -233,3 +234,27 @@ def test_a_checkpoint_of_the_per_tensor_adamw_resumes_on_that_path():
     step(new_model, resumed)
     for (name, a), b in zip(old_model.state_dict().items(), new_model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_coalesced_marks_ascending_distinct_rows_without_copying_and_sums_the_rest():
+    vals = torch.randn(3, 4)
+    ascending = torch.sparse_coo_tensor(torch.tensor([[1, 4, 9]]), vals, (10, 4), check_invariants=True)
+    assert not ascending.is_coalesced()
+    c = coalesced(ascending)
+    assert c.is_coalesced() and c._values().data_ptr() == vals.data_ptr()
+    assert torch.equal(c.to_dense(), ascending.to_dense())
+    for ids in ([4, 1, 9], [1, 4, 4]):  # unsorted, or a duplicate: a real coalesce, duplicates summed
+        g = torch.sparse_coo_tensor(torch.tensor([ids]), vals, (10, 4), check_invariants=True)
+        c = coalesced(g)
+        assert c.is_coalesced() and torch.equal(c._indices(), g.coalesce()._indices())
+        torch.testing.assert_close(c.to_dense(), g.to_dense())
+
+
+def test_peer_sparse_gradients_reach_the_optimizer_coalesced_without_a_sort():
+    torch.manual_seed(0)
+    layer = PEER(16, 64, heads=2, topk=4, dim_key=8, sparse_grad=True)
+    layer(torch.randn(5, 16)).sum().backward()
+    g = layer.w_up.grad  # accumulation into .grad drops the coalesced flag; the rows are still ascending
+    c = coalesced(g)
+    assert c._values().data_ptr() == g._values().data_ptr()
+    assert torch.equal(c.to_dense(), g.to_dense())
