@@ -21,7 +21,8 @@ touches only the U rows present: their m, v, parameter rows and a per-row step c
 row the bias correction of its own number of updates. Cost per step is O(U * d), not O(N * d).
 Choices:
 - An untouched row is left exactly as it is: no momentum drift, no decay (LazyAdam semantics). A row
-  updated at every step follows torch.optim.AdamW bit for bit (tested).
+  updated at every step follows torch.optim.AdamW bit for bit on the PyTorch ops, and to float rounding
+  where the CPU kernel's one-pass update (``row_adamw_``) runs instead (both tested).
 - Weight decay is applied only to the touched rows, at the step's full ``lr * weight_decay``. A row
   retrieved at a fraction f of steps decays about f times as fast as under dense AdamW; with the default
   expert decay of 0 this does not arise.
@@ -42,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from peerlm.ffn import expert_parameters, memory_layers, routing_parameters
+from peerlm.kernels.cpu import usable
 from peerlm.norms import BatchNorm, RMSNorm, RunningNorm
 from peerlm.retrieval import ProductKeys
 
@@ -195,8 +197,17 @@ class RowSparseAdamW(torch.optim.Optimizer):
 
         The arithmetic mirrors torch's single-tensor AdamW op for op (same rounding), with the
         scalar bias corrections replaced by per-row ones computed in float64, then cast as torch does.
+        Where peerlm's CPU kernels run (contiguous float CPU tables), ``row_adamw_`` does the same
+        arithmetic in one pass over each touched row in place: equal to these ops to float rounding
+        (an ulp here and there, where the compiler fuses a multiply-add), not bit for bit.
         """
         dense = rows_U is None
+        kernels = None if dense else usable(p.data, grad_UD)
+        if kernels is not None and p.is_contiguous():  # the same update in one pass (peerlm/kernels/cpu.cpp)
+            with torch.profiler.record_function("peerlm::row_adamw_"):
+                kernels.row_adamw_(p.data, state["exp_avg"], state["exp_avg_sq"], state["step"], rows_U.contiguous(),
+                                   grad_UD.contiguous(), lr, beta1, beta2, eps, weight_decay)
+            return
         U = p.shape[0] if dense else rows_U.numel()
         if not hasattr(self, "_workspace"):
             self._workspace: dict[int, dict[str, Tensor]] = {}

@@ -12,6 +12,7 @@
 // - bag_scatter: out[target[t, s]] += w[t, s] * rows[t], into a zeroed (R, D) tensor, without the sort
 //   aten's embedding-bag dense backward runs first. Threads split the columns, so no two write the
 //   same element and each element sums its pairs in (t, s) order: deterministic for any thread count.
+// - row_adamw_: RowSparseAdamW's update of the touched rows, in place, one pass per row.
 //
 // All take contiguous CPU tensors of one floating type (float or double), int64 ids, and accumulate
 // in that type.
@@ -25,6 +26,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -275,6 +277,22 @@ inline void prefetch_row(const scalar_t* row, int64_t len, bool write = false) {
   }
 }
 
+// one row of row_adamw_ (a function of its own: a pragma cannot sit inside AT_DISPATCH's macro argument)
+template <typename scalar_t>
+inline void adamw_row(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g, int64_t D, scalar_t w1, scalar_t b2,
+                      scalar_t c2, scalar_t eps, bool decays, scalar_t decay, scalar_t bc2_sqrt, scalar_t neg_step) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    const scalar_t gd = g[d];
+    const scalar_t md = m[d] + w1 * (gd - m[d]);
+    const scalar_t vd = v[d] * b2 + c2 * gd * gd;
+    m[d] = md;
+    v[d] = vd;
+    const scalar_t denom = std::sqrt(vd) / bc2_sqrt + eps;
+    p[d] = (decays ? p[d] * decay : p[d]) + (md * neg_step) / denom;
+  }
+}
+
 void check_cpu_contiguous(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
@@ -380,8 +398,62 @@ torch::Tensor bag_scatter(torch::Tensor rows, torch::Tensor target, torch::Tenso
   return out;
 }
 
+// One AdamW step on rows[u] of param / exp_avg / exp_avg_sq (rows distinct), with grad row u, each row
+// with the bias corrections of its own step count (step[rows[u]], incremented here), in the order of
+// RowSparseAdamW's PyTorch ops: m <- m + (1 - beta1)(g - m); v <- beta2 v + (1 - beta2) g^2;
+// p <- p (1 - lr wd) + (-lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps). One pass over each row in place,
+// where the PyTorch ops gather the rows, run eight passes and scatter them back.
+void row_adamw_(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, torch::Tensor step,
+                torch::Tensor rows, torch::Tensor grad, double lr, double beta1, double beta2, double eps,
+                double weight_decay) {
+  check_cpu_contiguous(param, "param");
+  check_cpu_contiguous(exp_avg, "exp_avg");
+  check_cpu_contiguous(exp_avg_sq, "exp_avg_sq");
+  check_cpu_contiguous(step, "step");
+  check_cpu_contiguous(rows, "rows");
+  check_cpu_contiguous(grad, "grad");
+  TORCH_CHECK(param.dim() == 2 && exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes() &&
+                  grad.dim() == 2 && grad.size(1) == param.size(1) && rows.numel() == grad.size(0) &&
+                  step.numel() == param.size(0),
+              "row_adamw_ takes param, exp_avg, exp_avg_sq (N, D), step (N), rows (U), grad (U, D)");
+  TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() && exp_avg_sq.scalar_type() == param.scalar_type() &&
+                  grad.scalar_type() == param.scalar_type() && step.scalar_type() == torch::kInt64 &&
+                  rows.scalar_type() == torch::kInt64,
+              "row_adamw_: param, state and grad of one floating type; step and rows int64");
+  const int64_t N = param.size(0), D = param.size(1), U = rows.numel();
+  const int64_t* R = rows.data_ptr<int64_t>();
+  for (int64_t u = 0; u < U; ++u) TORCH_CHECK(0 <= R[u] && R[u] < N, "row ", R[u], " out of range for ", N);
+  int64_t* S = step.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "row_adamw_", [&] {
+    scalar_t* P = param.data_ptr<scalar_t>();
+    scalar_t* M = exp_avg.data_ptr<scalar_t>();
+    scalar_t* V = exp_avg_sq.data_ptr<scalar_t>();
+    const scalar_t* G = grad.data_ptr<scalar_t>();
+    const scalar_t w1 = static_cast<scalar_t>(1 - beta1), b2 = static_cast<scalar_t>(beta2),
+                   c2 = static_cast<scalar_t>(1 - beta2), e = static_cast<scalar_t>(eps),
+                   decay = static_cast<scalar_t>(1 - lr * weight_decay);
+    at::parallel_for(0, U, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        if (u + kAhead < end) {
+          const int64_t a = R[u + kAhead] * D;
+          prefetch_row(P + a, D, true);
+          prefetch_row(M + a, D, true);
+          prefetch_row(V + a, D, true);
+        }
+        const int64_t r = R[u];
+        const double t = static_cast<double>(++S[r]);
+        const scalar_t bc2_sqrt = static_cast<scalar_t>(std::sqrt(1 - std::pow(beta2, t)));
+        const scalar_t neg_step = static_cast<scalar_t>(-(lr / (1 - std::pow(beta1, t))));
+        adamw_row(P + r * D, M + r * D, V + r * D, G + u * D, D, w1, b2, c2, e, weight_decay != 0, decay, bc2_sqrt,
+                  neg_step);
+      }
+    });
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pk_topk", &pk_topk, "exact product-key top-k: (values, indices i * n + j)");
   m.def("bag_dot", &bag_dot, "out[t * K + s] = table[ids[t, s]] . rows[t]");
+  m.def("row_adamw_", &row_adamw_, "AdamW on rows of param/exp_avg/exp_avg_sq in place, per-row step counts");
   m.def("bag_scatter", &bag_scatter, "out[target[t, s]] += weights[t, s] * rows[t], out (num_rows, D)");
 }

@@ -65,19 +65,22 @@ def _build() -> ModuleType | None:
 
 
 def cpu_kernels() -> ModuleType | None:
-    """The compiled module (``pk_topk``, ``bag_dot``, ``bag_scatter``), or None where unavailable."""
+    """The compiled module (``pk_topk``, ``bag_dot``, ``bag_scatter``, ``row_adamw_``), or None where
+    unavailable."""
     with _lock:
         return _build()
 
 
 def usable(*tensors: Tensor) -> ModuleType | None:
-    """The kernels, when every tensor is a float32 / float64 CPU tensor of one dtype, nothing is recorded
-    for autograd and no tracing (``torch.compile``) is under way; else None."""
+    """The kernels, when every tensor is a plain (not a subclass such as DTensor), strided float32 /
+    float64 CPU tensor of one dtype, nothing is recorded for autograd and no tracing (``torch.compile``)
+    is under way; else None."""
     if torch.compiler.is_compiling() or not tensors:
         return None
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if (t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or t.dtype != tensors[0].dtype
+        if (type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided or t.device.type != "cpu"
+                or t.dtype not in (torch.float32, torch.float64) or t.dtype != tensors[0].dtype
                 or (grad and t.requires_grad)):
             return None
     return cpu_kernels()
