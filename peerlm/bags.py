@@ -26,7 +26,8 @@ from torch import Tensor
 from peerlm.config import PEER_ACTIVATIONS
 from peerlm.kernels.cpu import usable
 
-__all__ = ["ACTIVATIONS", "ACTIVATION_GRADS", "bags", "bag_dot", "bag_table_grad", "table_grads"]
+__all__ = ["ACTIVATIONS", "ACTIVATION_GRADS", "bags", "bag_dot", "bag_table_grad", "table_grads", "GradBuffers",
+           "grad_buffers"]
 
 ACTIVATIONS = {name: getattr(F, name) for name in PEER_ACTIVATIONS}  # gelu, relu, silu
 # dL/dz from dL/da for a = act(z): the ops autograd runs for each of ACTIVATIONS, so the same bits; called
@@ -60,13 +61,57 @@ def bag_dot(rows_TD: Tensor, table_ND: Tensor, ids_TK: Tensor, offsets_T: Tensor
     )
 
 
+class GradBuffers:
+    """Storage for table gradients, reused from step to step.
+
+    A table gradient is a large tensor made afresh by every backward (at N = 1024^2 and d 512, 232k
+    rows of a batch: 0.47 GiB per table) and dropped by ``zero_grad`` after the optimizer step; a new
+    allocation of that size comes back from the system as untouched pages, and faulting them in cost
+    as much as computing the gradient. ``take`` hands out a (rows, D) view of a buffer nobody else holds
+    (its storage's use count is back to what the pool alone gives it: the last step's gradient was
+    freed), or of a new one, 25% roomier, kept for later steps; a gradient still held (accumulation
+    over micro-batches, a caller keeping ``.grad``) is never written into. At most ``keep`` buffers per
+    (width, dtype) stay, the oldest going first."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._bufs: dict[tuple, list[tuple[Tensor, int]]] = {}
+
+    @staticmethod
+    def _uses(t: Tensor) -> int:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+    def take(self, rows: int, width: int, dtype: torch.dtype) -> Tensor:
+        bufs = self._bufs.setdefault((width, dtype), [])
+        free = [i for i, (b, n) in enumerate(bufs) if b.shape[0] >= rows and self._uses(b) == n]
+        if free:
+            buf, n = bufs.pop(min(free, key=lambda i: bufs[i][0].shape[0]))
+        else:
+            buf = torch.empty(rows + rows // 4, width, dtype=dtype)
+            n = self._uses(buf)
+            if len(bufs) >= self.keep:
+                bufs.pop(0)
+        bufs.append((buf, n))  # most recently used last
+        return buf
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+# table gradients of the CPU kernel path (``bag_table_grad``); ``grad_buffers.clear()`` frees them
+grad_buffers = GradBuffers()
+
+
 def bag_table_grad(rows_TD: Tensor, ids_TK: Tensor, offset2bag_TK: Tensor, bag_size_T: Tensor,
                    num_rows: int, weights_TK: Tensor) -> Tensor:
-    """out[e] = sum over (t, s) with ids[t, s] == e of weights[t, s] * rows[t]; shape (num_rows, D)."""
+    """out[e] = sum over (t, s) with ids[t, s] == e of weights[t, s] * rows[t]; shape (num_rows, D).
+    On the CPU kernels' path the result is a view of a buffer of ``grad_buffers``."""
     kernels = usable(rows_TD, weights_TK)
     if kernels is not None:
         with torch.profiler.record_function("peerlm::bag_scatter"):
-            return kernels.bag_scatter(rows_TD.contiguous(), ids_TK.contiguous(), weights_TK.contiguous(), num_rows)
+            out = grad_buffers.take(num_rows, rows_TD.shape[1], rows_TD.dtype)
+            return kernels.bag_scatter(rows_TD.contiguous(), ids_TK.contiguous(), weights_TK.contiguous(), num_rows,
+                                       out)
     empty = torch.empty(0, dtype=torch.long, device=rows_TD.device)
     return _aten._embedding_bag_dense_backward(
         rows_TD, ids_TK.reshape(-1), offset2bag_TK, bag_size_T, empty, num_rows, False, _MODE_SUM,

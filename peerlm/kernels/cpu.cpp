@@ -9,8 +9,9 @@
 //   Ties keep the lower index (sub-key id, then grid position), so results are deterministic.
 // - bag_dot: out[t, s] = table[ids[t, s]] . rows[t] (what aten's embedding-bag per-sample-weight
 //   backward computes, without its per-pair overhead).
-// - bag_scatter: out[target[t, s]] += w[t, s] * rows[t], into a zeroed (R, D) tensor, without the sort
-//   aten's embedding-bag dense backward runs first. Threads split the columns, so no two write the
+// - bag_scatter: out[target[t, s]] += w[t, s] * rows[t], into an (R, D) tensor (new, or a caller's
+//   buffer reused across steps) as if zeroed first, without the sort aten's embedding-bag dense
+//   backward runs first. Threads split the columns, so no two write the
 //   same element and each element sums its pairs in (t, s) order: deterministic for any thread count.
 // - row_adamw_: RowSparseAdamW's update of the touched rows, in place, one pass per row.
 //
@@ -28,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -256,6 +258,13 @@ inline scalar_t dot(const scalar_t* w, const scalar_t* x, int64_t D) {
   return acc;
 }
 
+// o[d0..d1) = 0 + w * x[d0..d1) (an add into zero: -0 products give +0, as after torch.zeros)
+template <typename scalar_t>
+inline void assign(scalar_t* o, scalar_t w, const scalar_t* x, int64_t d0, int64_t d1) {
+#pragma omp simd
+  for (int64_t d = d0; d < d1; ++d) o[d] = scalar_t(0) + w * x[d];
+}
+
 // o[d0..d1) += w * x[d0..d1)
 template <typename scalar_t>
 inline void axpy(scalar_t* o, scalar_t w, const scalar_t* x, int64_t d0, int64_t d1) {
@@ -367,7 +376,8 @@ torch::Tensor bag_dot(torch::Tensor rows, torch::Tensor table, torch::Tensor ids
   return out;
 }
 
-torch::Tensor bag_scatter(torch::Tensor rows, torch::Tensor target, torch::Tensor weights, int64_t num_rows) {
+torch::Tensor bag_scatter(torch::Tensor rows, torch::Tensor target, torch::Tensor weights, int64_t num_rows,
+                          std::optional<torch::Tensor> out_buffer) {
   check_cpu_contiguous(rows, "rows");
   check_cpu_contiguous(target, "target");
   check_cpu_contiguous(weights, "weights");
@@ -375,22 +385,44 @@ torch::Tensor bag_scatter(torch::Tensor rows, torch::Tensor target, torch::Tenso
                   rows.size(0) == target.size(0) && rows.scalar_type() == weights.scalar_type(),
               "bag_scatter takes rows (T, D), target (T, K), weights (T, K)");
   const int64_t T = target.size(0), K = target.size(1), D = rows.size(1);
-  auto out = torch::zeros({num_rows, D}, rows.options());
   const int64_t* tg = target.data_ptr<int64_t>();
   for (int64_t p = 0; p < T * K; ++p) {
     TORCH_CHECK(0 <= tg[p] && tg[p] < num_rows, "target ", tg[p], " out of range for ", num_rows, " rows");
+  }
+  torch::Tensor out;
+  if (out_buffer.has_value()) {
+    const torch::Tensor& buf = *out_buffer;
+    check_cpu_contiguous(buf, "out");
+    TORCH_CHECK(buf.dim() == 2 && buf.size(0) >= num_rows && buf.size(1) == D &&
+                    buf.scalar_type() == rows.scalar_type(),
+                "out must be a (>= num_rows, D) tensor of the rows' dtype");
+    out = buf.narrow(0, 0, num_rows);
+  } else {
+    out = torch::empty({num_rows, D}, rows.options());
+  }
+  // A row's first pair writes it (0 + w x, the bits of an add into zero), the others add; rows no pair
+  // targets are zeroed. No pass over the whole output first, so a reused buffer is touched once.
+  std::vector<uint8_t> first(T * K, 0), seen(num_rows, 0);
+  for (int64_t p = 0; p < T * K; ++p) {
+    first[p] = !seen[tg[p]];
+    seen[tg[p]] = 1;
   }
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "bag_scatter", [&] {
     const scalar_t* X = rows.data_ptr<scalar_t>();
     const scalar_t* Wt = weights.data_ptr<scalar_t>();
     scalar_t* O = out.data_ptr<scalar_t>();
+    at::parallel_for(0, num_rows, 1024, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        if (!seen[r]) std::fill(O + r * D, O + (r + 1) * D, scalar_t(0));
+    });
     at::parallel_for(0, D, 16, [&](int64_t d0, int64_t d1) {
       for (int64_t t = 0; t < T; ++t) {
         const scalar_t* x = X + t * D;
         for (int64_t s = 0; s < K; ++s) {
           const int64_t p = t * K + s;
           if (p + kAhead < T * K) prefetch_row(O + tg[p + kAhead] * D + d0, d1 - d0, true);
-          axpy(O + tg[p] * D, Wt[p], x, d0, d1);
+          if (first[p]) assign(O + tg[p] * D, Wt[p], x, d0, d1);
+          else axpy(O + tg[p] * D, Wt[p], x, d0, d1);
         }
       }
     });
@@ -455,5 +487,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pk_topk", &pk_topk, "exact product-key top-k: (values, indices i * n + j)");
   m.def("bag_dot", &bag_dot, "out[t * K + s] = table[ids[t, s]] . rows[t]");
   m.def("row_adamw_", &row_adamw_, "AdamW on rows of param/exp_avg/exp_avg_sq in place, per-row step counts");
-  m.def("bag_scatter", &bag_scatter, "out[target[t, s]] += weights[t, s] * rows[t], out (num_rows, D)");
+  m.def("bag_scatter", &bag_scatter, "out[target[t, s]] += weights[t, s] * rows[t], out (num_rows, D)",
+        py::arg("rows"), py::arg("target"), py::arg("weights"), py::arg("num_rows"), py::arg("out") = py::none());
 }

@@ -173,3 +173,52 @@ def test_switched_off_falls_back_to_torch():
                          env={**os.environ, "PEERLM_CPU_KERNELS": "0"}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "(4, 4)" in out.stdout.replace("torch.Size([4, 4])", "(4, 4)") and out.stderr == ""
+
+
+def test_bag_scatter_into_a_used_buffer_equals_a_fresh_result():
+    g = torch.Generator().manual_seed(3)
+    rows, ids, w = torch.randn(40, 24, generator=g), torch.randint(0, 30, (40, 6), generator=g), torch.randn(40, 6)
+    fresh = kernels.bag_scatter(rows, ids, w, 30)
+    buf = torch.full((37, 24), float("nan"))  # roomier than needed, and dirty
+    out = kernels.bag_scatter(rows, ids, w, 30, buf)
+    assert out.data_ptr() == buf.data_ptr() and out.shape == (30, 24)
+    assert torch.equal(out, fresh) and not out.isnan().any()
+    with pytest.raises(RuntimeError, match="out must be"):
+        kernels.bag_scatter(rows, ids, w, 30, torch.empty(29, 24))
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_table_gradients_reuse_storage_only_once_nobody_holds_it(sparse_grad):
+    from peerlm import PEER
+
+    torch.manual_seed(0)
+    layer = PEER(16, 256, heads=2, topk=4, dim_key=8, sparse_grad=sparse_grad, impl="fused")
+    x1, x2 = torch.randn(9, 16), torch.randn(9, 16)
+
+    def grad_of(x):
+        layer.zero_grad(set_to_none=True)
+        layer(x).square().sum().backward()
+        g = layer.w_up.grad
+        return g.to_dense() if sparse_grad else g
+
+    ref1, ref2 = grad_of(x1).clone(), grad_of(x2).clone()
+    held = layer.w_up.grad  # kept by the caller: the next backward must not write into it
+    held_copy = held.clone()
+    layer.w_up.grad = None
+    layer(x1).square().sum().backward()
+    assert torch.equal(held.to_dense() if sparse_grad else held, held_copy.to_dense() if sparse_grad else held_copy)
+    assert torch.equal(grad_of(x1), ref1)
+    # accumulation over two micro-batches: the second gradient gets its own storage, the sum is right
+    layer.zero_grad(set_to_none=True)
+    layer(x1).square().sum().backward()
+    layer(x2).square().sum().backward()
+    acc = layer.w_up.grad.to_dense() if sparse_grad else layer.w_up.grad
+    torch.testing.assert_close(acc, ref1 + ref2)
+    # once nothing holds the earlier gradients, the next ones are written into the pool's storage
+    del held, held_copy, acc
+    layer.zero_grad(set_to_none=True)
+    pool = [b.data_ptr() for b, _ in bags_mod.grad_buffers._bufs[(16, torch.float32)]]
+    layer(x2).square().sum().backward()
+    for p in (layer.w_down, layer.w_up):
+        assert (p.grad._values() if sparse_grad else p.grad).untyped_storage().data_ptr() in pool
+    assert torch.equal(layer.w_up.grad.to_dense() if sparse_grad else layer.w_up.grad, ref2)
