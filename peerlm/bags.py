@@ -69,11 +69,13 @@ class GradBuffers:
     allocation of that size comes back from the system as untouched pages, and faulting them in cost
     as much as computing the gradient. ``take`` hands out a (rows, D) view of a buffer nobody else holds
     (its storage's use count is back to what the pool alone gives it: the last step's gradient was
-    freed), or of a new one, 25% roomier, kept for later steps; a gradient still held (accumulation
-    over micro-batches, a caller keeping ``.grad``) is never written into. At most ``keep`` buffers per
-    (width, dtype) stay, the oldest going first."""
+    freed), or of a new one, 25% roomier (pages never written are never resident), kept for later
+    steps; a gradient still held (accumulation over micro-batches, a caller keeping ``.grad``) is never
+    written into. Free buffers too small for a request are dropped when a larger one is made, so the
+    pool holds no more between steps than the gradients of one step did; at most ``keep`` buffers per
+    (width, dtype) stay (two per PEER layer, one per PKM layer), the oldest going first."""
 
-    def __init__(self, keep: int = 4):
+    def __init__(self, keep: int = 16):
         self.keep = keep
         self._bufs: dict[tuple, list[tuple[Tensor, int]]] = {}
 
@@ -83,10 +85,12 @@ class GradBuffers:
 
     def take(self, rows: int, width: int, dtype: torch.dtype) -> Tensor:
         bufs = self._bufs.setdefault((width, dtype), [])
-        free = [i for i, (b, n) in enumerate(bufs) if b.shape[0] >= rows and self._uses(b) == n]
-        if free:
-            buf, n = bufs.pop(min(free, key=lambda i: bufs[i][0].shape[0]))
-        else:
+        free = [i for i, (b, n) in enumerate(bufs) if self._uses(b) == n]
+        fits = [i for i in free if bufs[i][0].shape[0] >= rows]
+        if fits:
+            buf, n = bufs.pop(min(fits, key=lambda i: bufs[i][0].shape[0]))
+        else:  # free buffers too small to use go first: they would only hold memory beside the new one
+            bufs[:] = [bn for i, bn in enumerate(bufs) if i not in free]
             buf = torch.empty(rows + rows // 4, width, dtype=dtype)
             n = self._uses(buf)
             if len(bufs) >= self.keep:

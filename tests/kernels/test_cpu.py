@@ -222,3 +222,18 @@ def test_table_gradients_reuse_storage_only_once_nobody_holds_it(sparse_grad):
     for p in (layer.w_down, layer.w_up):
         assert (p.grad._values() if sparse_grad else p.grad).untyped_storage().data_ptr() in pool
     assert torch.equal(layer.w_up.grad.to_dense() if sparse_grad else layer.w_up.grad, ref2)
+
+
+def test_grad_buffers_drop_free_buffers_too_small_and_keep_held_ones():
+    pool = bags_mod.GradBuffers(keep=3)
+    a = pool.take(10, 4, torch.float32)
+    assert a.shape == (12, 4)
+    held = pool.take(10, 4, torch.float32)[:10]  # a's storage is free again, so this is a
+    assert held.data_ptr() == a.data_ptr()
+    del a
+    b = pool.take(10, 4, torch.float32)  # the first is held (by `held`): a second buffer
+    assert b.data_ptr() != held.data_ptr()
+    del b
+    big = pool.take(40, 4, torch.float32)  # too big for the free second buffer: it is dropped, the held one stays
+    ptrs = [t.data_ptr() for t, _ in pool._bufs[(4, torch.float32)]]
+    assert ptrs == [held.data_ptr(), big.data_ptr()]
