@@ -152,9 +152,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.experts, args.tokens, args.repeats = [64**2, 128**2], [256], 3
-    # every case's process gets the same allocator: peerlm turns on PyTorch's huge pages for large CPU
-    # tensors when imported first (peerlm/__init__.py), peer-pytorch's process would not
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
     import torch
 
@@ -163,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, python {platform.python_version()}")
     print(f"# dim {args.dim}, heads {args.heads}, topk {args.topk}, dim_key {args.dim_key}; "
           f"median of {args.repeats} steps after a warm-up; peak RSS of the case's own process; "
-          f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']} for every implementation")
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')} for every implementation")
     impls = [i for i in args.impls if available(i)]
     for missing in sorted(set(args.impls) - set(impls)):
         print(f"# {missing}: not installed, skipped (pip install peer-pytorch==0.2.2)")

@@ -15,7 +15,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import subprocess
@@ -23,14 +22,11 @@ import time
 from collections import defaultdict
 from datetime import datetime, timezone
 
-# the allocator peerlm's CLI gets (peerlm/__init__.py), for every model: it is read at torch's import
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from peerlm.study.design import BATCH, CONTEXT, model_config, recipe, size  # noqa: E402
-from peerlm.train import build_for_training  # noqa: E402
+from peerlm.study.design import BATCH, CONTEXT, model_config, recipe, size
+from peerlm.train import build_for_training
 
 EXPERT_RATIO = {"peer": 3.0, "pkm": 10.0}  # the study's table LR ratios
 GROUPS = {  # operator name -> group, first match wins

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -30,8 +29,6 @@ import time
 from datetime import datetime, timezone
 
 OPTIMIZERS = ("dense", "sparse")
-# the allocator peerlm's CLI gets (peerlm/__init__.py); every case's process inherits it
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def worker(args: argparse.Namespace) -> dict:

@@ -134,19 +134,3 @@ def test_the_checks_see_a_cycle_and_an_upward_import(tmp_path):
     assert _cycles(graph) == [["peerlm.a", "peerlm.sub.b", "peerlm.a"]]
     assert _layer("peerlm.checkpoint.local") == 2 and _layer("peerlm.study.cli") == 5
 
-
-def test_importing_peerlm_first_puts_large_tensors_on_huge_pages_unless_told_not_to():
-    """peerlm/__init__.py sets PyTorch's THP_MEM_ALLOC_ENABLE before torch is imported; torch then
-    aligns large CPU allocations to pages (and advises huge pages) instead of 64 bytes."""
-    import os
-    import subprocess
-    import sys
-
-    code = ("import os, peerlm, torch; print(os.environ['THP_MEM_ALLOC_ENABLE'], "
-            "all(torch.empty(1 << (20 + i)).data_ptr() % 4096 == 0 for i in range(4)))")
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["1", "True"]
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.split()[0] == "0"
