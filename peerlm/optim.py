@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from peerlm.ffn import expert_parameters, memory_layers, routing_parameters
-from peerlm.kernels.cpu import usable
+from peerlm.kernels.cpu import advise_huge_pages, usable
 from peerlm.norms import BatchNorm, RMSNorm, RunningNorm
 from peerlm.retrieval import ProductKeys
 
@@ -143,8 +143,10 @@ class RowSparseAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)  # per row
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for name in ("exp_avg", "exp_avg_sq"):  # read at random rows, as the table is: huge pages
+                state[name] = torch.empty_like(p, memory_format=torch.preserve_format)
+                advise_huge_pages(state[name])
+                state[name].zero_()
         return state
 
     @torch.no_grad()

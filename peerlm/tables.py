@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from peerlm.kernels.cpu import advise_huge_pages
+
 __all__ = ["ColumnShard", "GRAD_REDUCTIONS", "normal_columns_", "normal_table_", "shard_repr"]
 
 GRAD_REDUCTIONS = ("mean", "sum")
@@ -100,7 +102,9 @@ def normal_columns_(local_NC: Tensor, dim: int, columns: slice, std: float) -> T
 
 def normal_table_(table: Tensor, std: float, shard: ColumnShard | None) -> Tensor:
     """Initialise a layer's table N(0, std^2) from the default generator: the whole (N, D) table, or this
-    rank's columns of the same draw when ``shard`` is set."""
+    rank's columns of the same draw when ``shard`` is set. A large CPU table is first advised onto huge
+    pages (``peerlm.kernels.cpu.advise_huge_pages``): its rows are read at random every step."""
+    advise_huge_pages(table.data)
     if shard is None:
         return nn.init.normal_(table, std=std)
     return normal_columns_(table, shard.dim, shard.columns, std)

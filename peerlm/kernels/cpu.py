@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["cpu_kernels", "usable"]
+__all__ = ["advise_huge_pages", "cpu_kernels", "usable"]
 
 _SOURCE = Path(__file__).with_name("cpu.cpp")
 _lock = threading.Lock()
@@ -84,3 +84,44 @@ def usable(*tensors: Tensor) -> ModuleType | None:
                 or (grad and t.requires_grad)):
             return None
     return cpu_kernels()
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+@functools.cache
+def _madvise():
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc.madvise
+
+
+def advise_huge_pages(t: Tensor) -> bool:
+    """Ask Linux to back a large CPU tensor that is read at random rows, an expert table or its
+    optimizer state, with 2 MiB transparent huge pages (``madvise(MADV_HUGEPAGE)`` over the whole
+    2 MiB pages it spans). Every retrieved row is then a TLB hit far more often: at N = 1024^2 a table is
+    512 MiB to 2 GiB, which 4 KiB pages cover only with a miss per row. Pages not yet touched get huge
+    pages when first written (so call it before initialising), touched ones when the kernel collapses
+    them. Only this tensor is affected, unlike PyTorch's ``THP_MEM_ALLOC_ENABLE``, which applies to every
+    allocation of 2 MiB or more. Does nothing (returns False) off Linux, for tensors under 4 MiB, on
+    other devices, or where transparent huge pages are off (``/sys/kernel/mm/transparent_hugepage``)."""
+    if (t.device.type != "cpu" or type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided
+            or not t.is_contiguous() or t.numel() * t.element_size() < 2 * _HUGE_PAGE):
+        return False
+    madvise = _madvise()
+    if madvise is None:
+        return False
+    start = t.data_ptr()
+    first = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
+    end = (start + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    return end > first and madvise(first, end - first, _MADV_HUGEPAGE) == 0
