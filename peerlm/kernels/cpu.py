@@ -79,11 +79,15 @@ def usable(*tensors: Tensor) -> ModuleType | None:
         return None
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if (type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided or t.device.type != "cpu"
-                or t.dtype not in (torch.float32, torch.float64) or t.dtype != tensors[0].dtype
+        if (not _plain_cpu(t) or t.dtype not in (torch.float32, torch.float64) or t.dtype != tensors[0].dtype
                 or (grad and t.requires_grad)):
             return None
     return cpu_kernels()
+
+
+def _plain_cpu(t: Tensor) -> bool:
+    """A strided CPU tensor or parameter whose memory is its own (not a subclass such as DTensor)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided and t.device.type == "cpu"
 
 
 _HUGE_PAGE = 2 << 20
@@ -115,8 +119,7 @@ def advise_huge_pages(t: Tensor) -> bool:
     them. Only this tensor is affected, unlike PyTorch's ``THP_MEM_ALLOC_ENABLE``, which applies to every
     allocation of 2 MiB or more. Does nothing (returns False) off Linux, for tensors under 4 MiB, on
     other devices, or where transparent huge pages are off (``/sys/kernel/mm/transparent_hugepage``)."""
-    if (t.device.type != "cpu" or type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided
-            or not t.is_contiguous() or t.numel() * t.element_size() < 2 * _HUGE_PAGE):
+    if not _plain_cpu(t) or not t.is_contiguous() or t.numel() * t.element_size() < 2 * _HUGE_PAGE:
         return False
     madvise = _madvise()
     if madvise is None:
