@@ -9,7 +9,8 @@ writing gathered rows:
   (embedding-bag's dense backward);
 and ``table_grads`` hands table gradients out dense (N, D), or row-sparse: accumulated into one compact
 row per distinct id (U rows) and wrapped as coalesced COO tensors, as ``nn.Embedding(sparse=True)``
-would.
+would; or, for a table in ``row_updates``, applies them to the table then and there (the update fused
+into the backward, ``peerlm.optim.update_in_backward``) and hands out no gradient.
 
 Shape legend: T tokens (bags), K rows per bag, D row width, N table rows, U distinct ids,
 TK = T * K flattened (bag-major).
@@ -17,7 +18,8 @@ TK = T * K flattened (bag-major).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ from peerlm.config import PEER_ACTIVATIONS
 from peerlm.kernels.cpu import usable
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_GRADS", "bags", "bag_dot", "bag_table_grad", "table_grads", "GradBuffers",
-           "grad_buffers"]
+           "grad_buffers", "RowUpdate", "row_updates"]
 
 ACTIVATIONS = {name: getattr(F, name) for name in PEER_ACTIVATIONS}  # gelu, relu, silu
 # dL/dz from dL/da for a = act(z): the ops autograd runs for each of ACTIVATIONS, so the same bits; called
@@ -123,9 +125,25 @@ def bag_table_grad(rows_TD: Tensor, ids_TK: Tensor, offset2bag_TK: Tensor, bag_s
     )
 
 
+class RowUpdate(Protocol):
+    """An optimizer's update of one table, run by the backward that computes the table's gradient."""
+
+    def fused_(self, rows_TD: Tensor, target_TK: Tensor, weights_TK: Tensor, rows_U: Tensor) -> bool:
+        """Sum gradient row u = sum over target[t, s] == u of weights[t, s] * rows[t] and update table row
+        rows_U[u] with it, in one pass (targets >= U: no row); False where it cannot (then ``apply_``)."""
+
+    def apply_(self, rows_U: Tensor, grad_UD: Tensor) -> None:
+        """Update table rows rows_U (ascending, distinct) with their gradient rows."""
+
+
+# tables whose optimizer updates them inside the backward (``peerlm.optim.update_in_backward``)
+row_updates: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()
+
+
 def table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK: Tensor, bag_size_T: Tensor,
                 parts: list[tuple[Tensor, Tensor] | None],
-                grad_rows: Callable[[Tensor, Tensor], Tensor] | None = None) -> list[Tensor | None]:
+                grad_rows: Callable[[Tensor, Tensor], Tensor] | None = None,
+                tables: Sequence[Tensor | None] = ()) -> list[Tensor | None]:
     """For each (rows_TD, weights_TK) of ``parts`` (None: no gradient wanted), the (num_rows, D) table
     gradient ``bag_table_grad`` sums; dense, or with ``sparse_grad`` coalesced COO over the distinct ids,
     holding O(U D) instead of O(N D).
@@ -133,8 +151,15 @@ def table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK:
     ``grad_rows`` (sparse only) restricts the gradient to some rows before any is summed: it gets the
     distinct ids (ascending) and how often each was retrieved, and returns the ids to keep (an ascending
     subset); the rest get no row at all. Sparse memory finetuning chooses its rows this way, so the
-    batch's full U-row gradient is never held (``peerlm.continual.memory.SparseRows``)."""
+    batch's full U-row gradient is never held (``peerlm.continual.memory.SparseRows``).
+
+    ``tables``: the parts' tables. One registered in ``row_updates`` is updated here, over its distinct
+    rows (those ``grad_rows`` keeps), and its gradient is None: on the CPU kernels' path without ever
+    storing the gradient rows (``RowUpdate.fused_``), elsewhere from the U-row gradient at once."""
     T, K = ids_TK.shape
+    updates = [row_updates.get(t) if t is not None else None for t in tables] if len(row_updates) else []
+    updates += [None] * (len(parts) - len(updates))
+    rowwise = sparse_grad or any(u is not None for u in updates)
     if sparse_grad and grad_rows is not None:
         uniq_U, inv, counts_U = torch.unique(ids_TK.reshape(-1), return_inverse=True, return_counts=True)
         keep_R = grad_rows(uniq_U, counts_U)
@@ -142,20 +167,25 @@ def table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK:
         # kept ids to 0..R-1 in order, the others to one spare row R that is summed and dropped
         slot_U = torch.where(kept_U, kept_U.cumsum(0) - 1, int(kept_U.sum()))
         uniq_U, rows, target_TK = uniq_U[kept_U], int(kept_U.sum()) + 1, slot_U[inv].view(T, K)
-    elif sparse_grad:
+    elif rowwise:
         uniq_U, inv = torch.unique(ids_TK.reshape(-1), return_inverse=True)
         rows, target_TK = uniq_U.numel(), inv.view(T, K)
-    else:
-        rows, target_TK = num_rows, ids_TK
     grads = []
-    for part in parts:
+    for part, update in zip(parts, updates):
         if part is None:
             grads.append(None)
             continue
         rows_TD, weights_TK = part
+        if update is not None:
+            if not update.fused_(rows_TD, target_TK, weights_TK, uniq_U):
+                g = bag_table_grad(rows_TD, target_TK, offset2bag_TK, bag_size_T, rows, weights_TK)
+                update.apply_(uniq_U, g[:uniq_U.numel()])
+            grads.append(None)
+            continue
+        if not sparse_grad:
+            grads.append(bag_table_grad(rows_TD, ids_TK, offset2bag_TK, bag_size_T, num_rows, weights_TK))
+            continue
         g = bag_table_grad(rows_TD, target_TK, offset2bag_TK, bag_size_T, rows, weights_TK)
-        if sparse_grad:
-            g = torch.sparse_coo_tensor(uniq_U.unsqueeze(0), g[:uniq_U.numel()], (num_rows, g.shape[1]),
-                                        is_coalesced=True, check_invariants=False)
-        grads.append(g)
+        grads.append(torch.sparse_coo_tensor(uniq_U.unsqueeze(0), g[:uniq_U.numel()], (num_rows, g.shape[1]),
+                                             is_coalesced=True, check_invariants=False))
     return grads

@@ -18,7 +18,9 @@ Only z (T, K), the ids and the gates are kept for backward: O(tokens * heads * k
 in backward. Table gradients are dense (N, D) by default; with ``sparse_grad=True`` they are
 accumulated into one compact row per distinct retrieved expert (U rows, U <= min(N, T*K)) and handed
 out as coalesced sparse COO tensors, as ``nn.Embedding(sparse=True)`` would
-(``torch.optim.SparseAdam``, ``SGD`` and peerlm's row-sparse AdamW consume them).
+(``torch.optim.SparseAdam``, ``SGD`` and peerlm's row-sparse AdamW consume them). A table whose
+optimizer updates it in the backward (``peerlm.optim.update_in_backward``) gets no gradient: its rows
+are updated there, after every other use of the table in the backward.
 
 Arithmetic runs in the tables' dtype (inputs are cast to it; fp32 tables under bf16 autocast keep
 fp32 expert math).
@@ -113,7 +115,7 @@ class PEERExperts(torch.autograd.Function):
             dx_TD = F.embedding_bag(ids_TK, w_down, per_sample_weights=dz_TK, mode="sum").to(ctx.x_dtype)
         d_down, d_up = table_grads(ids_TK, N, ctx.sparse_grad, offset2bag_TK, bag_size_T,
                                    [(x_TD, dz_TK) if need_down else None,
-                                    (dy_TD, g_TK * a_TK) if need_up else None], ctx.grad_rows)
+                                    (dy_TD, g_TK * a_TK) if need_up else None], ctx.grad_rows, (w_down, w_up))
         return dx_TD, None, dg_TK, d_down, d_up, None, None, None
 
 
@@ -148,7 +150,7 @@ class MemoryBag(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dw_TK = bag_dot(dy_TD, table_ND, ids_TK, offsets_T, offset2bag_TK).view(T, K).to(w_TK.dtype)
         (d_table,) = table_grads(ids_TK, table_ND.shape[0], ctx.sparse_grad, offset2bag_TK, bag_size_T,
-                                 [(dy_TD, w_TK) if ctx.needs_input_grad[2] else None])
+                                 [(dy_TD, w_TK) if ctx.needs_input_grad[2] else None], tables=(table_ND,))
         return None, dw_TK, d_table, None
 
 

@@ -29,6 +29,13 @@ Choices:
 - Dense gradients are accepted too (every row counts as touched), so PKM values or a model built
   without ``sparse_grad`` can share the optimizer.
 
+``update_in_backward`` moves a row-sparse AdamW's (or a plain SGD's) table updates into the backward that
+computes the tables' gradients: each distinct row's gradient is summed and applied at once, and the
+batch's gradient rows are never stored (on the CPU kernels' path: ``bag_update_``), which saves their
+memory (U x D per table) and two passes over them. The update equals the one ``step`` would make with
+the same gradient, bit for bit. What it gives up, as every optimizer step in the backward does: the
+tables' gradients are not there to clip with the others or to accumulate over micro-batches.
+
 ``GroupedOptimizer`` puts torch's AdamW (dense groups) and the row-sparse one (expert group) behind one
 ``step``/``zero_grad``/``state_dict``/``param_groups``, so the training loop and checkpoints see one object.
 """
@@ -42,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peerlm.bags import row_updates
 from peerlm.ffn import expert_parameters, memory_layers, routing_parameters
 from peerlm.kernels.cpu import advise_huge_pages, usable
 from peerlm.norms import BatchNorm, RMSNorm, RunningNorm
@@ -49,7 +57,7 @@ from peerlm.retrieval import ProductKeys
 
 __all__ = [
     "param_groups", "lr_factor", "set_lr", "RowSparseAdamW", "GroupedOptimizer", "build_optimizer",
-    "clip_grad_norm", "coalesced",
+    "clip_grad_norm", "coalesced", "update_in_backward", "InBackward",
 ]
 
 # norms, embeddings and product keys (whose sub-keys are routing, not weights) take no weight decay
@@ -246,6 +254,82 @@ class RowSparseAdamW(torch.optim.Optimizer):
         state["step"].index_copy_(0, rows_U, step_U)
         state["exp_avg"].index_copy_(0, rows_U, m_UD)
         state["exp_avg_sq"].index_copy_(0, rows_U, v_UD)
+
+
+class _TableUpdate:
+    """``bags.RowUpdate`` of one table: its optimizer's update, with the group's current settings."""
+
+    def __init__(self, opt: torch.optim.Optimizer, group: dict[str, Any], p: Tensor):
+        self.opt, self.group, self.p = opt, group, p
+
+    def _adam(self) -> bool:
+        return isinstance(self.opt, RowSparseAdamW)
+
+    def fused_(self, rows_TD: Tensor, target_TK: Tensor, weights_TK: Tensor, rows_U: Tensor) -> bool:
+        p, g = self.p, self.group
+        kernels = usable(p.data, rows_TD, weights_TK)
+        if kernels is None or not p.is_contiguous():
+            return False
+        args = (rows_TD.contiguous(), target_TK.contiguous(), weights_TK.contiguous(), rows_U.contiguous(), p.data)
+        with torch.profiler.record_function("peerlm::bag_update_"):
+            if self._adam():
+                state = self.opt._init_state(p)
+                kernels.bag_update_(*args, state["exp_avg"], state["exp_avg_sq"], state["step"], g["lr"],
+                                    *g["betas"], g["eps"], g["weight_decay"])
+            else:
+                kernels.bag_update_(*args, None, None, None, g["lr"])
+        return True
+
+    def apply_(self, rows_U: Tensor, grad_UD: Tensor) -> None:
+        p, g = self.p, self.group
+        with torch.no_grad():
+            if self._adam():
+                self.opt._update(p, self.opt._init_state(p), rows_U, grad_UD, g["lr"], *g["betas"], g["eps"],
+                                 g["weight_decay"])
+            else:
+                p.data.index_add_(0, rows_U, grad_UD.to(p.dtype), alpha=-g["lr"])
+
+
+class InBackward:
+    """The handle ``update_in_backward`` returns: ``remove()`` gives the tables' updates back to ``step``."""
+
+    def __init__(self, params: list[Tensor]):
+        self.params = params
+
+    def remove(self) -> None:
+        for p in self.params:
+            row_updates.pop(p, None)
+
+
+def update_in_backward(optimizer: torch.optim.Optimizer) -> InBackward:
+    """Make ``optimizer`` update its tables inside the backward that computes their gradients (see the
+    module docstring), for tables of peerlm's PEER and PKM layers on their fused paths (``impl="fused"``
+    or ``"auto"`` off CUDA). ``optimizer``: a ``RowSparseAdamW``, or a ``torch.optim.SGD`` without
+    momentum, weight decay or ``maximize`` (the rule its sparse gradients take). Its learning rates
+    are read when the backward runs, so ``set_lr`` before the forward applies to that step.
+
+    The tables then get no ``.grad``: ``step()`` updates whatever gradient does reach it (a path that
+    does not update in the backward, such as Triton's or the sharded one, still trains, at ``step``),
+    clipping (``clip_grad_norm``) no longer sees the tables' gradients, and with micro-batches each
+    backward is a step of its own. Undo with the handle's ``remove()``."""
+    if isinstance(optimizer, torch.optim.SGD):
+        for g in optimizer.param_groups:
+            bad = {k: g[k] for k in ("momentum", "weight_decay", "maximize", "nesterov") if g.get(k)}
+            if bad:
+                raise ValueError(f"update_in_backward takes SGD without momentum, weight decay, maximize or "
+                                 f"nesterov (the rule of its sparse gradients), got {bad}; use RowSparseAdamW "
+                                 "for a stateful update")
+    elif not isinstance(optimizer, RowSparseAdamW):
+        raise TypeError(f"update_in_backward takes peerlm.optim.RowSparseAdamW or torch.optim.SGD, got "
+                        f"{type(optimizer).__name__}")
+    params = []
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if p.dim() != 2:
+                raise ValueError(f"update_in_backward updates rows of 2-D tables, got shape {tuple(p.shape)}")
+            row_updates[p] = _TableUpdate(optimizer, g, p)
+            params.append(p)
+    return InBackward(params)
 
 
 class GroupedOptimizer:

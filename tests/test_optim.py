@@ -274,3 +274,103 @@ def test_peer_sparse_gradients_reach_the_optimizer_coalesced_without_a_sort():
     c = coalesced(g)
     assert c._values().data_ptr() == g._values().data_ptr()
     assert torch.equal(c.to_dense(), g.to_dense())
+
+
+def _in_backward_pair(make, opt_class, **opt_kwargs):
+    """Two copies of a layer: one trained with backward then ``step``, one with its tables' update in
+    the backward; returns (reference, in-backward) as (layer, optimizer, tables) each."""
+    torch.manual_seed(0)
+    a = make()
+    b = copy.deepcopy(a)
+    out = []
+    for layer in (a, b):
+        tables = [p for n, p in layer.named_parameters() if n in ("w_down", "w_up", "values")]
+        out.append((layer, opt_class(tables, **opt_kwargs), tables))
+    optim.update_in_backward(out[1][1])
+    return out
+
+
+def _train_both(pair, steps=3, dim=32):
+    (a, opt_a, tab_a), (b, opt_b, tab_b) = pair
+    for _ in range(steps):
+        x = torch.randn(9, dim)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a(xa).pow(2).sum().backward()
+        b(xb).pow(2).sum().backward()
+        assert all(p.grad is None for p in tab_b), "a table updated in the backward gets no gradient"
+        assert torch.equal(xa.grad, xb.grad)  # the input's gradient read the tables before their update
+        opt_a.step()
+        opt_b.step()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+    return tab_a, tab_b
+
+
+def _peer():
+    return lambda: PEER(32, 256, heads=2, topk=4, dim_key=8, sparse_grad=True)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_adamw_in_the_backward_equals_adamw_at_step(sparse, update_path):
+    """Against sparse gradients and RowSparseAdamW at ``step``; the layer updated in the backward needs
+    no ``sparse_grad`` (its tables get no gradient either way)."""
+    pair = _in_backward_pair(_peer(), RowSparseAdamW, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    pair[1][0].sparse_grad = sparse
+    tab_a, tab_b = _train_both(pair)
+    for p, q in zip(tab_a, tab_b):
+        assert torch.equal(p, q)  # the same kernel or ops on the same gradient rows: the same bits
+    opt_a, opt_b = pair[0][1], pair[1][1]
+    for p, q in zip(tab_a, tab_b):
+        assert torch.equal(opt_a.state[p]["step"], opt_b.state[q]["step"])
+        assert opt_b.state[q]["step"].max() == 3
+
+
+def test_pkm_values_update_in_the_backward_as_at_step():
+    from peerlm.ffn import PKM
+
+    pair = _in_backward_pair(lambda: PKM(32, 16, heads=2, topk=4, dim_key=8, sparse_grad=True), RowSparseAdamW,
+                             lr=1e-2)
+    tab_a, tab_b = _train_both(pair)
+    assert torch.equal(tab_a[0], tab_b[0])
+
+
+def test_sgd_in_the_backward_equals_torch_sgd_on_sparse_gradients():
+    pair = _in_backward_pair(_peer(), torch.optim.SGD, lr=0.5)
+    init = [p.detach().clone() for p in pair[1][2]]
+    tab_a, tab_b = _train_both(pair)
+    for p, q, p0 in zip(tab_a, tab_b, init):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(q, p0)
+
+
+def test_in_backward_update_keeps_only_the_rows_grad_rows_chooses():
+    layer = _peer()()
+    opt = RowSparseAdamW([layer.w_down, layer.w_up], lr=1e-1)
+    optim.update_in_backward(opt)
+    chosen = {}
+
+    def keep_even(ids_U, counts_U):
+        chosen["rows"] = ids_U[ids_U % 2 == 0]
+        return chosen["rows"]
+    layer.grad_rows = keep_even
+    before = layer.w_up.detach().clone()
+    layer(torch.randn(9, 32)).sum().backward()
+    changed = (layer.w_up != before).any(1).nonzero().flatten()
+    assert changed.numel() > 0 and torch.equal(changed, chosen["rows"])
+    assert torch.equal(opt.state[layer.w_up]["step"].nonzero().flatten(), chosen["rows"])
+
+
+def test_update_in_backward_refuses_what_it_cannot_do_and_is_undone_by_remove():
+    layer = _peer()()
+    with pytest.raises(ValueError, match="momentum"):
+        optim.update_in_backward(torch.optim.SGD([layer.w_up], lr=0.1, momentum=0.9))
+    with pytest.raises(TypeError, match="RowSparseAdamW or torch.optim.SGD"):
+        optim.update_in_backward(torch.optim.Adam([layer.w_up]))
+    with pytest.raises(ValueError, match="2-D"):
+        optim.update_in_backward(torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1))
+    handle = optim.update_in_backward(RowSparseAdamW([layer.w_up], lr=1e-2))
+    layer(torch.randn(4, 32)).sum().backward()
+    assert layer.w_up.grad is None and layer.w_down.grad is not None
+    handle.remove()
+    layer(torch.randn(4, 32)).sum().backward()
+    assert layer.w_up.grad is not None

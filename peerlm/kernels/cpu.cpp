@@ -14,6 +14,9 @@
 //   backward runs first. Threads split the columns, so no two write the
 //   same element and each element sums its pairs in (t, s) order: deterministic for any thread count.
 // - row_adamw_: RowSparseAdamW's update of the touched rows, in place, one pass per row.
+// - bag_update_: bag_scatter's sums and row_adamw_'s update (or plain SGD's) in one pass, the table
+//   update fused into the backward: each gradient row is summed in a row of scratch and applied at
+//   once, so the batch's gradient rows are never stored.
 //
 // All take contiguous CPU tensors of one floating type (float or double), int64 ids, and accumulate
 // in that type.
@@ -302,6 +305,13 @@ inline void adamw_row(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g, 
   }
 }
 
+// one row of bag_update_'s SGD: p <- p + (-lr) g, as torch's add_(g, alpha=-lr)
+template <typename scalar_t>
+inline void sgd_row(scalar_t* p, const scalar_t* g, int64_t D, scalar_t neg_lr) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) p[d] += neg_lr * g[d];
+}
+
 void check_cpu_contiguous(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
@@ -483,10 +493,109 @@ void row_adamw_(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_av
   });
 }
 
+// The table update fused into the backward. For each u < U: g_u = sum over the pairs p with target[p] == u,
+// in (t, s) order, of weights[p] * x[t] (bag_scatter's sums, bit for bit: the same first write, the same
+// adds in the same order), then param row rows[u] is updated with g_u at once: AdamW exactly as
+// row_adamw_ when exp_avg, exp_avg_sq and step are given, else SGD (p <- p - lr g). Pairs whose target is
+// U or more are skipped (rows nobody updates). Threads split the distinct rows; each sums its row in one
+// row of scratch, so no (U, D) gradient is ever stored and each parameter row is written once.
+void bag_update_(torch::Tensor x, torch::Tensor target, torch::Tensor weights, torch::Tensor rows,
+                 torch::Tensor param, std::optional<torch::Tensor> exp_avg, std::optional<torch::Tensor> exp_avg_sq,
+                 std::optional<torch::Tensor> step, double lr, double beta1, double beta2, double eps,
+                 double weight_decay) {
+  check_cpu_contiguous(x, "x");
+  check_cpu_contiguous(target, "target");
+  check_cpu_contiguous(weights, "weights");
+  check_cpu_contiguous(rows, "rows");
+  check_cpu_contiguous(param, "param");
+  TORCH_CHECK(x.dim() == 2 && target.dim() == 2 && target.sizes() == weights.sizes() && x.size(0) == target.size(0) &&
+                  param.dim() == 2 && param.size(1) == x.size(1),
+              "bag_update_ takes x (T, D), target (T, K), weights (T, K), rows (U), param (N, D)");
+  TORCH_CHECK(x.scalar_type() == param.scalar_type() && weights.scalar_type() == param.scalar_type() &&
+                  target.scalar_type() == torch::kInt64 && rows.scalar_type() == torch::kInt64,
+              "bag_update_: x, weights and param of one floating type; target and rows int64");
+  const bool adam = exp_avg.has_value();
+  TORCH_CHECK(adam == exp_avg_sq.has_value() && adam == step.has_value(),
+              "bag_update_: give exp_avg, exp_avg_sq and step together (AdamW) or none (SGD)");
+  if (adam) {
+    check_cpu_contiguous(*exp_avg, "exp_avg");
+    check_cpu_contiguous(*exp_avg_sq, "exp_avg_sq");
+    check_cpu_contiguous(*step, "step");
+    TORCH_CHECK(exp_avg->sizes() == param.sizes() && exp_avg_sq->sizes() == param.sizes() &&
+                    exp_avg->scalar_type() == param.scalar_type() && exp_avg_sq->scalar_type() == param.scalar_type() &&
+                    step->numel() == param.size(0) && step->scalar_type() == torch::kInt64,
+                "bag_update_: exp_avg and exp_avg_sq like param, step (N) int64");
+  }
+  const int64_t T = target.size(0), K = target.size(1), D = x.size(1), N = param.size(0), U = rows.numel();
+  const int64_t* R = rows.data_ptr<int64_t>();
+  for (int64_t u = 0; u < U; ++u) {
+    TORCH_CHECK(0 <= R[u] && R[u] < N, "row ", R[u], " out of range for ", N);
+    TORCH_CHECK(u == 0 || R[u] > R[u - 1], "rows must be ascending and distinct");
+  }
+  const int64_t* tg = target.data_ptr<int64_t>();
+  // the pairs of each target in (t, s) order: a counting sort
+  std::vector<int64_t> start(U + 1, 0), order;
+  for (int64_t p = 0; p < T * K; ++p) {
+    TORCH_CHECK(tg[p] >= 0, "target ", tg[p], " is negative");
+    if (tg[p] < U) ++start[tg[p] + 1];
+  }
+  for (int64_t u = 0; u < U; ++u) start[u + 1] += start[u];
+  order.resize(start[U]);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t p = 0; p < T * K; ++p)
+      if (tg[p] < U) order[fill[tg[p]]++] = p;
+  }
+  int64_t* S = adam ? step->data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "bag_update_", [&] {
+    const scalar_t* X = x.data_ptr<scalar_t>();
+    const scalar_t* Wt = weights.data_ptr<scalar_t>();
+    scalar_t* P = param.data_ptr<scalar_t>();
+    scalar_t* M = adam ? exp_avg->data_ptr<scalar_t>() : nullptr;
+    scalar_t* V = adam ? exp_avg_sq->data_ptr<scalar_t>() : nullptr;
+    const scalar_t w1 = static_cast<scalar_t>(1 - beta1), b2 = static_cast<scalar_t>(beta2),
+                   c2 = static_cast<scalar_t>(1 - beta2), e = static_cast<scalar_t>(eps),
+                   decay = static_cast<scalar_t>(1 - lr * weight_decay), neg_lr = static_cast<scalar_t>(-lr);
+    at::parallel_for(0, U, 64, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> g(D);
+      for (int64_t u = begin; u < end; ++u) {
+        if (u + kAhead < end) {
+          const int64_t a = R[u + kAhead] * D;
+          prefetch_row(P + a, D, true);
+          if (adam) {
+            prefetch_row(M + a, D, true);
+            prefetch_row(V + a, D, true);
+          }
+        }
+        if (start[u] == start[u + 1]) std::fill(g.begin(), g.end(), scalar_t(0));
+        for (int64_t q = start[u]; q < start[u + 1]; ++q) {
+          const int64_t p = order[q];
+          if (q == start[u]) assign(g.data(), Wt[p], X + (p / K) * D, 0, D);
+          else axpy(g.data(), Wt[p], X + (p / K) * D, 0, D);
+        }
+        const int64_t r = R[u];
+        if (adam) {
+          const double t = static_cast<double>(++S[r]);
+          const scalar_t bc2_sqrt = static_cast<scalar_t>(std::sqrt(1 - std::pow(beta2, t)));
+          const scalar_t neg_step = static_cast<scalar_t>(-(lr / (1 - std::pow(beta1, t))));
+          adamw_row(P + r * D, M + r * D, V + r * D, g.data(), D, w1, b2, c2, e, weight_decay != 0, decay, bc2_sqrt,
+                    neg_step);
+        } else {
+          sgd_row(P + r * D, g.data(), D, neg_lr);
+        }
+      }
+    });
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pk_topk", &pk_topk, "exact product-key top-k: (values, indices i * n + j)");
   m.def("bag_dot", &bag_dot, "out[t * K + s] = table[ids[t, s]] . rows[t]");
   m.def("row_adamw_", &row_adamw_, "AdamW on rows of param/exp_avg/exp_avg_sq in place, per-row step counts");
   m.def("bag_scatter", &bag_scatter, "out[target[t, s]] += weights[t, s] * rows[t], out (num_rows, D)",
         py::arg("rows"), py::arg("target"), py::arg("weights"), py::arg("num_rows"), py::arg("out") = py::none());
+  m.def("bag_update_", &bag_update_, "bag_scatter's rows applied at once: AdamW (row_adamw_) or SGD, in place",
+        py::arg("x"), py::arg("target"), py::arg("weights"), py::arg("rows"), py::arg("param"), py::arg("exp_avg"),
+        py::arg("exp_avg_sq"), py::arg("step"), py::arg("lr"), py::arg("beta1") = 0.0, py::arg("beta2") = 0.0,
+        py::arg("eps") = 0.0, py::arg("weight_decay") = 0.0);
 }

@@ -222,3 +222,43 @@ def test_large_tables_and_their_adam_state_are_advised_onto_huge_pages():
     assert _advised(opt.state[layer.w_up]["exp_avg"]) and _advised(opt.state[layer.w_up]["exp_avg_sq"])
     plain = torch.empty(128**2, 576)  # a fresh mapping of its own (over glibc's mmap threshold)
     assert not _advised(plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bag_update_is_bag_scatter_then_row_adamw_bit_for_bit(dtype):
+    """The table update fused into the backward: the same gradient sums and the same AdamW arithmetic;
+    targets past the rows (a spare row nobody keeps) are skipped; a plain SGD without state."""
+    g = torch.Generator().manual_seed(4)
+    T, K, D, N, U = 30, 6, 40, 50, 12
+    x, w = torch.randn(T, D, generator=g, dtype=dtype), torch.randn(T, K, generator=g, dtype=dtype)
+    target = torch.randint(0, U + 1, (T, K), generator=g)  # U: the spare row
+    rows = torch.randperm(N, generator=g)[:U].sort().values
+    p0 = torch.randn(N, D, generator=g, dtype=dtype)
+    state0 = [torch.rand(N, D, generator=g, dtype=dtype) for _ in range(2)] + [torch.randint(0, 5, (N,), generator=g)]
+    args = (1e-2, 0.9, 0.95, 1e-8, 0.1)
+    grad = kernels.bag_scatter(x, target, w, U + 1)[:U].contiguous()
+    ref, ref_state = p0.clone(), [s.clone() for s in state0]
+    kernels.row_adamw_(ref, *ref_state, rows, grad, *args)
+    got, got_state = p0.clone(), [s.clone() for s in state0]
+    kernels.bag_update_(x, target, w, rows, got, *got_state, *args)
+    assert torch.equal(got, ref) and all(torch.equal(a, b) for a, b in zip(got_state, ref_state))
+    assert not torch.equal(got[rows], p0[rows])
+    others = torch.ones(N, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(got[others], p0[others]) and torch.equal(got_state[2][others], state0[2][others])
+    sgd = p0.clone()
+    kernels.bag_update_(x, target, w, rows, sgd, None, None, None, 0.5)
+    expected = p0.clone()
+    expected[rows] += -0.5 * grad
+    torch.testing.assert_close(sgd, expected, rtol=0, atol=4 * torch.finfo(dtype).eps)
+
+
+def test_bag_update_refuses_rows_out_of_order_or_range():
+    x, w, p = torch.randn(2, 4), torch.ones(2, 2), torch.zeros(5, 4)
+    target = torch.tensor([[0, 1], [1, 0]])
+    with pytest.raises(RuntimeError, match="ascending and distinct"):
+        kernels.bag_update_(x, target, w, torch.tensor([3, 1]), p, None, None, None, 0.1)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.bag_update_(x, target, w, torch.tensor([1, 5]), p, None, None, None, 0.1)
+    with pytest.raises(RuntimeError, match="together"):
+        kernels.bag_update_(x, target, w, torch.tensor([1, 2]), p, torch.zeros(5, 4), None, None, 0.1)
