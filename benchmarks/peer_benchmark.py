@@ -4,6 +4,8 @@ Each (implementation, N, tokens) case runs in its own process, so peak resident 
 belongs to that case alone. Implementations:
 - ``reference``: peerlm's Algorithm 1 path (gather + einsum), dense table gradients;
 - ``fused``, ``fused-sparse``: peerlm's fused path with dense or row-sparse table gradients;
+- ``fused-in-backward``: the fused path with the tables' update in the backward
+  (``peerlm.optim.update_in_backward``: no table gradient is stored); needs ``--update``;
 - ``experts-only``: the fused sparse-gradient expert computation alone, on ids and gates retrieved
   once before timing (so retrieval, whose sub-key scoring grows with sqrt(N), is left out);
 - ``peer-pytorch``: ``peer-pytorch==0.2.2`` (softmax gates, ``non_competing_scores=False``), when
@@ -16,7 +18,10 @@ Usage:
     python benchmarks/peer_benchmark.py --quick               # small grid, a smoke run
 
 The step is ``y = layer(x); y.square().mean().backward()`` in fp32 on CPU (or CUDA with --device cuda),
-timed ``--repeats`` times after one warm-up step; the table shows the median.
+timed ``--repeats`` times after one warm-up step; the table shows the median. With ``--update sgd`` or
+``adamw`` it also updates the two expert tables, each implementation with its own best optimizer for
+its gradients: torch's SGD / AdamW (foreach) on dense ones, torch's SGD or peerlm's ``RowSparseAdamW``
+on row-sparse ones, the same two in the backward for ``fused-in-backward``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
-IMPLS = ("reference", "fused", "fused-sparse", "peer-pytorch", "experts-only")
+IMPLS = ("reference", "fused", "fused-sparse", "peer-pytorch", "experts-only", "fused-in-backward")
+UPDATES = ("none", "sgd", "adamw")
 
 
 def build(impl: str, dim: int, experts: int, heads: int, topk: int, dim_key: int, device: str):
@@ -48,8 +54,35 @@ def build(impl: str, dim: int, experts: int, heads: int, topk: int, dim_key: int
         from peerlm import PEER
 
         layer = PEER(dim, experts, heads=heads, topk=topk, dim_key=dim_key,
-                     impl="reference" if impl == "reference" else "fused", sparse_grad=impl == "fused-sparse")
+                     impl="reference" if impl == "reference" else "fused",
+                     sparse_grad=impl in ("fused-sparse", "fused-in-backward"))
     return layer.to(device)
+
+
+def table_optimizer(impl: str, layer, update: str, lr: float = 1e-3):
+    """The optimizer of the layer's two expert tables for ``--update`` (None for ``none``)."""
+    import torch
+
+    if update == "none":
+        return None
+    if impl == "peer-pytorch":
+        tables = [layer.weight_down_embed.weight, layer.weight_up_embed.weight]
+    else:
+        tables = [layer.w_down, layer.w_up]
+    sparse = impl in ("fused-sparse", "fused-in-backward", "experts-only")
+    if update == "sgd":
+        opt = torch.optim.SGD(tables, lr=lr)
+    elif sparse:
+        from peerlm.optim import RowSparseAdamW
+
+        opt = RowSparseAdamW(tables, lr=lr)
+    else:
+        opt = torch.optim.AdamW(tables, lr=lr, weight_decay=0.0)
+    if impl == "fused-in-backward":
+        from peerlm.optim import update_in_backward
+
+        update_in_backward(opt)
+    return opt
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -59,6 +92,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     layer = build(args.impl, args.dim, args.experts, args.heads, args.topk, args.dim_key, args.device)
+    opt = table_optimizer(args.impl, layer, args.update)
     x = torch.randn(1, args.tokens, args.dim, device=args.device, requires_grad=True)
     if args.impl == "experts-only":
         from peerlm.fused import peer_experts
@@ -80,13 +114,15 @@ def worker(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         y = step()
         y.square().mean().backward()
+        if opt is not None:
+            opt.step()
         sync()
         if i:  # the first step is a warm-up
             times.append(time.perf_counter() - t0)
         layer.zero_grad(set_to_none=True)
         x.grad = None
     out = {
-        "impl": args.impl, "experts": args.experts, "tokens": args.tokens,
+        "impl": args.impl, "experts": args.experts, "tokens": args.tokens, "update": args.update,
         "median_s": statistics.median(times), "times_s": times,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "rss_after_build_gib": rss_built,
@@ -121,7 +157,7 @@ def run_case(args: argparse.Namespace, impl: str, experts: int, tokens: int) -> 
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--experts", str(experts), "--tokens", str(tokens),
            "--dim", str(args.dim), "--heads", str(args.heads), "--topk", str(args.topk),
            "--dim-key", str(args.dim_key), "--repeats", str(args.repeats), "--device", args.device,
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--update", args.update]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
@@ -141,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--update", default="none", choices=UPDATES,
+                   help="also update the expert tables in each step, with this rule (see the docstring)")
     p.add_argument("--quick", action="store_true", help="a small grid: N in {64^2, 128^2}, 256 tokens")
     p.add_argument("--json", help="also write all figures to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -152,10 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.experts, args.tokens, args.repeats = [64**2, 128**2], [256], 3
+    if "fused-in-backward" in args.impls and args.update == "none":
+        p.error("fused-in-backward updates the tables in the backward: give --update sgd or adamw")
 
     import torch
 
-    print(f"# PEER layer forward+backward, fp32, {args.device}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    what = "forward+backward" + ("" if args.update == "none" else f"+{args.update} update of the tables")
+    print(f"# PEER layer {what}, fp32, {args.device}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"# machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, python {platform.python_version()}")
     print(f"# dim {args.dim}, heads {args.heads}, topk {args.topk}, dim_key {args.dim_key}; "
@@ -164,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     impls = [i for i in args.impls if available(i)]
     for missing in sorted(set(args.impls) - set(impls)):
         print(f"# {missing}: not installed, skipped (pip install peer-pytorch==0.2.2)")
-    header = f"{'impl':<14}{'N':>10}{'tokens':>8}{'step s':>9}{'peak GiB':>10}{'built GiB':>10}"
+    header = f"{'impl':<19}{'N':>10}{'tokens':>8}{'step s':>9}{'peak GiB':>10}{'built GiB':>10}"
     print(header)
     print("-" * len(header))
     results = []
@@ -174,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_case(args, impl, experts, tokens)
                 results.append(r)
                 if "error" in r:
-                    print(f"{impl:<14}{experts:>10}{tokens:>8}  failed: {r['error']}")
+                    print(f"{impl:<19}{experts:>10}{tokens:>8}  failed: {r['error']}")
                 else:
-                    print(f"{impl:<14}{experts:>10}{tokens:>8}{r['median_s']:>9.3f}{r['peak_rss_gib']:>10.2f}"
+                    print(f"{impl:<19}{experts:>10}{tokens:>8}{r['median_s']:>9.3f}{r['peak_rss_gib']:>10.2f}"
                           f"{r['rss_after_build_gib']:>10.2f}", flush=True)
     summarize(results)
     if args.json:
@@ -194,7 +235,7 @@ def summarize(results: list[dict]) -> None:
             print(f"# {impl} vs peer-pytorch at N={experts}, {tokens} tokens: "
                   f"{base['median_s'] / r['median_s']:.1f}x faster, "
                   f"{r['peak_rss_gib'] / base['peak_rss_gib']:.2f}x the peak memory")
-    for impl in ("fused", "fused-sparse", "experts-only"):
+    for impl in ("fused", "fused-sparse", "fused-in-backward", "experts-only"):
         runs = sorted((e, t, r) for (i, e, t), r in ok.items() if i == impl)
         for tokens in sorted({t for _, t, _ in runs}):
             by_n = {e: r["median_s"] for e, t, r in runs if t == tokens}
