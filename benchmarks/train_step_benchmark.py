@@ -1,12 +1,14 @@
 """Time of one full training step (forward, backward, clipping, optimizer) of a small PEER LM, at two
-expert counts, with torch's dense AdamW against peerlm's row-sparse AdamW.
+expert counts, with torch's dense AdamW against peerlm's row-sparse AdamW, at the step or in the backward.
 
 With dense AdamW the expert tables get dense (N, d) gradients and the optimizer reads and writes
 four (N, d) arrays (parameter, gradient, m, v) every step, so a step's cost grows with N. With
 ``sparse_optimizer`` (PEER ``sparse_grad=True`` + ``RowSparseAdamW``) only the rows retrieved in the
 batch are touched: U rows (``rows/step``), at most tokens * h * k, which is what the sparse step's cost
 follows; from N = 128^2 to 1024^2 U itself grows (a batch retrieves most of 16k experts, a fraction of
-1M), and the O(sqrt(N)) sub-key scoring remains N-dependent.
+1M), and the O(sqrt(N)) sub-key scoring remains N-dependent. ``backward`` is the row-sparse AdamW
+updating the tables inside the backward (``train.expert_update=backward``): its table update is
+counted in fwd+bwd, and clipping sees the other parameters only.
 
 Each (N, optimizer) case runs in its own process, so peak memory (ru_maxrss) is that case's alone.
 
@@ -28,7 +30,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-OPTIMIZERS = ("dense", "sparse")
+OPTIMIZERS = ("dense", "sparse", "backward")
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -42,7 +44,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    sparse = args.optimizer == "sparse"
+    sparse = args.optimizer in ("sparse", "backward")
     cfg = ModelConfig(vocab_size=args.vocab, context_length=args.seq_len, dim=args.dim, n_layers=args.layers,
                       n_heads=args.heads_attn, ffn=PEERConfig(num_experts=args.experts, heads=args.heads,
                                                               topk=args.topk, dim_key=args.dim_key,
@@ -50,7 +52,9 @@ def worker(args: argparse.Namespace) -> dict:
     t_build = time.perf_counter()
     model = build_model(cfg, args.device)
     t_build = time.perf_counter() - t_build
-    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), sparse_experts=sparse)
+    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), sparse_experts=sparse,
+                          in_backward=args.optimizer == "backward")
+    table = model.blocks[cfg.sparse_blocks()[0]].ffn.w_up
     params = [p for g in opt.param_groups for p in g["params"]]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     gen = torch.Generator().manual_seed(0)
@@ -64,8 +68,11 @@ def worker(args: argparse.Namespace) -> dict:
         sync()
         t1 = time.perf_counter()
         if i == 0:  # untimed: rows of one table that got gradient (distinct experts retrieved)
-            g = model.blocks[cfg.sparse_blocks()[0]].ffn.w_up.grad
-            rows = g.coalesce()._nnz() if g.is_sparse else int((g != 0).any(dim=1).sum())
+            g = table.grad
+            if g is None:  # updated in the backward: the rows its first update touched
+                rows = int(opt.optimizers[-1].state[table]["step"].count_nonzero())
+            else:
+                rows = g.coalesce()._nnz() if g.is_sparse else int((g != 0).any(dim=1).sum())
             t1 = time.perf_counter()
         clip_grad_norm(params, 1.0)
         opt.step()

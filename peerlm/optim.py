@@ -257,10 +257,15 @@ class RowSparseAdamW(torch.optim.Optimizer):
 
 
 class _TableUpdate:
-    """``bags.RowUpdate`` of one table: its optimizer's update, with the group's current settings."""
+    """``bags.RowUpdate`` of one table: its optimizer's update, with the settings its group has when the
+    backward runs (the group is looked up then: ``load_state_dict`` replaces the group dicts)."""
 
-    def __init__(self, opt: torch.optim.Optimizer, group: dict[str, Any], p: Tensor):
-        self.opt, self.group, self.p = opt, group, p
+    def __init__(self, opt: torch.optim.Optimizer, group_index: int, p: Tensor):
+        self.opt, self.group_index, self.p = opt, group_index, p
+
+    @property
+    def group(self) -> dict[str, Any]:
+        return self.opt.param_groups[self.group_index]
 
     def _adam(self) -> bool:
         return isinstance(self.opt, RowSparseAdamW)
@@ -323,11 +328,11 @@ def update_in_backward(optimizer: torch.optim.Optimizer) -> InBackward:
         raise TypeError(f"update_in_backward takes peerlm.optim.RowSparseAdamW or torch.optim.SGD, got "
                         f"{type(optimizer).__name__}")
     params = []
-    for g in optimizer.param_groups:
+    for i, g in enumerate(optimizer.param_groups):
         for p in g["params"]:
             if p.dim() != 2:
                 raise ValueError(f"update_in_backward updates rows of 2-D tables, got shape {tuple(p.shape)}")
-            row_updates[p] = _TableUpdate(optimizer, g, p)
+            row_updates[p] = _TableUpdate(optimizer, i, p)
             params.append(p)
     return InBackward(params)
 
@@ -364,8 +369,10 @@ class GroupedOptimizer:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     eps: float = 1e-8, expert_lr: float | None = None, expert_weight_decay: float = 0.0,
-                    sparse_experts: bool = False, routing_lr: float | None = None) -> GroupedOptimizer:
-    """torch AdamW on every group; with ``sparse_experts`` the expert group goes to ``RowSparseAdamW``.
+                    sparse_experts: bool = False, routing_lr: float | None = None,
+                    in_backward: bool = False) -> GroupedOptimizer:
+    """torch AdamW on every group; with ``sparse_experts`` the expert group goes to ``RowSparseAdamW``,
+    which ``in_backward`` makes update the tables in the backward (``update_in_backward``).
 
     The dense groups use torch's fused AdamW (one kernel over all tensors: at the study's 256^2 tables
     about 7x faster on CPU than the per-tensor loop, which made the optimizer 15% of a PEER step). It
@@ -378,8 +385,13 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     sparse = [g for g in groups if sparse_experts and g["name"] == "experts"]
     dense = [g for g in groups if g not in sparse]
     opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(dense, lr=lr, betas=betas, eps=eps, fused=True)]
+    if in_backward and not sparse:
+        raise ValueError("in_backward updates the expert tables with the row-sparse AdamW: give sparse_experts=True "
+                         "(and a model with PEER or PKM layers)")
     if sparse:
         opts.append(RowSparseAdamW(sparse, lr=lr, betas=betas, eps=eps))
+        if in_backward:
+            update_in_backward(opts[-1])
     return GroupedOptimizer(opts)
 
 

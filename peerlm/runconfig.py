@@ -21,6 +21,7 @@ __all__ = ["TrainConfig", "RunConfig", "TrainError", "TrainInterrupted", "DTYPES
            "resolve_device", "plan_steps"]
 
 DTYPES = ("auto", "float32", "bfloat16")
+EXPERT_UPDATES = ("step", "backward")
 
 
 class TrainError(Exception):
@@ -50,6 +51,10 @@ class TrainConfig:
     sub-keys) at ``routing_lr_ratio * lr`` (``peerlm.optim``). Warmup is ``warmup`` steps when set,
     else ``warmup_frac`` of the run. Run length: exactly one of ``max_steps``, ``max_tokens`` and
     ``flops``; none has a default, so a budget is never cut short by a limit nobody set.
+    ``expert_update``: ``"step"`` (the tables are updated with everything else), or ``"backward"``
+    (with ``sparse_optimizer``: each table's row-sparse AdamW update runs inside the backward, and its
+    gradient rows are never stored, ``peerlm.optim.update_in_backward``; the same update, but the
+    tables' gradients are left out of the clipped norm, and it needs one micro-batch and one process).
     """
 
     lr: float = 1e-3
@@ -76,6 +81,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     sparse_optimizer: bool = False
+    expert_update: str = "step"
     log_every: int = 1
     tensorboard: bool = False
     parallel: str = "none"
@@ -131,6 +137,16 @@ class TrainConfig:
                              "train.shard_experts=false for one process")
         if not self.dist_timeout > 0:
             bad("dist_timeout", "> 0 seconds")
+        if self.expert_update not in EXPERT_UPDATES:
+            bad("expert_update", f"one of {EXPERT_UPDATES}")
+        if self.expert_update == "backward":
+            needs = {"sparse_optimizer": (self.sparse_optimizer, "true"), "grad_accum": (self.grad_accum == 1, "1"),
+                     "parallel": (self.parallel == "none", "none")}
+            for name, (ok, value) in needs.items():
+                if not ok:
+                    raise ValueError(f"TrainConfig.expert_update=backward updates the expert tables with the "
+                                     f"row-sparse AdamW inside each backward, which needs train.{name}={value} "
+                                     f"(got {getattr(self, name)!r}); set it, or expert_update=step")
 
     def limit(self) -> tuple[str, float]:
         """(name, value) of the run length; TrainError when none is set."""

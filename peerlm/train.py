@@ -14,7 +14,7 @@ that step count.
 
 ``sparse_optimizer`` switches PEER layers to row-sparse table gradients (``sparse_grad=True``) and
 their tables to ``RowSparseAdamW``, whose cost per step follows the rows the batch retrieved, not the
-number of experts.
+number of experts; ``expert_update="backward"`` moves that update into the backward.
 Validation runs in eval mode over the first ``eval_batches`` x ``batch_size`` windows of the val
 split and records loss, perplexity, and usage / unevenness of every PEER and PKM layer.
 
@@ -360,7 +360,7 @@ def run_optimizer(model: torch.nn.Module, t: TrainConfig) -> Any:
             m.sparse_grad = True
     return build_optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, t.lr * t.expert_lr_ratio,
                            t.expert_weight_decay, sparse_experts=t.sparse_optimizer,
-                           routing_lr=t.lr * t.routing_lr_ratio)
+                           routing_lr=t.lr * t.routing_lr_ratio, in_backward=t.expert_update == "backward")
 
 
 def time_train_steps(model: Transformer, opt: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:

@@ -87,6 +87,7 @@ def test_tiny_run_loss_drops_and_writes_the_run_dir(data_dir, tmp_path):
     ("tiny-peer", {}),
     ("tiny-peer", {"sparse_optimizer": True, "grad_accum": 2}),
     ("tiny-pkm", {"grad_clip": 0.05}),
+    ("tiny-peer", {"sparse_optimizer": True, "expert_update": "backward"}),
 ])
 def test_resume_equals_uninterrupted_run(data_dir, tmp_path, preset, extra):
     N = 6
@@ -165,6 +166,12 @@ def test_train_config_validates():
     with pytest.raises(ValueError, match="cannot parse"):
         apply_overrides(TrainConfig(), ["lr=fast"])
     assert apply_overrides(TrainConfig(), ["betas=0.8,0.9", "warmup=none"]).betas == (0.8, 0.9)
+    with pytest.raises(ValueError, match="expert_update"):
+        TrainConfig(expert_update="later")
+    for bad, match in (({}, "sparse_optimizer=true"), ({"grad_accum": 2}, "grad_accum=1"),
+                       ({"parallel": "ddp"}, "parallel=none")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(expert_update="backward", **({"sparse_optimizer": True, **bad} if bad else {}))
 
 
 def test_device_decided_in_one_place():
@@ -343,3 +350,15 @@ def test_python_dash_m_peerlm_runs():
     res = subprocess.run([sys.executable, "-m", "peerlm", "train", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0 and "--preset" in res.stdout
+
+
+def test_expert_update_in_the_backward_trains_as_at_step(data_dir, tmp_path):
+    """With clipping off (it cannot see the tables' gradients once they are applied in the backward),
+    the tables' update in the backward trains the same model as the update at the step."""
+    quiet = {"progress": False, "log": lambda s: None}
+    for update in ("step", "backward"):
+        run = make_run(data_dir, "tiny-peer", sparse_optimizer=True, expert_update=update, grad_clip=0.0, max_steps=6)
+        train(run, tmp_path / update, **quiet)
+    assert losses(tmp_path / "step") == losses(tmp_path / "backward")
+    a, b = final_weights(tmp_path / "step"), final_weights(tmp_path / "backward")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
