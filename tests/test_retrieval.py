@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peerlm import retrieval
 from peerlm.retrieval import ProductKeys, product_key_topk, split_index
 
 
@@ -132,3 +133,22 @@ def test_rescoring_paths_give_the_differentiable_gradients(dense, shared, monkey
     torch.testing.assert_close(gq2, gq1)
     torch.testing.assert_close(gk2, gk1)
     assert gk1.abs().sum() > 0 and gq1.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_search_in_blocks_of_tokens_gives_the_same_ids_and_gradients(shared, monkeypatch):
+    """The non-differentiable search scores a block of tokens at a time (``SCORE_BLOCK``); any block
+    size gives the same ids, scores and gradients as the whole batch at once."""
+    torch.manual_seed(0)
+    pk = ProductKeys(16**2, 8, heads=3, shared=shared)
+    q = torch.randn(2, 11, 3, 8, requires_grad=True)
+    out = {}
+    for block in (10**9, 2 * 16 * 3 * 2, 1):  # one block; two tokens a block; one token a block
+        monkeypatch.setattr(retrieval, "SCORE_BLOCK", block)
+        q.grad = pk.keys.grad = None
+        scores, ids = pk(q, 4, differentiable=False)
+        scores.square().sum().backward()
+        out[block] = (scores.detach(), ids, q.grad.clone(), pk.keys.grad.clone())
+    first = out[10**9]
+    for block, got in out.items():
+        assert all(torch.equal(a, b) for a, b in zip(first, got)), block
