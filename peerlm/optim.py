@@ -316,7 +316,8 @@ def update_in_backward(optimizer: torch.optim.Optimizer) -> InBackward:
     The tables then get no ``.grad``: ``step()`` updates whatever gradient does reach it (a path that
     does not update in the backward, such as Triton's or the sharded one, still trains, at ``step``),
     clipping (``clip_grad_norm``) no longer sees the tables' gradients, and with micro-batches each
-    backward is a step of its own. Undo with the handle's ``remove()``."""
+    backward is a step of its own. One process only: data parallelism would need the tables' gradients
+    reduced over ranks before they are applied. Undo with the handle's ``remove()``."""
     if isinstance(optimizer, torch.optim.SGD):
         for g in optimizer.param_groups:
             bad = {k: g[k] for k in ("momentum", "weight_decay", "maximize", "nesterov") if g.get(k)}
