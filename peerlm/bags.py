@@ -128,11 +128,11 @@ def bag_table_grad(rows_TD: Tensor, ids_TK: Tensor, offset2bag_TK: Tensor, bag_s
 class RowUpdate(Protocol):
     """An optimizer's update of one table, run by the backward that computes the table's gradient."""
 
-    def fused_(self, rows_TD: Tensor, target_TK: Tensor, weights_TK: Tensor, rows_U: Tensor) -> bool:
+    def fused_(self, table: Tensor, rows_TD: Tensor, target_TK: Tensor, weights_TK: Tensor, rows_U: Tensor) -> bool:
         """Sum gradient row u = sum over target[t, s] == u of weights[t, s] * rows[t] and update table row
         rows_U[u] with it, in one pass (targets >= U: no row); False where it cannot (then ``apply_``)."""
 
-    def apply_(self, rows_U: Tensor, grad_UD: Tensor) -> None:
+    def apply_(self, table: Tensor, rows_U: Tensor, grad_UD: Tensor) -> None:
         """Update table rows rows_U (ascending, distinct) with their gradient rows."""
 
 
@@ -148,10 +148,11 @@ def table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK:
     gradient ``bag_table_grad`` sums; dense, or with ``sparse_grad`` coalesced COO over the distinct ids,
     holding O(U D) instead of O(N D).
 
-    ``grad_rows`` (sparse only) restricts the gradient to some rows before any is summed: it gets the
-    distinct ids (ascending) and how often each was retrieved, and returns the ids to keep (an ascending
-    subset); the rest get no row at all. Sparse memory finetuning chooses its rows this way, so the
-    batch's full U-row gradient is never held (``peerlm.continual.memory.SparseRows``).
+    ``grad_rows`` (row-sparse gradients and updates in the backward) restricts the gradient to some rows
+    before any is summed: it gets the distinct ids (ascending) and how often each was retrieved, and
+    returns the ids to keep (an ascending subset); the rest get no row at all. Sparse memory finetuning
+    chooses its rows this way, so the batch's full U-row gradient is never held
+    (``peerlm.continual.memory.SparseRows``).
 
     ``tables``: the parts' tables. One registered in ``row_updates`` is updated here, over its distinct
     rows (those ``grad_rows`` keeps), and its gradient is None: on the CPU kernels' path without ever
@@ -160,7 +161,7 @@ def table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK:
     updates = [row_updates.get(t) if t is not None else None for t in tables] if len(row_updates) else []
     updates += [None] * (len(parts) - len(updates))
     rowwise = sparse_grad or any(u is not None for u in updates)
-    if sparse_grad and grad_rows is not None:
+    if rowwise and grad_rows is not None:
         uniq_U, inv, counts_U = torch.unique(ids_TK.reshape(-1), return_inverse=True, return_counts=True)
         keep_R = grad_rows(uniq_U, counts_U)
         kept_U = torch.isin(uniq_U, keep_R)
@@ -171,15 +172,15 @@ def table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK:
         uniq_U, inv = torch.unique(ids_TK.reshape(-1), return_inverse=True)
         rows, target_TK = uniq_U.numel(), inv.view(T, K)
     grads = []
-    for part, update in zip(parts, updates):
+    for part, update, table in zip(parts, updates, list(tables) + [None] * (len(parts) - len(tables))):
         if part is None:
             grads.append(None)
             continue
         rows_TD, weights_TK = part
         if update is not None:
-            if not update.fused_(rows_TD, target_TK, weights_TK, uniq_U):
+            if not update.fused_(table, rows_TD, target_TK, weights_TK, uniq_U):
                 g = bag_table_grad(rows_TD, target_TK, offset2bag_TK, bag_size_T, rows, weights_TK)
-                update.apply_(uniq_U, g[:uniq_U.numel()])
+                update.apply_(table, uniq_U, g[:uniq_U.numel()])
             grads.append(None)
             continue
         if not sparse_grad:

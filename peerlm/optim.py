@@ -43,6 +43,7 @@ tables' gradients are not there to clip with the others or to accumulate over mi
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -257,40 +258,40 @@ class RowSparseAdamW(torch.optim.Optimizer):
 
 
 class _TableUpdate:
-    """``bags.RowUpdate`` of one table: its optimizer's update, with the settings its group has when the
-    backward runs (the group is looked up then: ``load_state_dict`` replaces the group dicts)."""
+    """``bags.RowUpdate`` of a table: its optimizer's update, with the settings its group has when the
+    backward runs (the group is looked up then: ``load_state_dict`` replaces the group dicts). It holds
+    the optimizer weakly and the table not at all, so a registered model and optimizer are freed as
+    usual (the optimizer's going removes its tables from ``row_updates``)."""
 
-    def __init__(self, opt: torch.optim.Optimizer, group_index: int, p: Tensor):
-        self.opt, self.group_index, self.p = opt, group_index, p
+    def __init__(self, opt: torch.optim.Optimizer, group_index: int):
+        self._opt, self.group_index = weakref.ref(opt), group_index
 
-    @property
-    def group(self) -> dict[str, Any]:
-        return self.opt.param_groups[self.group_index]
+    def _parts(self) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+        opt = self._opt()
+        if opt is None:  # not reached: the optimizer's finalizer unregisters its tables first
+            raise RuntimeError("the optimizer update_in_backward registered for this table was deleted")
+        return opt, opt.param_groups[self.group_index]
 
-    def _adam(self) -> bool:
-        return isinstance(self.opt, RowSparseAdamW)
-
-    def fused_(self, rows_TD: Tensor, target_TK: Tensor, weights_TK: Tensor, rows_U: Tensor) -> bool:
-        p, g = self.p, self.group
+    def fused_(self, p: Tensor, rows_TD: Tensor, target_TK: Tensor, weights_TK: Tensor, rows_U: Tensor) -> bool:
+        opt, g = self._parts()
         kernels = usable(p.data, rows_TD, weights_TK)
         if kernels is None or not p.is_contiguous():
             return False
         args = (rows_TD.contiguous(), target_TK.contiguous(), weights_TK.contiguous(), rows_U.contiguous(), p.data)
         with torch.profiler.record_function("peerlm::bag_update_"):
-            if self._adam():
-                state = self.opt._init_state(p)
+            if isinstance(opt, RowSparseAdamW):
+                state = opt._init_state(p)
                 kernels.bag_update_(*args, state["exp_avg"], state["exp_avg_sq"], state["step"], g["lr"],
                                     *g["betas"], g["eps"], g["weight_decay"])
             else:
                 kernels.bag_update_(*args, None, None, None, g["lr"])
         return True
 
-    def apply_(self, rows_U: Tensor, grad_UD: Tensor) -> None:
-        p, g = self.p, self.group
+    def apply_(self, p: Tensor, rows_U: Tensor, grad_UD: Tensor) -> None:
+        opt, g = self._parts()
         with torch.no_grad():
-            if self._adam():
-                self.opt._update(p, self.opt._init_state(p), rows_U, grad_UD, g["lr"], *g["betas"], g["eps"],
-                                 g["weight_decay"])
+            if isinstance(opt, RowSparseAdamW):
+                opt._update(p, opt._init_state(p), rows_U, grad_UD, g["lr"], *g["betas"], g["eps"], g["weight_decay"])
             else:
                 p.data.index_add_(0, rows_U, grad_UD.to(p.dtype), alpha=-g["lr"])
 
@@ -299,10 +300,16 @@ class InBackward:
     """The handle ``update_in_backward`` returns: ``remove()`` gives the tables' updates back to ``step``."""
 
     def __init__(self, params: list[Tensor]):
-        self.params = params
+        self._params = [weakref.ref(p) for p in params]
 
     def remove(self) -> None:
-        for p in self.params:
+        _unregister(self._params)
+
+
+def _unregister(refs: list[weakref.ref]) -> None:
+    for ref in refs:
+        p = ref()
+        if p is not None:
             row_updates.pop(p, None)
 
 
@@ -317,7 +324,9 @@ def update_in_backward(optimizer: torch.optim.Optimizer) -> InBackward:
     does not update in the backward, such as Triton's or the sharded one, still trains, at ``step``),
     clipping (``clip_grad_norm``) no longer sees the tables' gradients, and with micro-batches each
     backward is a step of its own. One process only: data parallelism would need the tables' gradients
-    reduced over ranks before they are applied. Undo with the handle's ``remove()``."""
+    reduced over ranks before they are applied. A layer called twice before one backward gets two
+    updates, the earlier call's backward reading the table the later one updated (peerlm's models call
+    each layer once). It lasts while the optimizer lives, or until the handle's ``remove()``."""
     if isinstance(optimizer, torch.optim.SGD):
         for g in optimizer.param_groups:
             bad = {k: g[k] for k in ("momentum", "weight_decay", "maximize", "nesterov") if g.get(k)}
@@ -333,9 +342,11 @@ def update_in_backward(optimizer: torch.optim.Optimizer) -> InBackward:
         for p in g["params"]:
             if p.dim() != 2:
                 raise ValueError(f"update_in_backward updates rows of 2-D tables, got shape {tuple(p.shape)}")
-            row_updates[p] = _TableUpdate(optimizer, i, p)
+            row_updates[p] = _TableUpdate(optimizer, i)
             params.append(p)
-    return InBackward(params)
+    handle = InBackward(params)
+    weakref.finalize(optimizer, _unregister, handle._params)
+    return handle
 
 
 class GroupedOptimizer:

@@ -114,7 +114,7 @@ class _GatherRescore(torch.autograd.Function):
 # peerlm's CPU kernels (peerlm.kernels.cpu) the sparse path is the faster one, and is taken instead.
 DENSE_RESCORE_RATIO = 16
 # sub-key scores the non-differentiable search holds at once, in elements (8 MiB of float32): a block of
-# tokens at a time, never the whole batch's (``ProductKeys._search``)
+# tokens at a time, never the whole batch's (``ProductKeys.forward``)
 SCORE_BLOCK = 2**21
 
 
@@ -179,26 +179,25 @@ class ProductKeys(nn.Module):
         if differentiable:
             s_a, s_b = self.half_scores(q)
             return product_key_topk(s_a, s_b, k)
-        q0 = q.detach()
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        if self.shared and self.n <= DENSE_RESCORE_RATIO * k and usable(q0.new_empty(0, dtype=dtype)) is None:
+        # scored SCORE_BLOCK sub-key scores at a time: the whole batch's (..., H, 2n) scores at once were
+        # the layer's largest transient above its tables (128 MiB at 2048 tokens, 8 heads, n 1024); each
+        # row's scores are the same numbers either way, so the ids are the same
+        q_TH = q.detach().reshape(-1, self.heads, self.dim_key)
+        step = max(1, SCORE_BLOCK // (2 * self.n * self.heads))
+        with torch.no_grad():
+            first = self.half_scores(q_TH[:step])
+        if self.shared and self.n <= DENSE_RESCORE_RATIO * k and usable(first[0]) is None:  # all at once
             with torch.no_grad():
-                s_a, s_b = self.half_scores(q0)
+                s_a, s_b = first if q_TH.shape[0] <= step else self.half_scores(q_TH)
+                s_a, s_b = s_a.view(*q.shape[:-1], self.n), s_b.view(*q.shape[:-1], self.n)
                 _, indices = product_key_topk(s_a, s_b, k)
             return self._dense_rescore(q, s_a, s_b, indices), indices
         with torch.no_grad():
-            indices = self._search(q0, k)
+            ids = [product_key_topk(*first, k)[1]]
+            ids += [product_key_topk(*self.half_scores(q_TH[t:t + step]), k)[1]
+                    for t in range(step, q_TH.shape[0], step)]
+            indices = (ids[0] if len(ids) == 1 else torch.cat(ids)).view(*q.shape[:-1], k)
         return self.rescore(q, indices), indices
-
-    def _search(self, q: Tensor, k: int) -> Tensor:
-        """Top-k ids of queries (..., H, Dk), scored ``SCORE_BLOCK`` sub-key scores at a time: the whole
-        batch's (..., H, 2n) scores at once were the layer's largest transient above its tables (128 MiB
-        at 2048 tokens, 8 heads, n 1024). The same ids: each row's scores are the same numbers."""
-        q_TH = q.reshape(-1, self.heads, self.dim_key)
-        step = max(1, SCORE_BLOCK // (2 * self.n * self.heads))
-        starts = range(0, max(q_TH.shape[0], 1), step)
-        ids = [product_key_topk(*self.half_scores(q_TH[t:t + step]), k)[1] for t in starts]
-        return (ids[0] if len(ids) == 1 else torch.cat(ids)).view(*q.shape[:-1], k)
 
     def _dense_rescore(self, q: Tensor, s_a: Tensor, s_b: Tensor, indices: Tensor) -> Tensor:
         """``rescore`` through ``_GatherRescore`` (shared keys): the same scores and gradients."""

@@ -368,9 +368,28 @@ def test_update_in_backward_refuses_what_it_cannot_do_and_is_undone_by_remove():
         optim.update_in_backward(torch.optim.Adam([layer.w_up]))
     with pytest.raises(ValueError, match="2-D"):
         optim.update_in_backward(torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1))
-    handle = optim.update_in_backward(RowSparseAdamW([layer.w_up], lr=1e-2))
+    opt = RowSparseAdamW([layer.w_up], lr=1e-2)
+    handle = optim.update_in_backward(opt)
     layer(torch.randn(4, 32)).sum().backward()
     assert layer.w_up.grad is None and layer.w_down.grad is not None
     handle.remove()
     layer(torch.randn(4, 32)).sum().backward()
     assert layer.w_up.grad is not None
+
+
+def test_tables_updated_in_the_backward_are_freed_with_their_model_and_optimizer():
+    import gc
+    import weakref
+
+    from peerlm.bags import row_updates
+
+    before = len(row_updates)
+    layer = _peer()()
+    opt = RowSparseAdamW([layer.w_down, layer.w_up], lr=1e-2)
+    optim.update_in_backward(opt)
+    layer(torch.randn(4, 32)).sum().backward()
+    assert len(row_updates) == before + 2
+    table = weakref.ref(layer.w_up)
+    del layer, opt
+    gc.collect()
+    assert table() is None and len(row_updates) == before

@@ -262,7 +262,8 @@ def finetune_config(spec: FinetuneSpec, base_config: dict, data_dir: str | os.Pa
     base_train = from_dict(TrainConfig, base_config["train"]) if "train" in base_config else TrainConfig()
     lr = SGD_LR if spec.optimizer == "sgd" else base_train.lr
     fields = {**to_dict(base_train), "lr": lr, "expert_lr_ratio": 1.0, "routing_lr_ratio": 1.0,
-              "warmup": 0, "sparse_optimizer": False, "parallel": "none", "shard_experts": False,
+              "warmup": 0, "sparse_optimizer": False, "expert_update": "step", "parallel": "none",
+              "shard_experts": False,
               "max_steps": None, "max_tokens": None, "flops": None, "tensorboard": False}
     if spec.optimizer == "sgd":
         fields.update(weight_decay=0.0, expert_weight_decay=0.0)

@@ -245,3 +245,12 @@ def test_a_checkpoint_directory_of_a_busy_run_is_refused_too(bases, facts_dir, t
     assert summary["step"] == 1
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())["finetune"]
     assert cfg["base"] == str(bases["peer"].resolve()) and cfg["checkpoint"] == str(ckpt.resolve())
+
+
+def test_a_base_trained_with_its_tables_updated_in_the_backward_finetunes(bases, facts_dir, tmp_path):
+    """The finetune builds its own optimizer: the base's ``expert_update=backward`` (which needs the
+    base's ``sparse_optimizer``) is not carried over."""
+    s, base_config = plan_finetune(bases["peer"], facts_dir, tmp_path / "ft", {"method": "memory"})
+    base_config["train"].update(sparse_optimizer=True, expert_update="backward")
+    run = finetune_config(s, base_config, facts_dir, {"max_steps": 2})
+    assert run.train.expert_update == "step" and not run.train.sparse_optimizer
