@@ -158,7 +158,9 @@ def table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK:
     rows (those ``grad_rows`` keeps), and its gradient is None: on the CPU kernels' path without ever
     storing the gradient rows (``RowUpdate.fused_``), elsewhere from the U-row gradient at once."""
     T, K = ids_TK.shape
-    updates = [row_updates.get(t) if t is not None else None for t in tables] if len(row_updates) else []
+    # a compiled backward (whose tracer does not enter the registry) hands table gradients to the step
+    registered = not torch.compiler.is_compiling() and len(row_updates) > 0
+    updates = [row_updates.get(t) if t is not None else None for t in tables] if registered else []
     updates += [None] * (len(parts) - len(updates))
     rowwise = sparse_grad or any(u is not None for u in updates)
     if rowwise and grad_rows is not None:

@@ -321,7 +321,8 @@ def update_in_backward(optimizer: torch.optim.Optimizer) -> InBackward:
     are read when the backward runs, so ``set_lr`` before the forward applies to that step.
 
     The tables then get no ``.grad``: ``step()`` updates whatever gradient does reach it (a path that
-    does not update in the backward, such as Triton's or the sharded one, still trains, at ``step``),
+    does not update in the backward, such as Triton's, the sharded one or a backward traced by
+    ``torch.compile``, still trains, at ``step``),
     clipping (``clip_grad_norm``) no longer sees the tables' gradients, and with micro-batches each
     backward is a step of its own. One process only: data parallelism would need the tables' gradients
     reduced over ranks before they are applied. A layer called twice before one backward gets two

@@ -63,7 +63,9 @@ def assert_same_grads(eager, compiled, tol):
         torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=name)
 
 
-def check_layer(kind, sparse_grad, fullgraph, tol=1e-6):
+def check_layer(kind, sparse_grad, fullgraph, tol=1e-5):
+    # eager runs peerlm's CPU kernels (vector dot products), the compiled graph aten's ops: the same
+    # arithmetic summed in another order; gradients near 4 then differ by a few ulps (1.7e-6 seen)
     eager = make_layer(kind, sparse_grad)
     compiled = copy.deepcopy(eager)
     fn = torch.compile(compiled, backend="aot_eager", fullgraph=fullgraph)
