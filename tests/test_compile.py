@@ -133,3 +133,27 @@ def test_lm_loss_from_inductor_keeps_its_graph():
     """The loss the model returns stays differentiable under inductor (``last_losses`` holds clones:
     inductor folds ``ce + 0`` into ``ce`` and would otherwise return a detached alias as the loss)."""
     check_lm("inductor", tol=1e-5)
+
+
+def test_a_compiled_layer_whose_tables_update_in_the_backward_trains_as_eager():
+    """Where the compiled backward hands table gradients to the step instead, the tables still get
+    the same update (the sparse gradients' part of the backward runs eagerly behind a graph break)."""
+    from peerlm.optim import RowSparseAdamW, update_in_backward
+
+    eager = make_layer("peer", sparse_grad=True)
+    compiled = copy.deepcopy(eager)
+    opts = [RowSparseAdamW([m.w_down, m.w_up], lr=1e-2) for m in (eager, compiled)]
+    for opt in opts:
+        update_in_backward(opt)
+    fn = torch.compile(compiled, backend="aot_eager")
+    before = eager.w_up.detach().clone()
+    for step in range(2):
+        x = torch.randn(3, 5, DIM, generator=torch.Generator().manual_seed(step))
+        eager(x).square().sum().backward()
+        fn(x).square().sum().backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert not torch.equal(eager.w_up, before)
+    for a, b in ((eager.w_down, compiled.w_down), (eager.w_up, compiled.w_up)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
