@@ -160,8 +160,9 @@ def table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK:
     T, K = ids_TK.shape
     # a compiled backward (whose tracer does not enter the registry) hands table gradients to the step
     registered = not torch.compiler.is_compiling() and len(row_updates) > 0
-    updates = [row_updates.get(t) if t is not None else None for t in tables] if registered else []
-    updates += [None] * (len(parts) - len(updates))
+    tables = list(tables) + [None] * (len(parts) - len(tables))
+    updates = [row_updates.get(t) if registered and t is not None and part is not None else None
+               for t, part in zip(tables, parts)]
     rowwise = sparse_grad or any(u is not None for u in updates)
     if rowwise and grad_rows is not None:
         uniq_U, inv, counts_U = torch.unique(ids_TK.reshape(-1), return_inverse=True, return_counts=True)
@@ -174,7 +175,7 @@ def table_grads(ids_TK: Tensor, num_rows: int, sparse_grad: bool, offset2bag_TK:
         uniq_U, inv = torch.unique(ids_TK.reshape(-1), return_inverse=True)
         rows, target_TK = uniq_U.numel(), inv.view(T, K)
     grads = []
-    for part, update, table in zip(parts, updates, list(tables) + [None] * (len(parts) - len(tables))):
+    for part, update, table in zip(parts, updates, tables):
         if part is None:
             grads.append(None)
             continue

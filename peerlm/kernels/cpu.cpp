@@ -305,6 +305,18 @@ inline void adamw_row(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g, 
   }
 }
 
+// AdamW on row r of P / M / V with gradient row g, with the bias corrections of the row's own step count
+// (step[r], incremented here): the update of row_adamw_ and bag_update_ alike
+template <typename scalar_t>
+inline void adamw_step(scalar_t* P, scalar_t* M, scalar_t* V, int64_t* step, int64_t r, const scalar_t* g,
+                       int64_t D, double lr, double beta1, double beta2, scalar_t w1, scalar_t b2, scalar_t c2,
+                       scalar_t eps, bool decays, scalar_t decay) {
+  const double t = static_cast<double>(++step[r]);
+  const scalar_t bc2_sqrt = static_cast<scalar_t>(std::sqrt(1 - std::pow(beta2, t)));
+  const scalar_t neg_step = static_cast<scalar_t>(-(lr / (1 - std::pow(beta1, t))));
+  adamw_row(P + r * D, M + r * D, V + r * D, g, D, w1, b2, c2, eps, decays, decay, bc2_sqrt, neg_step);
+}
+
 // one row of bag_update_'s SGD: p <- p + (-lr) g, as torch's add_(g, alpha=-lr)
 template <typename scalar_t>
 inline void sgd_row(scalar_t* p, const scalar_t* g, int64_t D, scalar_t neg_lr) {
@@ -482,12 +494,7 @@ void row_adamw_(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_av
           prefetch_row(M + a, D, true);
           prefetch_row(V + a, D, true);
         }
-        const int64_t r = R[u];
-        const double t = static_cast<double>(++S[r]);
-        const scalar_t bc2_sqrt = static_cast<scalar_t>(std::sqrt(1 - std::pow(beta2, t)));
-        const scalar_t neg_step = static_cast<scalar_t>(-(lr / (1 - std::pow(beta1, t))));
-        adamw_row(P + r * D, M + r * D, V + r * D, G + u * D, D, w1, b2, c2, e, weight_decay != 0, decay, bc2_sqrt,
-                  neg_step);
+        adamw_step(P, M, V, S, R[u], G + u * D, D, lr, beta1, beta2, w1, b2, c2, e, weight_decay != 0, decay);
       }
     });
   });
@@ -575,11 +582,7 @@ void bag_update_(torch::Tensor x, torch::Tensor target, torch::Tensor weights, t
         }
         const int64_t r = R[u];
         if (adam) {
-          const double t = static_cast<double>(++S[r]);
-          const scalar_t bc2_sqrt = static_cast<scalar_t>(std::sqrt(1 - std::pow(beta2, t)));
-          const scalar_t neg_step = static_cast<scalar_t>(-(lr / (1 - std::pow(beta1, t))));
-          adamw_row(P + r * D, M + r * D, V + r * D, g.data(), D, w1, b2, c2, e, weight_decay != 0, decay, bc2_sqrt,
-                    neg_step);
+          adamw_step(P, M, V, S, r, g.data(), D, lr, beta1, beta2, w1, b2, c2, e, weight_decay != 0, decay);
         } else {
           sgd_row(P + r * D, g.data(), D, neg_lr);
         }
