@@ -55,7 +55,9 @@ def _build() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         return load(name=f"peerlm_cpu_kernels_{_machine_tag()}", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    # -fno-math-errno: std::sqrt need not set errno, so the AdamW row loop vectorizes
+                    # (the same IEEE square roots and quotients, twice as fast); nothing else changes
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the PyTorch ops still work
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
