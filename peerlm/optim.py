@@ -214,7 +214,7 @@ class RowSparseAdamW(torch.optim.Optimizer):
         """
         dense = rows_U is None
         kernels = None if dense else usable(p.data, grad_UD)
-        if kernels is not None and p.is_contiguous():  # the same update in one pass (peerlm/kernels/cpu.cpp)
+        if kernels is not None and p.is_contiguous():  # the same update in one pass (peerlm/kernels/cpu_optim.cpp)
             with torch.profiler.record_function("peerlm::row_adamw_"):
                 kernels.row_adamw_(p.data, state["exp_avg"], state["exp_avg_sq"], state["step"], rows_U.contiguous(),
                                    grad_UD.contiguous(), lr, beta1, beta2, eps, weight_decay)

@@ -1,4 +1,5 @@
-// CPU kernels of the fused PEER / PKM paths (peerlm/kernels/cpu.py builds and loads this file).
+// CPU kernels of the fused PEER / PKM paths (peerlm/kernels/cpu.py builds and loads this file with
+// cpu_optim.cpp).
 //
 // - pk_topk: exact product-key top-k, the whole of retrieval's discrete part in one pass per row:
 //   top-k of each half's sub-key scores, the candidate grid's pairs (a, b) with (a + 1)(b + 1) <= k,
@@ -13,10 +14,8 @@
 //   buffer reused across steps) as if zeroed first, without the sort aten's embedding-bag dense
 //   backward runs first. Threads split the columns, so no two write the
 //   same element and each element sums its pairs in (t, s) order: deterministic for any thread count.
-// - row_adamw_: RowSparseAdamW's update of the touched rows, in place, one pass per row.
-// - bag_update_: bag_scatter's sums and row_adamw_'s update (or plain SGD's) in one pass, the table
-//   update fused into the backward: each gradient row is summed in a row of scratch and applied at
-//   once, so the batch's gradient rows are never stored.
+// - row_adamw_, bag_update_: the tables' optimizer updates (cpu_optim.cpp; shared row helpers in
+//   cpu_rows.h), bound in this file's module.
 //
 // All take contiguous CPU tensors of one floating type (float or double), int64 ids, and accumulate
 // in that type.
@@ -34,6 +33,8 @@
 #include <limits>
 #include <optional>
 #include <vector>
+
+#include "cpu_rows.h"
 
 namespace {
 
@@ -253,82 +254,6 @@ inline void row_topk(const scalar_t* s, int64_t n, int64_t k, scalar_t* v, int64
   select_sorted(cand, cidx, c, k, v, ix);
 }
 
-template <typename scalar_t>
-inline scalar_t dot(const scalar_t* w, const scalar_t* x, int64_t D) {
-  scalar_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < D; ++d) acc += w[d] * x[d];
-  return acc;
-}
-
-// o[d0..d1) = 0 + w * x[d0..d1) (an add into zero: -0 products give +0, as after torch.zeros)
-template <typename scalar_t>
-inline void assign(scalar_t* o, scalar_t w, const scalar_t* x, int64_t d0, int64_t d1) {
-#pragma omp simd
-  for (int64_t d = d0; d < d1; ++d) o[d] = scalar_t(0) + w * x[d];
-}
-
-// o[d0..d1) += w * x[d0..d1)
-template <typename scalar_t>
-inline void axpy(scalar_t* o, scalar_t w, const scalar_t* x, int64_t d0, int64_t d1) {
-#pragma omp simd
-  for (int64_t d = d0; d < d1; ++d) o[d] += w * x[d];
-}
-
-// Rows are read (bag_dot) or added to (bag_scatter) in the order of the ids, a random row each time: a
-// row is asked for kAhead pairs before its turn, so that its cache lines are on the way meanwhile.
-constexpr int64_t kAhead = 8;
-
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t len, bool write = false) {
-  const char* p = reinterpret_cast<const char*>(row);
-  const int64_t bytes = len * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t b = 0; b < bytes; b += 64) {
-    if (write) __builtin_prefetch(p + b, 1, 3);
-    else __builtin_prefetch(p + b, 0, 3);
-  }
-}
-
-// one row of row_adamw_ (a function of its own: a pragma cannot sit inside AT_DISPATCH's macro argument)
-template <typename scalar_t>
-inline void adamw_row(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g, int64_t D, scalar_t w1, scalar_t b2,
-                      scalar_t c2, scalar_t eps, bool decays, scalar_t decay, scalar_t bc2_sqrt, scalar_t neg_step) {
-#pragma omp simd
-  for (int64_t d = 0; d < D; ++d) {
-    const scalar_t gd = g[d];
-    const scalar_t md = m[d] + w1 * (gd - m[d]);
-    const scalar_t vd = v[d] * b2 + c2 * gd * gd;
-    m[d] = md;
-    v[d] = vd;
-    const scalar_t denom = std::sqrt(vd) / bc2_sqrt + eps;
-    p[d] = (decays ? p[d] * decay : p[d]) + (md * neg_step) / denom;
-  }
-}
-
-// AdamW on row r of P / M / V with gradient row g, with the bias corrections of the row's own step count
-// (step[r], incremented here): the update of row_adamw_ and bag_update_ alike
-template <typename scalar_t>
-inline void adamw_step(scalar_t* P, scalar_t* M, scalar_t* V, int64_t* step, int64_t r, const scalar_t* g,
-                       int64_t D, double lr, double beta1, double beta2, scalar_t w1, scalar_t b2, scalar_t c2,
-                       scalar_t eps, bool decays, scalar_t decay) {
-  const double t = static_cast<double>(++step[r]);
-  const scalar_t bc2_sqrt = static_cast<scalar_t>(std::sqrt(1 - std::pow(beta2, t)));
-  const scalar_t neg_step = static_cast<scalar_t>(-(lr / (1 - std::pow(beta1, t))));
-  adamw_row(P + r * D, M + r * D, V + r * D, g, D, w1, b2, c2, eps, decays, decay, bc2_sqrt, neg_step);
-}
-
-// one row of bag_update_'s SGD: p <- p + (-lr) g, as torch's add_(g, alpha=-lr)
-template <typename scalar_t>
-inline void sgd_row(scalar_t* p, const scalar_t* g, int64_t D, scalar_t neg_lr) {
-#pragma omp simd
-  for (int64_t d = 0; d < D; ++d) p[d] += neg_lr * g[d];
-}
-
-void check_cpu_contiguous(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
 }  // namespace
 
 std::vector<torch::Tensor> pk_topk(torch::Tensor sa, torch::Tensor sb, int64_t k, torch::Tensor a_P,
@@ -450,145 +375,6 @@ torch::Tensor bag_scatter(torch::Tensor rows, torch::Tensor target, torch::Tenso
     });
   });
   return out;
-}
-
-// One AdamW step on rows[u] of param / exp_avg / exp_avg_sq (rows distinct), with grad row u, each row
-// with the bias corrections of its own step count (step[rows[u]], incremented here), in the order of
-// RowSparseAdamW's PyTorch ops: m <- m + (1 - beta1)(g - m); v <- beta2 v + (1 - beta2) g^2;
-// p <- p (1 - lr wd) + (-lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps). One pass over each row in place,
-// where the PyTorch ops gather the rows, run eight passes and scatter them back.
-void row_adamw_(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, torch::Tensor step,
-                torch::Tensor rows, torch::Tensor grad, double lr, double beta1, double beta2, double eps,
-                double weight_decay) {
-  check_cpu_contiguous(param, "param");
-  check_cpu_contiguous(exp_avg, "exp_avg");
-  check_cpu_contiguous(exp_avg_sq, "exp_avg_sq");
-  check_cpu_contiguous(step, "step");
-  check_cpu_contiguous(rows, "rows");
-  check_cpu_contiguous(grad, "grad");
-  TORCH_CHECK(param.dim() == 2 && exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes() &&
-                  grad.dim() == 2 && grad.size(1) == param.size(1) && rows.numel() == grad.size(0) &&
-                  step.numel() == param.size(0),
-              "row_adamw_ takes param, exp_avg, exp_avg_sq (N, D), step (N), rows (U), grad (U, D)");
-  TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() && exp_avg_sq.scalar_type() == param.scalar_type() &&
-                  grad.scalar_type() == param.scalar_type() && step.scalar_type() == torch::kInt64 &&
-                  rows.scalar_type() == torch::kInt64,
-              "row_adamw_: param, state and grad of one floating type; step and rows int64");
-  const int64_t N = param.size(0), D = param.size(1), U = rows.numel();
-  const int64_t* R = rows.data_ptr<int64_t>();
-  for (int64_t u = 0; u < U; ++u) TORCH_CHECK(0 <= R[u] && R[u] < N, "row ", R[u], " out of range for ", N);
-  int64_t* S = step.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "row_adamw_", [&] {
-    scalar_t* P = param.data_ptr<scalar_t>();
-    scalar_t* M = exp_avg.data_ptr<scalar_t>();
-    scalar_t* V = exp_avg_sq.data_ptr<scalar_t>();
-    const scalar_t* G = grad.data_ptr<scalar_t>();
-    const scalar_t w1 = static_cast<scalar_t>(1 - beta1), b2 = static_cast<scalar_t>(beta2),
-                   c2 = static_cast<scalar_t>(1 - beta2), e = static_cast<scalar_t>(eps),
-                   decay = static_cast<scalar_t>(1 - lr * weight_decay);
-    at::parallel_for(0, U, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t u = begin; u < end; ++u) {
-        if (u + kAhead < end) {
-          const int64_t a = R[u + kAhead] * D;
-          prefetch_row(P + a, D, true);
-          prefetch_row(M + a, D, true);
-          prefetch_row(V + a, D, true);
-        }
-        adamw_step(P, M, V, S, R[u], G + u * D, D, lr, beta1, beta2, w1, b2, c2, e, weight_decay != 0, decay);
-      }
-    });
-  });
-}
-
-// The table update fused into the backward. For each u < U: g_u = sum over the pairs p with target[p] == u,
-// in (t, s) order, of weights[p] * x[t] (bag_scatter's sums, bit for bit: the same first write, the same
-// adds in the same order), then param row rows[u] is updated with g_u at once: AdamW exactly as
-// row_adamw_ when exp_avg, exp_avg_sq and step are given, else SGD (p <- p - lr g). Pairs whose target is
-// U or more are skipped (rows nobody updates). Threads split the distinct rows; each sums its row in one
-// row of scratch, so no (U, D) gradient is ever stored and each parameter row is written once.
-void bag_update_(torch::Tensor x, torch::Tensor target, torch::Tensor weights, torch::Tensor rows,
-                 torch::Tensor param, std::optional<torch::Tensor> exp_avg, std::optional<torch::Tensor> exp_avg_sq,
-                 std::optional<torch::Tensor> step, double lr, double beta1, double beta2, double eps,
-                 double weight_decay) {
-  check_cpu_contiguous(x, "x");
-  check_cpu_contiguous(target, "target");
-  check_cpu_contiguous(weights, "weights");
-  check_cpu_contiguous(rows, "rows");
-  check_cpu_contiguous(param, "param");
-  TORCH_CHECK(x.dim() == 2 && target.dim() == 2 && target.sizes() == weights.sizes() && x.size(0) == target.size(0) &&
-                  param.dim() == 2 && param.size(1) == x.size(1),
-              "bag_update_ takes x (T, D), target (T, K), weights (T, K), rows (U), param (N, D)");
-  TORCH_CHECK(x.scalar_type() == param.scalar_type() && weights.scalar_type() == param.scalar_type() &&
-                  target.scalar_type() == torch::kInt64 && rows.scalar_type() == torch::kInt64,
-              "bag_update_: x, weights and param of one floating type; target and rows int64");
-  const bool adam = exp_avg.has_value();
-  TORCH_CHECK(adam == exp_avg_sq.has_value() && adam == step.has_value(),
-              "bag_update_: give exp_avg, exp_avg_sq and step together (AdamW) or none (SGD)");
-  if (adam) {
-    check_cpu_contiguous(*exp_avg, "exp_avg");
-    check_cpu_contiguous(*exp_avg_sq, "exp_avg_sq");
-    check_cpu_contiguous(*step, "step");
-    TORCH_CHECK(exp_avg->sizes() == param.sizes() && exp_avg_sq->sizes() == param.sizes() &&
-                    exp_avg->scalar_type() == param.scalar_type() && exp_avg_sq->scalar_type() == param.scalar_type() &&
-                    step->numel() == param.size(0) && step->scalar_type() == torch::kInt64,
-                "bag_update_: exp_avg and exp_avg_sq like param, step (N) int64");
-  }
-  const int64_t T = target.size(0), K = target.size(1), D = x.size(1), N = param.size(0), U = rows.numel();
-  const int64_t* R = rows.data_ptr<int64_t>();
-  for (int64_t u = 0; u < U; ++u) {
-    TORCH_CHECK(0 <= R[u] && R[u] < N, "row ", R[u], " out of range for ", N);
-    TORCH_CHECK(u == 0 || R[u] > R[u - 1], "rows must be ascending and distinct");
-  }
-  const int64_t* tg = target.data_ptr<int64_t>();
-  // the pairs of each target in (t, s) order: a counting sort
-  std::vector<int64_t> start(U + 1, 0), order;
-  for (int64_t p = 0; p < T * K; ++p) {
-    TORCH_CHECK(tg[p] >= 0, "target ", tg[p], " is negative");
-    if (tg[p] < U) ++start[tg[p] + 1];
-  }
-  for (int64_t u = 0; u < U; ++u) start[u + 1] += start[u];
-  order.resize(start[U]);
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t p = 0; p < T * K; ++p)
-      if (tg[p] < U) order[fill[tg[p]]++] = p;
-  }
-  int64_t* S = adam ? step->data_ptr<int64_t>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "bag_update_", [&] {
-    const scalar_t* X = x.data_ptr<scalar_t>();
-    const scalar_t* Wt = weights.data_ptr<scalar_t>();
-    scalar_t* P = param.data_ptr<scalar_t>();
-    scalar_t* M = adam ? exp_avg->data_ptr<scalar_t>() : nullptr;
-    scalar_t* V = adam ? exp_avg_sq->data_ptr<scalar_t>() : nullptr;
-    const scalar_t w1 = static_cast<scalar_t>(1 - beta1), b2 = static_cast<scalar_t>(beta2),
-                   c2 = static_cast<scalar_t>(1 - beta2), e = static_cast<scalar_t>(eps),
-                   decay = static_cast<scalar_t>(1 - lr * weight_decay), neg_lr = static_cast<scalar_t>(-lr);
-    at::parallel_for(0, U, 64, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> g(D);
-      for (int64_t u = begin; u < end; ++u) {
-        if (u + kAhead < end) {
-          const int64_t a = R[u + kAhead] * D;
-          prefetch_row(P + a, D, true);
-          if (adam) {
-            prefetch_row(M + a, D, true);
-            prefetch_row(V + a, D, true);
-          }
-        }
-        if (start[u] == start[u + 1]) std::fill(g.begin(), g.end(), scalar_t(0));
-        for (int64_t q = start[u]; q < start[u + 1]; ++q) {
-          const int64_t p = order[q];
-          if (q == start[u]) assign(g.data(), Wt[p], X + (p / K) * D, 0, D);
-          else axpy(g.data(), Wt[p], X + (p / K) * D, 0, D);
-        }
-        const int64_t r = R[u];
-        if (adam) {
-          adamw_step(P, M, V, S, r, g.data(), D, lr, beta1, beta2, w1, b2, c2, e, weight_decay != 0, decay);
-        } else {
-          sgd_row(P + r * D, g.data(), D, neg_lr);
-        }
-      }
-    });
-  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,19 +1,21 @@
-"""CPU kernels for the fused path (``cpu.cpp``): product-key top-k, and the two embedding-bag sums of
-the expert tables. PyTorch's own ops for these pay a fixed cost per row (``torch.topk`` over 256
-sub-key scores) or sort every (token, slot) pair first (embedding-bag backward); on a CPU they were
-most of a PEER or PKM training step.
+"""CPU kernels for the fused path: product-key top-k and the two embedding-bag sums of the expert
+tables (``cpu.cpp``), and the tables' row-sparse optimizer updates (``cpu_optim.cpp``). PyTorch's own
+ops for these pay a fixed cost per row (``torch.topk`` over 256 sub-key scores) or sort every
+(token, slot) pair first (embedding-bag backward); on a CPU they were most of a PEER or PKM training
+step.
 
-The file is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``,
-a dependency, about a minute once; torch caches the build under ``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``). Where it cannot be built, or with ``PEERLM_CPU_KERNELS=0``, every
-caller falls back to the PyTorch ops it replaces, with one line on stderr saying why: the results
-are the same up to the order of floating-point sums (and, for exactly tied scores, which tied id
-comes first), which the tests check.
+The files are compiled on first use into one extension with ``torch.utils.cpp_extension`` (a C++
+compiler and ``ninja``, a dependency, about a minute once; torch caches the build under
+``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where it cannot be built, or with
+``PEERLM_CPU_KERNELS=0``, every caller falls back to the PyTorch ops the kernels replace, with one line
+on stderr saying why: the results are the same up to the order of floating-point sums (and, for
+exactly tied scores, which tied id comes first), which the tests check.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import threading
@@ -25,14 +27,14 @@ from torch import Tensor
 
 __all__ = ["advise_huge_pages", "cpu_kernels", "usable"]
 
-_SOURCE = Path(__file__).with_name("cpu.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu.cpp", "cpu_optim.cpp")]
+_HEADER = Path(__file__).with_name("cpu_rows.h")
 _lock = threading.Lock()
 
 
 def _machine_tag() -> str:
     """A short hash of the CPU's model and instruction-set flags: the build uses ``-march=native``, so a
     cached build is only loaded by a machine that can run it (a shared cache serves each kind apart)."""
-    import hashlib
     import platform
 
     text = platform.machine() + platform.processor()
@@ -54,10 +56,13 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name=f"peerlm_cpu_kernels_{_machine_tag()}", sources=[str(_SOURCE)],
+        # torch rebuilds when a source or a flag changes, not a header: the header's hash is a flag
+        header = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:12]
+        return load(name=f"peerlm_cpu_kernels_{_machine_tag()}", sources=[str(p) for p in _SOURCES],
                     # -fno-math-errno: std::sqrt need not set errno, so the AdamW row loop vectorizes
                     # (the same IEEE square roots and quotients, twice as fast); nothing else changes
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno",
+                                  f"-DPEERLM_CPU_ROWS_H={header}"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the PyTorch ops still work
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

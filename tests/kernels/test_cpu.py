@@ -1,4 +1,5 @@
-"""The compiled CPU kernels (``peerlm/kernels/cpu.cpp``) against brute force and PyTorch's own ops.
+"""The compiled CPU kernels (``peerlm/kernels/cpu.cpp``, ``cpu_optim.cpp``) against brute force and
+PyTorch's own ops.
 
 Product-key top-k against the top-k of all n^2 sums (exact values; the same ids except among exactly
 tied sums; with many ties, valid distinct ids from each half's top k); the embedding-bag sums against
@@ -269,3 +270,33 @@ def test_bag_update_refuses_rows_out_of_order_or_range():
         kernels.bag_update_(x, target, w, torch.tensor([1, 5]), p, None, None, None, 0.1)
     with pytest.raises(RuntimeError, match="together"):
         kernels.bag_update_(x, target, w, torch.tensor([1, 2]), p, torch.zeros(5, 4), None, None, 0.1)
+
+
+def test_row_adamw_bias_corrections_from_the_table_equal_computing_them():
+    """The bias corrections are tabulated by step count after an update reaches it: a second update of
+    the same state (counts now in the table) gives the bits of the first (computed on the spot), also
+    for a count past the table's end, and both are AdamW's formula with the row's own count."""
+    betas = (0.87, 0.931)  # a pair of this test's own: its table starts empty
+    g = torch.Generator().manual_seed(9)
+    N, D = 64, 24
+    rows = torch.arange(0, N, 2)
+    counts = torch.randint(0, 60, (N,), generator=g)
+    counts[rows[-1]] = (1 << 20) + 7  # past the largest count tabulated
+    p0, m0 = torch.randn(N, D, generator=g, dtype=torch.float64), torch.randn(N, D, generator=g, dtype=torch.float64)
+    v0 = torch.rand(N, D, generator=g, dtype=torch.float64)
+    grad = torch.randn(len(rows), D, generator=g, dtype=torch.float64)
+    lr, eps, wd = 1e-2, 1e-8, 0.1
+    results = []
+    for _ in range(2):
+        p, m, v, s = p0.clone(), m0.clone(), v0.clone(), counts.clone()
+        kernels.row_adamw_(p, m, v, s, rows, grad, lr, *betas, eps, wd)
+        results.append((p, m, v, s))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    p, _, _, s = results[0]
+    assert torch.equal(s[rows], counts[rows] + 1)
+    t = (counts[rows] + 1).to(torch.float64)[:, None]
+    m_ref = m0[rows] + (1 - betas[0]) * (grad - m0[rows])
+    v_ref = v0[rows] * betas[1] + (1 - betas[1]) * grad * grad
+    denom = v_ref.sqrt() / (1 - betas[1] ** t).sqrt() + eps
+    p_ref = p0[rows] * (1 - lr * wd) - lr / (1 - betas[0] ** t) * m_ref / denom
+    torch.testing.assert_close(p[rows], p_ref, rtol=1e-12, atol=1e-12)
