@@ -221,13 +221,13 @@ class TunedPlan:
         def at(name: str) -> tuple[list[RunSpec], RunSpec | None]:
             if name == tuned.size:
                 return [], tuned
-            knobbed = self._carry(tuned, name)
+            knobbed = self.carry(tuned, name)
             return self._lr_sweep(knobbed, recs, "tune-size")
 
         runs, _, best = sweep(names, names[max(0, i - 1): i + 2], at, recs)
         return runs, best
 
-    def _carry(self, tuned: RunSpec, name: str) -> RunSpec:
+    def carry(self, tuned: RunSpec, name: str) -> RunSpec:
         """``tuned``'s knobs on trunk ``name``; the memory's block by its index, where that trunk has
         it (else the trunk's own middle block)."""
         spec = tuned.with_(size=name)
@@ -255,7 +255,7 @@ class TunedPlan:
                         continue
                     carried[method] = tuned
                 elif method in carried:
-                    tuned = self._carry(carried[method], start.size).with_(budget=budget, lr_mult=start.lr_mult)
+                    tuned = self.carry(carried[method], start.size).with_(budget=budget, lr_mult=start.lr_mult)
                     runs, tuned = self._lr_sweep(tuned, recs, "tune-size")
                     yield from runs
                     if tuned is None:

@@ -29,7 +29,7 @@ from peerlm.study.report import (
 )
 from peerlm.study.runner import machine
 
-__all__ = ["settings", "tuned_rows", "write_tuned_report"]
+__all__ = ["settings", "tuned_ladder", "tuned_rows", "write_tuned_report"]
 
 
 def settings(spec: RunSpec) -> str:
@@ -97,11 +97,36 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tupl
                 if r["paper_val_perplexity"] and r["val"] else "")
         lines.append(f"| {r['method']} ({budget_name(r['budget'])}) | {r['size']} | {r['settings']} | "
                      f"{r['tuning_runs']} | {len(r['seeds'])} | {_fmt(r['val'])} | {_fmt(r[HELDOUT_MEAN])} | {gain} |")
+    missing = [f"{m} ({budget_name(b)})" for b in study.plan.budgets for m in study.plan.methods
+               if not any((r["budget"], r["method"]) == (b, m) for r in rows)]
+    if missing:
+        lines += ["", f"Still being tuned, no row yet: {', '.join(missing)} (`peerlm study isoflop-tuned --plan`)."]
     seeds = {(b, m): o["runs"] for (b, m), o in optima.items()}
+    comparisons = comparison_lines(seeds, study.plan.budgets, study.plan.methods)
     lines += ["", "PEER against each baseline, seed by seed (ratio > 1: PEER's perplexity is lower; paired 95% "
               "interval, Student's t; a verdict only where the interval excludes 1):", "",
-              *comparison_lines(seeds, study.plan.budgets, study.plan.methods)]
+              *(comparisons if len(comparisons) > 2 else ["None yet: no budget has PEER's tuned optimum and its "
+                                                          "seeds."])]
     return "\n".join(lines) + "\n"
+
+
+def tuned_ladder(study, recs: dict[str, dict[str, Any]], optimum: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of a tuned optimum's size ladder, smallest trunk first: at each size, the best-LR seed-0
+    run with the tuned knobs as the re-ladder carries them to that trunk (the memory's block by index)."""
+    spec = optimum["spec"]
+    best: dict[str, dict[str, Any]] = {}
+    for r in recs.values():
+        s = r["spec"]
+        if (s["budget"], s["method"], s["seed"]) != (spec.budget, spec.method, 0) or diverged(r):
+            continue
+        own = study.plan.carry(spec, s["size"])
+        if (set(s.get("overrides", ())), s["expert_ratio"], s.get("routing_ratio")) != (
+                set(own.overrides), own.expert_ratio, own.routing_ratio):
+            continue
+        if s["size"] not in best or r["eval"]["val"]["loss"] < best[s["size"]]["eval"]["val"]["loss"]:
+            best[s["size"]] = r
+    names = [s.name for s in SIZES]
+    return sorted(best.values(), key=lambda r: names.index(r["spec"]["size"]))
 
 
 def _plot(study, recs: dict[str, dict[str, Any]], optima: dict[tuple[float, str], dict[str, Any]],
@@ -109,25 +134,19 @@ def _plot(study, recs: dict[str, dict[str, Any]], optima: dict[tuple[float, str]
     plt = pyplot()
     budgets = study.plan.budgets
     fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.0), squeeze=False)
-    names = [s.name for s in SIZES]
     for ax, budget in zip(axes[0], budgets):
         for method in study.plan.methods:
             o = optima.get((budget, method))
             if o is None:
                 continue
-            knobs = set(o["spec"].overrides), o["spec"].expert_ratio, o["spec"].routing_ratio
-            best: dict[str, dict[str, Any]] = {}  # the best-LR run of each size with the tuned knobs
-            for r in recs.values():
-                s = r["spec"]
-                if (s["budget"], s["method"], s["seed"]) != (budget, method, 0) or diverged(r):
-                    continue
-                if (set(s.get("overrides", ())), s["expert_ratio"], s.get("routing_ratio")) != knobs:
-                    continue
-                if s["size"] not in best or r["eval"]["val"]["loss"] < best[s["size"]]["eval"]["val"]["loss"]:
-                    best[s["size"]] = r
-            pts = sorted(best.values(), key=lambda r: names.index(r["spec"]["size"]))
+            pts = tuned_ladder(study, recs, o)
             ax.plot([r["params"] for r in pts], [r["eval"]["val"]["perplexity"] for r in pts], "o-", label=method)
-        ax.set_xscale("log")
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no tuned optimum yet", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            ax.set_xscale("log")
         ax.set_xlabel("parameters (total)")
         ax.set_ylabel("validation perplexity")
         ax.set_title(f"tuned per method, {budget_name(budget)} FLOPs")

@@ -18,8 +18,9 @@ NAMES = [s.name for s in SIZES]
 
 def loss(spec: RunSpec) -> float:
     """One landscape for both tables (a run both need is one run): LR multiplier 4 best; for PEER, the
-    expert ratio 3, the split (2, 64), routing ratio 0.3 and the running norm, and with h = 2 the best
-    size one rung above the paper settings' (L3d80)."""
+    expert ratio 3, the split (2, 64), routing ratio 0.3, the running norm and block 2 (not L3d80's
+    middle block, but L5d112's), and with h = 2 the best size one rung above the paper settings'
+    (L3d80)."""
     ffn = spec.model().ffn
     best_size = 4
     out = 3.0 + 0.01 * abs(math.log2(spec.lr_mult) - 2) + 0.001 * spec.seed
@@ -27,6 +28,7 @@ def loss(spec: RunSpec) -> float:
         best_size += ffn.heads == 2
         out += 0.1 * abs(math.log2(ffn.heads / 2)) + 0.02 * abs(math.log10((spec.routing_ratio or 0.1) / 0.3))
         out += (ffn.query_norm != "running") * 0.03 + 0.01 * abs(math.log10(spec.expert_ratio / 3))
+        out -= 0.004 * (spec.model().sparse_blocks() == [2])
     return out + 0.05 * (NAMES.index(spec.size) - best_size) ** 2
 
 
@@ -107,7 +109,7 @@ def test_bad_tuned_budgets():
 
 
 def test_report_of_the_tuned_table(studies):
-    from peerlm.study.tuned_report import write_tuned_report
+    from peerlm.study.tuned_report import tuned_ladder, write_tuned_report
 
     paper, tuned = studies
     with pytest.raises(ValueError, match="no tuned optimum"):
@@ -124,3 +126,15 @@ def test_report_of_the_tuned_table(studies):
     assert rows["peer"]["seeds"] == list(range(SEEDS)) and rows["peer"]["tuning_runs"] > rows["dense"]["tuning_runs"]
     # tuning moved PEER's optimum: better than its paper-settings optimum
     assert rows["peer"]["paper_val_perplexity"] > rows["peer"]["val"]["perplexity"]
+    # the plotted ladder: block 2 is carried to every trunk, where on L5d112 it is the default (no override)
+    opt = tuned.plan.optima(tuned.records())[B0, "peer"]
+    assert "placement=[2]" in opt["spec"].overrides
+    ladder = tuned_ladder(tuned, tuned.records(), opt)
+    sizes = [r["spec"]["size"] for r in ladder]
+    assert {NAMES[4], NAMES[5], NAMES[6]} <= set(sizes) and sizes == sorted(sizes, key=NAMES.index)
+    for r in ladder:
+        n = r["model"]["n_layers"]  # block 2 where the trunk has it and it is not the middle one
+        assert r["model"]["placement"] == ([2] if n > 2 and (n - 1) // 2 != 2 else "middle"), r["spec"]["size"]
+        same = [q for q in tuned.records().values() if q["spec"]["size"] == r["spec"]["size"]
+                and q["spec"]["method"] == "peer" and q["model"] == r["model"] and q["spec"]["seed"] == 0]
+        assert r["eval"]["val"]["loss"] == min(q["eval"]["val"]["loss"] for q in same)
