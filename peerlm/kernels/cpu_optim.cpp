@@ -16,7 +16,9 @@
 #include <atomic>
 #include <cmath>
 #include <deque>
+#include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -46,7 +48,8 @@ inline void adamw_row(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g, 
 // A row's count grows by one per update, so a table that covers one past the largest count seen by
 // the last update covers every row of the next; counts beyond it (a first update, a resumed run, a
 // count past kMaxSteps) are computed on the spot. The same double expressions either way: the same
-// bits. Entries are read by the threads of one kernel call and only added between calls (grow()).
+// bits. A kernel call reads a table under its shared lock (CorrectionsLease) and grows it afterwards
+// under the exclusive one, so calls from several threads at once stay safe.
 class BiasCorrections {
  public:
   static constexpr int64_t kMaxSteps = int64_t(1) << 20;  // 16 MiB of doubles at most per (beta1, beta2)
@@ -61,7 +64,7 @@ class BiasCorrections {
     return compute(t);
   }
 
-  // tabulate every t up to `last` (not past kMaxSteps); call between kernel calls only
+  // tabulate every t up to `last` (not past kMaxSteps); under the exclusive lock
   void grow(int64_t last) {
     last = std::min(last, kMaxSteps);
     for (int64_t t = static_cast<int64_t>(bc1_.size()); t <= last; ++t) {
@@ -70,6 +73,8 @@ class BiasCorrections {
       bc2_sqrt_.push_back(c.second);
     }
   }
+
+  std::shared_mutex mutex;
 
  private:
   std::pair<double, double> compute(int64_t t) const {
@@ -81,23 +86,37 @@ class BiasCorrections {
   std::vector<double> bc1_, bc2_sqrt_;
 };
 
-// the tables of the last few (beta1, beta2) pairs, kept across calls; the mutex guards the list
+// the tables of the last few (beta1, beta2) pairs, kept across calls (a table dropped from the list
+// lives on while a call still holds it)
 std::mutex corrections_mutex;
-std::deque<BiasCorrections> corrections_tables;
+std::deque<std::shared_ptr<BiasCorrections>> corrections_tables;
 
-BiasCorrections& bias_corrections(double beta1, double beta2) {
-  std::lock_guard<std::mutex> lock(corrections_mutex);
-  for (auto& c : corrections_tables)
-    if (c.is(beta1, beta2)) return c;
-  if (corrections_tables.size() >= 4) corrections_tables.pop_front();
-  return corrections_tables.emplace_back(beta1, beta2);
-}
+// One kernel call's use of the table of (beta1, beta2): read-only while the lease lives; finish() grows
+// it to one past the largest step count the call reached.
+class CorrectionsLease {
+ public:
+  CorrectionsLease(double beta1, double beta2) : table_(find(beta1, beta2)), read_(table_->mutex) {}
 
-// after a call's updates: tabulate one past the largest step count they reached
-void grow_corrections(BiasCorrections& bc, int64_t largest) {
-  std::lock_guard<std::mutex> lock(corrections_mutex);
-  bc.grow(largest + 1);
-}
+  const BiasCorrections& table() const { return *table_; }
+
+  void finish(int64_t largest) {
+    read_.unlock();
+    std::unique_lock<std::shared_mutex> write(table_->mutex);
+    table_->grow(largest + 1);
+  }
+
+ private:
+  static std::shared_ptr<BiasCorrections> find(double beta1, double beta2) {
+    std::lock_guard<std::mutex> lock(corrections_mutex);
+    for (const auto& c : corrections_tables)
+      if (c->is(beta1, beta2)) return c;
+    if (corrections_tables.size() >= 4) corrections_tables.pop_front();
+    return corrections_tables.emplace_back(std::make_shared<BiasCorrections>(beta1, beta2));
+  }
+
+  std::shared_ptr<BiasCorrections> table_;
+  std::shared_lock<std::shared_mutex> read_;
+};
 
 // the largest of the step counts a thread reached, across threads
 inline void note_largest(std::atomic<int64_t>& largest, int64_t t) {
@@ -155,7 +174,8 @@ void row_adamw_(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_av
   const int64_t* R = rows.data_ptr<int64_t>();
   for (int64_t u = 0; u < U; ++u) TORCH_CHECK(0 <= R[u] && R[u] < N, "row ", R[u], " out of range for ", N);
   int64_t* S = step.data_ptr<int64_t>();
-  BiasCorrections& bc = bias_corrections(beta1, beta2);
+  CorrectionsLease lease(beta1, beta2);
+  const BiasCorrections& bc = lease.table();
   std::atomic<int64_t> largest{0};
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "row_adamw_", [&] {
     scalar_t* P = param.data_ptr<scalar_t>();
@@ -180,7 +200,7 @@ void row_adamw_(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_av
       note_largest(largest, top);
     });
   });
-  grow_corrections(bc, largest.load());
+  lease.finish(largest.load());
 }
 
 // The table update fused into the backward. For each u < U: g_u = sum over the pairs p with target[p] == u,
@@ -237,7 +257,9 @@ void bag_update_(torch::Tensor x, torch::Tensor target, torch::Tensor weights, t
       if (tg[p] < U) order[fill[tg[p]]++] = p;
   }
   int64_t* S = adam ? step->data_ptr<int64_t>() : nullptr;
-  BiasCorrections* bc = adam ? &bias_corrections(beta1, beta2) : nullptr;
+  std::optional<CorrectionsLease> lease;
+  if (adam) lease.emplace(beta1, beta2);
+  const BiasCorrections* bc = adam ? &lease->table() : nullptr;
   std::atomic<int64_t> largest{0};
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "bag_update_", [&] {
     const scalar_t* X = x.data_ptr<scalar_t>();
@@ -277,5 +299,5 @@ void bag_update_(torch::Tensor x, torch::Tensor target, torch::Tensor weights, t
       note_largest(largest, top);
     });
   });
-  if (adam) grow_corrections(*bc, largest.load());
+  if (adam) lease->finish(largest.load());
 }
