@@ -53,6 +53,7 @@ inline void adamw_row(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g, 
 class BiasCorrections {
  public:
   static constexpr int64_t kMaxSteps = int64_t(1) << 20;  // 16 MiB of doubles at most per (beta1, beta2)
+  static constexpr int64_t kGrowth = int64_t(1) << 16;    // entries added by one call at most
 
   BiasCorrections(double beta1, double beta2) : beta1_(beta1), beta2_(beta2) {}
 
@@ -60,14 +61,19 @@ class BiasCorrections {
 
   // (1 - beta1^t, sqrt(1 - beta2^t))
   std::pair<double, double> at(int64_t t) const {
-    if (t < static_cast<int64_t>(bc1_.size())) return {bc1_[t], bc2_sqrt_[t]};
+    if (0 <= t && t < static_cast<int64_t>(bc1_.size())) return {bc1_[t], bc2_sqrt_[t]};
     return compute(t);
   }
 
-  // tabulate every t up to `last` (not past kMaxSteps); under the exclusive lock
+  // tabulate every t up to `last`, at most kGrowth more than now and not past kMaxSteps (a run resumed
+  // at a high count catches up over a few calls); under the exclusive lock
   void grow(int64_t last) {
-    last = std::min(last, kMaxSteps);
-    for (int64_t t = static_cast<int64_t>(bc1_.size()); t <= last; ++t) {
+    const int64_t first = static_cast<int64_t>(bc1_.size());
+    last = std::min({last, first + kGrowth, kMaxSteps});
+    if (last < first) return;
+    bc1_.reserve(last + 1);
+    bc2_sqrt_.reserve(last + 1);
+    for (int64_t t = first; t <= last; ++t) {
       const auto c = compute(t);
       bc1_.push_back(c.first);
       bc2_sqrt_.push_back(c.second);
@@ -86,8 +92,8 @@ class BiasCorrections {
   std::vector<double> bc1_, bc2_sqrt_;
 };
 
-// the tables of the last few (beta1, beta2) pairs, kept across calls (a table dropped from the list
-// lives on while a call still holds it)
+// the tables of the four (beta1, beta2) pairs used last, kept across calls (a table dropped from the
+// list lives on while a call still holds it)
 std::mutex corrections_mutex;
 std::deque<std::shared_ptr<BiasCorrections>> corrections_tables;
 
@@ -108,8 +114,14 @@ class CorrectionsLease {
  private:
   static std::shared_ptr<BiasCorrections> find(double beta1, double beta2) {
     std::lock_guard<std::mutex> lock(corrections_mutex);
-    for (const auto& c : corrections_tables)
-      if (c->is(beta1, beta2)) return c;
+    // least recently used first: a table found moves to the back
+    for (auto it = corrections_tables.begin(); it != corrections_tables.end(); ++it) {
+      if ((*it)->is(beta1, beta2)) {
+        auto found = *it;
+        corrections_tables.erase(it);
+        return corrections_tables.emplace_back(std::move(found));
+      }
+    }
     if (corrections_tables.size() >= 4) corrections_tables.pop_front();
     return corrections_tables.emplace_back(std::make_shared<BiasCorrections>(beta1, beta2));
   }

@@ -238,6 +238,11 @@ class TunedPlan:
 
     def runs(self, recs: Records) -> Iterator[RunSpec]:
         """Every run the table needs as far as the records decide, budget by budget."""
+        return (spec for spec, _ in self._walk(recs))
+
+    def _walk(self, recs: Records) -> Iterator[tuple[RunSpec, RunSpec | None]]:
+        """``runs``, each with the spec its size ladder is centred on (the tuned run the ladder carries to
+        the other trunks; None for the tuning runs before it)."""
         paper_recs = self.paper_records()
         paper_ch = self.paper.choices(paper_recs)
         optima = compute_optimal(self.paper, paper_recs)
@@ -250,39 +255,41 @@ class TunedPlan:
                 start = self.paper.ladder_spec(budget, method, o["size"], paper_ch)
                 if budget in self.tuned_budgets:
                     runs, tuned, _ = self.tune(start, recs)
-                    yield from runs
+                    yield from ((r, None) for r in runs)
                     if tuned is None:
                         continue
                     carried[method] = tuned
                 elif method in carried:
                     tuned = self.carry(carried[method], start.size).with_(budget=budget, lr_mult=start.lr_mult)
                     runs, tuned = self._lr_sweep(tuned, recs, "tune-size")
-                    yield from runs
+                    yield from ((r, None) for r in runs)
                     if tuned is None:
                         continue
                 else:
                     continue
                 runs, best = self.sizes(tuned, recs)
-                yield from runs
+                yield from ((r, tuned) for r in runs)
                 if best is not None:
                     for seed in range(1, self.seeds):
-                        yield best.with_(phase="seed", seed=seed)
+                        yield best.with_(phase="seed", seed=seed), tuned
 
     def optima(self, recs: Records) -> dict[tuple[float, str], dict[str, Any]]:
         """(budget, method) -> the tuned optimum's seed-0 run (``spec``), the records of its seeds in
-        seed order (``runs``) and the number of distinct tuning runs (``tuning_runs``), for every
-        (budget, method) whose optimum is decided."""
-        planned = list(self.runs(recs))
+        seed order (``runs``), the number of distinct tuning runs (``tuning_runs``) and the spec its size
+        ladder was centred on (``center``: ``carry`` of it gives the ladder's knobs on each trunk), for
+        every (budget, method) whose optimum is decided."""
+        planned = list(self._walk(recs))
         out = {}
         for budget in self.budgets:
             for method in self.methods:
-                runs = [s for s in planned if s.budget == budget and s.method == method]
-                seeds = [s for s in runs if s.phase == "seed"]
+                runs = [(s, c) for s, c in planned if s.budget == budget and s.method == method]
+                seeds = [(s, c) for s, c in runs if s.phase == "seed"]
                 if not seeds:
                     continue
-                specs = [seeds[0].with_(phase="tune", seed=0), *seeds]
+                specs = [seeds[0][0].with_(phase="tune", seed=0), *(s for s, _ in seeds)]
                 out[budget, method] = {"spec": specs[0], "runs": [recs[s.run_id] for s in specs if s.run_id in recs],
-                                       "tuning_runs": len({s.run_id for s in runs if s.phase != "seed"})}
+                                       "tuning_runs": len({s.run_id for s, _ in runs if s.phase != "seed"}),
+                                       "center": seeds[0][1]}
         return out
 
 

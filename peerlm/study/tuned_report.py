@@ -112,14 +112,16 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tupl
 
 def tuned_ladder(study, recs: dict[str, dict[str, Any]], optimum: dict[str, Any]) -> list[dict[str, Any]]:
     """The records of a tuned optimum's size ladder, smallest trunk first: at each size, the best-LR seed-0
-    run with the tuned knobs as the re-ladder carries them to that trunk (the memory's block by index)."""
-    spec = optimum["spec"]
+    run with the tuned knobs as the re-ladder carried them from its centre to that trunk (the memory's
+    block by index; from the centre, not the optimum, whose trunk may have dropped the block as its
+    default)."""
+    center = optimum["center"]
     best: dict[str, dict[str, Any]] = {}
     for r in recs.values():
         s = r["spec"]
-        if (s["budget"], s["method"], s["seed"]) != (spec.budget, spec.method, 0) or diverged(r):
+        if (s["budget"], s["method"], s["seed"]) != (center.budget, center.method, 0) or diverged(r):
             continue
-        own = study.plan.carry(spec, s["size"])
+        own = study.plan.carry(center, s["size"])
         if (set(s.get("overrides", ())), s["expert_ratio"], s.get("routing_ratio")) != (
                 set(own.overrides), own.expert_ratio, own.routing_ratio):
             continue
