@@ -11,7 +11,8 @@ Phases, in order; each later phase reads the choices of the earlier ones from th
 3. ``ladder``: every method at every budget over the initial window of sizes; while the best size of
    a (budget, method) is at an end of what was run and a further size exists, the ladder grows.
 4. ``seed``: the compute-optimal model of every (budget, method) again with seeds 1 .. ``seeds`` - 1,
-   once its budget's ladders are bracketed (phases 3 and 4 go budget by budget, smallest first).
+   once its budget's ladders are bracketed (phases 3 and 4 go budget by budget, smallest first), seed
+   by seed across the methods.
 5. ``optimizer``: the compute-optimal PEER model of the smaller budget with the row-sparse AdamW.
 
 A diverged run (``peerlm.study.records.diverged``) is recorded, so it is not trained again, and counts
@@ -170,10 +171,12 @@ class IsoflopPlan:
                     continue
                 specs, best[budget, method] = self.ladder(budget, method, recs, ch)
                 yield from specs
-            for method in self.methods:
-                if best.get((budget, method)) is not None:
-                    for seed in range(1, self.seeds):
-                        yield self.ladder_spec(budget, method, best[budget, method], ch, seed=seed)
+            # seed by seed: every method's next seed before any method's seed after it, so that the paired
+            # comparisons gain a seed at a time instead of waiting for the last method's seeds
+            optimal = [m for m in self.methods if best.get((budget, m)) is not None]
+            for seed in range(1, self.seeds):
+                for method in optimal:
+                    yield self.ladder_spec(budget, method, best[budget, method], ch, seed=seed)
         if "peer" in self.methods and best.get((b0, "peer")):
             yield self.ladder_spec(b0, "peer", best[b0, "peer"], ch).with_(phase="optimizer", sparse_optimizer=True)
 

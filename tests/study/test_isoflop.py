@@ -149,6 +149,16 @@ def test_the_ladder_grows_until_its_best_is_bracketed_then_seeds_and_the_optimiz
         assert all(key in r for r in rows)
 
 
+def test_seeds_go_seed_by_seed_across_methods(tmp_path):
+    study = isoflop_study(tmp_path / "res", work=tmp_path / "work", budgets=(B0,), methods=("dense", "moe", "peer"))
+    names = [s.name for s in SIZES]
+    loss = lambda s: 3.0 + 0.05 * (names.index(s.size) - 2) ** 2 + 0.01 * s.seed  # noqa: E731
+    for phase in ("lr", "expert-lr", "ladder"):
+        finish_pending(study, loss, phase=phase)
+    seeds = [(s.seed, s.method) for s in study.pending() if s.phase == "seed"]
+    assert seeds == [(seed, m) for seed in range(1, SEEDS) for m in ("dense", "moe", "peer")]
+
+
 def test_report_files_from_records(tmp_path):
     study = isoflop_study(tmp_path / "res", work=tmp_path / "work", budgets=(B0,), methods=("dense", "moe"))
     with pytest.raises(ValueError, match="no run records"):
