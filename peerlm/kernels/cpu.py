@@ -15,7 +15,6 @@ exactly tied scores, which tied id comes first), which the tests check.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import sys
 import threading
@@ -27,14 +26,15 @@ from torch import Tensor
 
 __all__ = ["advise_huge_pages", "cpu_kernels", "usable"]
 
+# and cpu_rows.h, which both include: ninja tracks it (the build runs in every new process)
 _SOURCES = [Path(__file__).with_name(name) for name in ("cpu.cpp", "cpu_optim.cpp")]
-_HEADER = Path(__file__).with_name("cpu_rows.h")
 _lock = threading.Lock()
 
 
 def _machine_tag() -> str:
     """A short hash of the CPU's model and instruction-set flags: the build uses ``-march=native``, so a
     cached build is only loaded by a machine that can run it (a shared cache serves each kind apart)."""
+    import hashlib
     import platform
 
     text = platform.machine() + platform.processor()
@@ -56,13 +56,10 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        # torch rebuilds when a source or a flag changes, not a header: the header's hash is a flag
-        header = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:12]
         return load(name=f"peerlm_cpu_kernels_{_machine_tag()}", sources=[str(p) for p in _SOURCES],
                     # -fno-math-errno: std::sqrt need not set errno, so the AdamW row loop vectorizes
                     # (the same IEEE square roots and quotients, twice as fast); nothing else changes
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno",
-                                  f"-DPEERLM_CPU_ROWS_H={header}"],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the PyTorch ops still work
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
