@@ -4,7 +4,8 @@ an empty result or a long run on nonsense.
 
 Whole numbers are read by ``peerlm.config.parse_int`` and real numbers by ``parse_float``, the same
 parsers ``--set`` uses, so ``--max-tokens 1e6`` and ``--set train.max_tokens=1e6`` agree. NaN and inf
-are refused everywhere.
+are refused everywhere. ``setting`` is the type of ``--set SECTION.FIELD=VALUE``: it checks the form;
+the value goes through the same parsers, by its field's type, where the override is applied.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from peerlm.config import parse_float, parse_int
 
 __all__ = ["whole", "real", "positive_int", "nonnegative_int", "seed", "positive_float", "nonnegative_float",
-           "fraction", "probability"]
+           "fraction", "probability", "setting"]
 
 SEED_LIMIT = 2**63  # torch generators take seeds below this
 
@@ -72,3 +73,22 @@ positive_float = real(0, lo_open=True, example="2.5")
 nonnegative_float = real(0, example="0.8")
 fraction = real(0, 1, hi_open=True, example="0.01")
 probability = real(0, 1, lo_open=True, example="0.9")
+
+
+def setting(*sections: str) -> Callable[[str], tuple[str, str]]:
+    """The argparse type of ``--set``: ``SECTION.FIELD=VALUE`` -> (section, "FIELD=VALUE"). The value
+    itself is parsed by ``peerlm.config.apply_overrides``, by the field's type, so every ``--set``
+    goes through one parser and a bad value gets its field's range or accepted form."""
+    examples = {"model": "model.dim=256", "train": "train.lr=1e-3"}
+    form = f"SECTION.FIELD=VALUE with SECTION {' or '.join(sections)}, e.g. " + \
+        " or ".join(examples[s] for s in sections)
+
+    def convert(text: str) -> tuple[str, str]:
+        path, eq, _ = text.partition("=")
+        section, _, field = path.strip().partition(".")
+        if not eq or section not in sections or not field.strip():
+            raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}")
+        return section, text.strip()[len(section) + 1 :]
+
+    convert.__name__ = "setting"
+    return convert

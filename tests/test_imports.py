@@ -25,7 +25,7 @@ LAYERS = {
     "peerlm.continual": 1, "peerlm.continual.finetune": 4, "peerlm.continual.study": 4,
     "peerlm.continual.study_report": 4, "peerlm.continual.cli": 5,
     "peerlm.study": 4, "peerlm.demo": 4, "peerlm.hf.training": 4, "peerlm.hf.retrofit": 4,
-    "peerlm.cli": 5, "peerlm.__main__": 5, "peerlm.data.cli": 5, "peerlm.study.cli": 5,
+    "peerlm.cli": 5, "peerlm.trainargs": 5, "peerlm.__main__": 5, "peerlm.data.cli": 5, "peerlm.study.cli": 5,
 }
 NAMES = ("base", "library", "persistence", "runs", "drivers", "command line")
 

@@ -16,7 +16,7 @@ import shlex
 import sys
 from typing import Any
 
-from peerlm import argtypes
+from peerlm import argtypes, trainargs
 
 __all__ = ["add_parser", "add_facts_parser"]
 
@@ -67,7 +67,7 @@ def _spec_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from peerlm.checkpoint import CheckpointError
-    from peerlm.config import apply_overrides, from_dict, to_dict
+    from peerlm.config import from_dict, to_dict
     from peerlm.continual.finetune import finetune, finetune_config, plan_finetune
     from peerlm.runconfig import RunConfig, TrainConfig, TrainInterrupted, data_info
     from peerlm.rundir import RunDir
@@ -104,11 +104,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             raise ValueError("no run length: give one of --max-steps, --max-tokens or --epochs")
         run = finetune_config(spec, base_config, args.data, overrides)
     if args.set:
-        try:
-            train = apply_overrides(run.train, [item for _, item in args.set])
-        except ValueError as e:
-            raise ValueError(f"--set train.*: {e}") from None
-        run = RunConfig(run.model, train, run.data, run.finetune)
+        run = RunConfig(run.model, trainargs.overrides(run.train, "train", args.set), run.data, run.finetune)
     try:
         summary = finetune(run, args.out, resume=args.resume, progress=not args.quiet, notes=notes)
     except TrainInterrupted as e:
@@ -124,14 +120,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     print(f"finetuned {args.out} ({run.finetune['method']} from {run.finetune['base']}): step "
           f"{summary['step']}/{summary['total_steps']}, {summary['tokens']:,} tokens in {summary['seconds']:.0f}s{ppl}")
     return 0
-
-
-def _train_setting(text: str) -> tuple[str, str]:
-    path, eq, _ = text.partition("=")
-    section, _, field = path.strip().partition(".")
-    if not eq or section != "train" or not field.strip():
-        raise argparse.ArgumentTypeError(f"expected train.FIELD=VALUE, e.g. train.grad_clip=0.5, got {text!r}")
-    return section, text.strip()[len(section) + 1:]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -157,7 +145,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--seed", type=argtypes.seed, help="default: the base run's")
     p.add_argument("--eval-every", type=argtypes.positive_int, help="validation interval in steps")
     p.add_argument("--ckpt-every", type=argtypes.nonnegative_int, help="checkpoint interval in steps")
-    p.add_argument("--set", action="append", type=_train_setting, metavar="train.FIELD=VALUE",
+    p.add_argument("--set", action="append", type=argtypes.setting("train"), metavar="train.FIELD=VALUE",
                    help="override any training field (repeatable)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"),
                    help="sparse: sgd (default, no momentum or decay) or the lazy row-sparse adamw")
