@@ -35,7 +35,7 @@ from peerlm.study.design import METHODS, budget_name
 from peerlm.study.records import diverged, spec_of, val_loss
 from peerlm.study.runner import machine, timing_key
 from peerlm.study.stats import compare, mean_sd
-from peerlm.study.trend import ratio_at, trend_fits
+from peerlm.study.trend import paired_means, ratio_at, trend_fits
 
 __all__ = ["compute_optimal", "summary_records", "format_table", "write_report", "train_seconds", "timing_note",
            "save_png", "pyplot", "plots_or_note", "PlotsUnavailable", "PLOTS_NEED"]
@@ -147,10 +147,10 @@ def comparison_lines(seeds: dict[tuple[float, str], list[dict[str, Any]]], budge
 
 
 def _optimum_val_losses(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[float, ...],
-                        methods: tuple[str, ...]) -> dict[str, dict[float, list[float]]]:
-    """method -> budget -> the val losses of the seeds of its compute-optimal model."""
-    return {m: {b: [r["eval"]["val"]["loss"] for r in opt[b, m]["runs"]] for b in budgets if (b, m) in opt}
-            for m in methods}
+                        methods: tuple[str, ...]) -> dict[str, dict[float, dict[int, float]]]:
+    """method -> budget -> {seed: val loss} of the seeds of its compute-optimal model."""
+    return {m: {b: {r["spec"]["seed"]: r["eval"]["val"]["loss"] for r in opt[b, m]["runs"]} for b in budgets
+                if (b, m) in opt} for m in methods}
 
 
 def trend_lines(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[float, ...], methods: tuple[str, ...],
@@ -164,7 +164,8 @@ def trend_lines(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[flo
         return []
     lines = [f"Trend (an extrapolation from this study's budgets to {target:.0e} FLOPs, far outside them): "
              "compute-optimal val loss L against budget C fitted as L = a C^-b per method; 95% intervals from "
-             "resampling the seeds at each budget. A power law with no irreducible loss falls without bound, so "
+             "resampling the seeds at each budget (for a ratio, the two methods' common seeds, as pairs; a budget "
+             "with one seed adds none of its noise). A power law with no irreducible loss falls without bound, so "
              "the extrapolated perplexities are low; the ratios between methods are the more telling output.", "",
              f"| method | budgets | b | val ppl at {target:.0e} (extrapolated) |", "|---|---|---|---|"]
     for m, f in fits.items():
@@ -172,14 +173,14 @@ def trend_lines(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[flo
                      f"[{f.b_interval[0]:.4f}, {f.b_interval[1]:.4f}] | {math.exp(f.loss_at):.2f} "
                      f"[{math.exp(f.loss_interval[0]):.2f}, {math.exp(f.loss_interval[1]):.2f}] |")
     for other in ("dense", "pkm"):
-        both = [b for b in budgets if seeds.get("peer", {}).get(b) and seeds.get(other, {}).get(b)]
-        measured = [f"{budget_name(b)}: "
-                    f"{math.exp(statistics.fmean(seeds['peer'][b]) - statistics.fmean(seeds[other][b])):.3f}"
-                    for b in both]
+        pairs = paired_means(seeds, "peer", other)
+        measured = [f"{budget_name(b)}: {math.exp(x.mean() - y.mean()):.3f} ({len(x)} seeds)"
+                    for b, (x, y) in pairs.items()]
         r = ratio_at(seeds, "peer", other, target)
         if measured:
             extra = "" if r is None else f"; extrapolated to {target:.0e}: {r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"
-            lines.append(f"\nPEER/{other} perplexity ratio, measured at " + ", ".join(measured) + extra + ".")
+            lines.append(f"\nPEER/{other} perplexity ratio over their common seeds, measured at " + ", ".join(measured)
+                         + extra + ".")
     return lines
 
 
@@ -432,8 +433,8 @@ def _trend_plot(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[flo
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.4))
     for m in fits:
         bs = sorted(b for b, v in seeds[m].items() if v)
-        means = [statistics.fmean(seeds[m][b]) for b in bs]
-        sds = [statistics.stdev(seeds[m][b]) if len(seeds[m][b]) > 1 else 0.0 for b in bs]
+        means = [statistics.fmean(seeds[m][b].values()) for b in bs]
+        sds = [statistics.stdev(seeds[m][b].values()) if len(seeds[m][b]) > 1 else 0.0 for b in bs]
         ppl = [math.exp(x) for x in means]
         err = [[p - math.exp(x - d) for p, x, d in zip(ppl, means, sds)],
                [math.exp(x + d) - p for p, x, d in zip(ppl, means, sds)]]
@@ -447,16 +448,16 @@ def _trend_plot(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[flo
     left.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=8)
     for other in ("dense", "pkm"):
-        common = sorted(c for c in set(seeds.get("peer", {})) & set(seeds.get(other, {}))
-                        if seeds["peer"][c] and seeds[other][c])
-        if not common:
+        pairs = paired_means(seeds, "peer", other)  # over their common seeds, as ratio_at
+        if not pairs:
             continue
-        measured = [math.exp(statistics.fmean(seeds["peer"][c]) - statistics.fmean(seeds[other][c])) for c in common]
+        common = sorted(pairs)
+        measured = [math.exp(pairs[c][0].mean() - pairs[c][1].mean()) for c in common]
         (line,) = right.plot(common, measured, "o", label=f"PEER/{other}, measured")
         r = ratio_at(seeds, "peer", other, target)
         if r is not None:
-            fa = fit_power_law(common, [statistics.fmean(seeds["peer"][c]) for c in common])
-            fb = fit_power_law(common, [statistics.fmean(seeds[other][c]) for c in common])
+            fa = fit_power_law(common, [float(pairs[c][0].mean()) for c in common])
+            fb = fit_power_law(common, [float(pairs[c][1].mean()) for c in common])
             grid = np.geomspace(common[0], target, 80)
             loss_a, loss_b = (np.exp(f[0] - f[1] * np.log(grid)) for f in (fa, fb))  # L = a C^-b
             right.plot(grid, np.exp(loss_a - loss_b), "--", color=line.get_color(), alpha=0.7,

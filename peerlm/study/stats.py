@@ -45,8 +45,11 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        """``ahead`` (a's loss lower), ``behind`` or ``tie`` (the interval holds zero, or one seed)."""
-        if len(self.seeds) < 2 or self.low <= 0 <= self.high:
+        """``ahead`` (a's loss lower), ``behind`` or ``tie`` (the interval holds zero); empty with one
+        seed, which gives no interval and so decides nothing."""
+        if len(self.seeds) < 2:
+            return ""
+        if self.low <= 0 <= self.high:
             return "tie"
         return "ahead" if self.low > 0 else "behind"
 

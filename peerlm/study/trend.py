@@ -5,19 +5,30 @@ For each method, its compute-optimal val loss L at each budget C (mean over seed
 log L = log a - b log C (least squares in log-log: a power law in the loss itself, with no
 irreducible term, which two or three budgets could not pin down). The uncertainty comes from the
 seeds: ``draws`` bootstrap resamples of each budget's seeds, each refitted, give a 95% percentile
-interval for the exponent, for L at the ``target`` budget and for the perplexity ratio of two methods
-there (resampled jointly, budget by budget). With one seed at a budget the interval ignores that
-budget's noise; with two budgets the fit passes through both points.
+interval for the exponent and for L at the ``target`` budget. The perplexity ratio of two methods
+there is paired by seed, as the study's comparisons are (the same seed is the same data order): at
+each budget both methods' losses over their common seeds, and one resample of seed ids for both. With
+one seed at a budget the interval ignores that budget's noise; with two budgets the fit passes
+through both points.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Fit", "fit_power_law", "trend_fits", "ratio_at"]
+__all__ = ["Fit", "fit_power_law", "trend_fits", "paired_means", "ratio_at"]
+
+# method -> budget -> the val losses of the seeds of its compute-optimal model, {seed: loss} (a plain
+# list counts its positions as seeds)
+Seeds = Mapping[str, Mapping[float, "Mapping[int, float] | Sequence[float]"]]
+
+
+def _by_seed(losses: Mapping[int, float] | Sequence[float]) -> dict[int, float]:
+    return dict(losses) if isinstance(losses, Mapping) else dict(enumerate(losses))
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,7 @@ def _predict(log_a: float, b: float, budget: float) -> float:
     return math.exp(log_a - b * math.log(budget))
 
 
-def _draws(seeds: dict[float, list[float]], draws: int, rng: np.random.Generator) -> np.ndarray:
+def _draws(seeds: Mapping[float, list[float]], draws: int, rng: np.random.Generator) -> np.ndarray:
     """(draws, budgets) means of bootstrap resamples of each budget's seed losses."""
     cols = []
     for budget in sorted(seeds):
@@ -57,13 +68,12 @@ def _draws(seeds: dict[float, list[float]], draws: int, rng: np.random.Generator
     return np.stack(cols, axis=1)
 
 
-def trend_fits(seeds: dict[str, dict[float, list[float]]], target: float = 2e19, draws: int = 2000,
-               seed: int = 0) -> dict[str, Fit]:
+def trend_fits(seeds: Seeds, target: float = 2e19, draws: int = 2000, seed: int = 0) -> dict[str, Fit]:
     """Per method, the fit over its budgets (``seeds``: method -> budget -> val losses of the seeds of
     its compute-optimal model); methods with fewer than two budgets are left out."""
     out = {}
     for method, by_budget in seeds.items():
-        by_budget = {b: v for b, v in by_budget.items() if v}
+        by_budget = {b: list(_by_seed(v).values()) for b, v in by_budget.items() if v}
         if len(by_budget) < 2:
             continue
         budgets = sorted(by_budget)
@@ -80,21 +90,38 @@ def trend_fits(seeds: dict[str, dict[float, list[float]]], target: float = 2e19,
     return out
 
 
-def ratio_at(seeds: dict[str, dict[float, list[float]]], a: str, b: str, target: float = 2e19, draws: int = 2000,
+def paired_means(seeds: Seeds, a: str, b: str) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+    """Per budget where both have one, the val losses of ``a`` and ``b`` over their common seeds, in
+    seed order (the pairs the ratio is taken over)."""
+    out = {}
+    for budget in sorted(set(seeds.get(a, {})) & set(seeds.get(b, {}))):
+        la, lb = _by_seed(seeds[a][budget]), _by_seed(seeds[b][budget])
+        common = sorted(la.keys() & lb.keys())
+        if common:
+            out[budget] = (np.array([la[s] for s in common], float), np.array([lb[s] for s in common], float))
+    return out
+
+
+def ratio_at(seeds: Seeds, a: str, b: str, target: float = 2e19, draws: int = 2000,
              seed: int = 0) -> tuple[float, float, float] | None:
-    """The perplexity ratio ppl_a / ppl_b = exp(L_a - L_b) the two fits give at ``target``, and its 95%
-    interval (both methods resampled in the same draws); None without two common budgets."""
-    common = sorted(set(seeds.get(a, {})) & set(seeds.get(b, {})))
-    common = [c for c in common if seeds[a][c] and seeds[b][c]]
-    if len(common) < 2:
+    """The perplexity ratio ppl_a / ppl_b = exp(L_a - L_b) that the two fits over their common seeds
+    give at ``target``, and its 95% interval (each budget's common seeds resampled as pairs); None
+    without two budgets with a common seed."""
+    pairs = paired_means(seeds, a, b)
+    if len(pairs) < 2:
         return None
-    fa = fit_power_law(common, [float(np.mean(seeds[a][c])) for c in common])
-    fb = fit_power_law(common, [float(np.mean(seeds[b][c])) for c in common])
-    point = math.exp(_predict(*fa, target) - _predict(*fb, target))
+    budgets = sorted(pairs)
+
+    def at(la: list[float], lb: list[float]) -> float:
+        return math.exp(_predict(*fit_power_law(budgets, la), target) - _predict(*fit_power_law(budgets, lb), target))
+
+    point = at([float(pairs[c][0].mean()) for c in budgets], [float(pairs[c][1].mean()) for c in budgets])
     rng = np.random.default_rng(seed)
-    sa = _draws({c: seeds[a][c] for c in common}, draws, rng)
-    sb = _draws({c: seeds[b][c] for c in common}, draws, rng)
-    r = np.array([math.exp(_predict(*fit_power_law(common, list(x)), target) - _predict(*fit_power_law(common, list(y)),
-                                                                                      target))
-                  for x, y in zip(sa, sb)])
+    sa, sb = [], []
+    for c in budgets:  # one draw of seed ids serves both methods
+        x, y = pairs[c]
+        idx = rng.integers(0, len(x), size=(draws, len(x)))
+        sa.append(x[idx].mean(axis=1))
+        sb.append(y[idx].mean(axis=1))
+    r = np.array([at(list(xa), list(xb)) for xa, xb in zip(np.stack(sa, axis=1), np.stack(sb, axis=1))])
     return point, float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))

@@ -49,13 +49,33 @@ def test_ratio_of_two_methods_at_the_target():
     assert fit.log_a == pytest.approx(math.log(20.0)) and fit.b == pytest.approx(0.09)
 
 
+def test_the_ratio_is_paired_by_seed():
+    """Each resample draws the same seeds for both methods: two methods with the same loss at every
+    seed, however noisy the seeds, are exactly at 1 with no width; the same losses with one method's
+    seeds shuffled (no pairs left) are not; seeds of one method alone take no part."""
+    rng = np.random.default_rng(0)
+    noisy = {c: {s: law(20.0, 0.08, c) + 0.05 * rng.standard_normal() for s in range(4)} for c in BUDGETS}
+    seeds = {"peer": noisy, "pkm": {c: dict(v) for c, v in noisy.items()}}
+    assert ratio_at(seeds, "peer", "pkm") == (1.0, 1.0, 1.0)
+    shuffled = {"peer": noisy, "pkm": {c: dict(zip((1, 2, 3, 0), v.values())) for c, v in noisy.items()}}
+    r, lo, hi = ratio_at(shuffled, "peer", "pkm")
+    assert r == pytest.approx(1.0) and hi / lo > 1.02
+    seeds["pkm"][BUDGETS[0]][9] = 100.0  # a seed peer lacks
+    assert ratio_at(seeds, "peer", "pkm") == (1.0, 1.0, 1.0)
+    seeds["pkm"][BUDGETS[1]] = {9: 3.0}  # no common seed at a budget: the other two are fitted
+    assert ratio_at(seeds, "peer", "pkm") == (1.0, 1.0, 1.0)
+    seeds["pkm"][BUDGETS[2]] = {9: 3.0}
+    assert ratio_at(seeds, "peer", "pkm") is None  # one budget with pairs: no fit
+
+
 def test_the_trend_plot_needs_two_budgets(tmp_path):
     """trend.png from the compute-optimal models' seeds: written from two budgets on, none below."""
     pytest.importorskip("matplotlib")
     from peerlm.study.report import _trend_plot
 
     def opt(budgets):
-        return {(c, m): {"runs": [{"eval": {"val": {"loss": law(20.0, b, c) + 0.01 * s}}} for s in range(3)]}
+        return {(c, m): {"runs": [{"spec": {"seed": s}, "eval": {"val": {"loss": law(20.0, b, c) + 0.01 * s}}}
+                                  for s in range(3)]}
                 for c in budgets for m, b in (("dense", 0.07), ("pkm", 0.085), ("peer", 0.09))}
 
     methods = ("dense", "pkm", "peer")
