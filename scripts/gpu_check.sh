@@ -4,6 +4,9 @@
 #   bash scripts/gpu_check.sh --prepare    # here, once: the study's prepared data (prepared if need be)
 #                                          # and the peer-pytorch wheels into .gpu/ (ignored by git)
 #   then on the device:  command "bash scripts/gpu_check.sh", carry [".gpu"], timeout_s 600
+#   bash scripts/gpu_check.sh --smoke      # here, before a loan: every step on the CPU with tiny sizes
+#                                          # (Triton in its interpreter, the isoflop step 3 steps a run),
+#                                          # so a mistake in the script cannot cost the device's minutes
 #
 # On the GPU machine (a python3 with torch and triton, no network) it runs these steps, each bounded in
 # time, each writing its own file under $OUT (results/gpu/ where $OUT is unset):
@@ -35,9 +38,15 @@ print(isoflop_study('results/isoflop', log=lambda s: print(s, file=sys.stderr)).
     exit 0
 fi
 
+smoke=0
+if [ "${1:-}" = "--smoke" ]; then smoke=1; fi
 out="${OUT:-results/gpu}"
+[ $smoke -eq 1 ] && out="${OUT:-/tmp/gpu_check_smoke}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
+[ $smoke -eq 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && py=.venv/bin/python
+device=cuda
+[ $smoke -eq 1 ] && device=cpu
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-site .gpu/wheels/*.whl \
@@ -62,14 +71,25 @@ step() {  # step NAME SECONDS FILE COMMAND...: run with a time limit, output to 
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
 } >"$out/device.txt" 2>&1
 
-step "gpu tests" 120 gpu_tests.txt "$py" -m pytest -q -p no:cacheprovider -m gpu tests
-step "triton benchmark" 240 triton.txt "$py" benchmarks/peer_triton_benchmark.py --repeats 10 --out "$out/triton.json"
-if [ -f benchmarks/decode_benchmark.py ]; then
+if [ $smoke -eq 1 ]; then  # without a GPU the gpu tests skip; collecting them still checks they import
+    step "gpu tests" 120 gpu_tests.txt "$py" -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_peer_triton.py
+    step "triton benchmark" 240 triton.txt "$py" benchmarks/peer_triton_benchmark.py --interpret-smoke \
+        --out "$out/triton.json"
+    step "decode" 90 decode.txt "$py" benchmarks/decode_benchmark.py --device cpu --quick --methods dense peer
+else
+    step "gpu tests" 120 gpu_tests.txt "$py" -m pytest -q -p no:cacheprovider -m gpu tests
+    step "triton benchmark" 240 triton.txt "$py" benchmarks/peer_triton_benchmark.py --repeats 10 --out "$out/triton.json"
     step "decode" 90 decode.txt "$py" benchmarks/decode_benchmark.py --device cuda
 fi
-step "isoflop" 200 isoflop.txt "$py" - "$out/isoflop.json" <<'EOF'
-"""Re-train the study's 2e12 optima on CUDA from their records; val loss and wall time per run."""
-import json, sys, tempfile, time
+if [ ! -f .gpu/study/data-v1024/meta.json ]; then  # the device has no network to prepare it
+    echo "isoflop: skipped: no .gpu/study/data-v1024 (run \`bash scripts/gpu_check.sh --prepare\` first)" \
+        | tee -a "$out/device.txt"
+    [ $smoke -eq 1 ] || failed=$((failed + 1))
+else
+step "isoflop" 200 isoflop.txt env GPU_CHECK_DEVICE=$device GPU_CHECK_SMOKE=$smoke "$py" - "$out/isoflop.json" <<'EOF'
+"""Re-train the study's 2e12 optima on CUDA from their records; val loss and wall time per run (with
+--smoke: on the CPU, 3 steps a run, to check the code path)."""
+import json, os, sys, tempfile, time
 from pathlib import Path
 
 from peerlm.study.isoflop import isoflop_study
@@ -79,10 +99,15 @@ RUNS = ("2e12_dense_L2d64_lr2_s0", "2e12_peer_L1d48_lr2_x3_s0", "2e12_pkm_L2d64_
 rows = []
 for run_id in RUNS:
     rec = json.loads(Path(f"results/isoflop/runs/{run_id}.json").read_text())
-    study = isoflop_study(Path(tempfile.mkdtemp()), work=Path(".gpu/study/isoflop"), device="cuda",
+    smoke = os.environ["GPU_CHECK_SMOKE"] == "1"
+    work = Path(tempfile.mkdtemp()) / "isoflop" if smoke else Path(".gpu/study/isoflop")  # smoke: out of .gpu
+    if smoke:  # the prepared data beside the throwaway work directory, as the study expects it
+        (work.parent / "data-v1024").symlink_to(Path(".gpu/study/data-v1024").resolve())
+    study = isoflop_study(Path(tempfile.mkdtemp()), work=work, device=os.environ["GPU_CHECK_DEVICE"],
                           log=lambda s: print(s, flush=True))
+    spec = spec_of(rec)
     t0 = time.time()
-    new = study.run_one(spec_of(rec))
+    new = study.run_one(spec.with_(tokens=3 * 16 * 128) if smoke else spec)
     rows.append({"run_id": run_id, "cpu_val_loss": rec["eval"]["val"]["loss"],
                  "cuda_val_loss": new["eval"]["val"]["loss"], "cuda_seconds": time.time() - t0,
                  "cuda_train_seconds": new["train_seconds"], "cpu_train_seconds": rec["train_seconds"],
@@ -90,6 +115,7 @@ for run_id in RUNS:
     print(json.dumps(rows[-1]), flush=True)
     Path(sys.argv[1]).write_text(json.dumps(rows, indent=1) + "\n")
 EOF
+fi
 
 echo "failed steps: $failed" | tee -a "$out/device.txt"
 exit "$failed"
