@@ -24,7 +24,7 @@ the paper's (h, k), routing LR, query norm and block. Here every (budget, method
 
 At a budget after the last of ``TUNED_BUDGETS`` the knobs but the LR are carried from that budget's
 tuned optimum (a full pass there would cost more than the rest of the study) and steps 3-4 run from
-that budget's c.
+that budget's c; nothing runs there for a method until its last tuned budget has its knobs.
 
 A tuning point that is also a run of the first table (the same run id: every knob at its paper value)
 is read from the first table's records, not trained again.
@@ -249,6 +249,8 @@ class TunedPlan:
         carried: dict[str, RunSpec] = {}
         for budget in self.budgets:
             for method in self.methods:
+                if budget in self.tuned_budgets:  # later budgets carry this one's knobs: none until it has them
+                    carried.pop(method, None)
                 o = optima.get((budget, method))
                 if not o or not o["bracketed"]:
                     continue

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_isoflop import B0, finish_pending
+from test_isoflop import B0, finish_pending, write
 
 from peerlm.study import isoflop_study
 from peerlm.study.design import SEEDS, SIZES, RunSpec
@@ -140,3 +140,39 @@ def test_report_of_the_tuned_table(studies):
         same = [q for q in tuned.records().values() if q["spec"]["size"] == r["spec"]["size"]
                 and q["spec"]["method"] == "peer" and q["model"] == r["model"] and q["spec"]["seed"] == 0]
         assert r["eval"]["val"]["loss"] == min(q["eval"]["val"]["loss"] for q in same)
+
+
+def test_a_later_budget_waits_for_the_last_tuned_budgets_knobs(tmp_path):
+    """At 3.2e13 the knobs come from 8e12's tuned optimum: while 8e12 is still being tuned nothing is
+    planned there (not 2e12's knobs, the last that were decided), and then 8e12's are carried."""
+    b2 = 3.2e13
+
+    def landscape(spec: RunSpec) -> float:  # PEER's best split is (2, 64) at 2e12 and (4, 32) above
+        out = 3.0 + 0.01 * abs(math.log2(spec.lr_mult) - 2) + 0.001 * spec.seed
+        out += 0.05 * (NAMES.index(spec.size) - 4) ** 2
+        if spec.method == "peer":
+            out += 0.3 * abs(math.log2(spec.model().ffn.heads / (2 if spec.budget == B0 else 4)))
+        return out
+
+    budgets, methods = (B0, 8e12, b2), ("dense", "peer")
+    paper = isoflop_study(tmp_path / "paper", work=tmp_path / "work", budgets=budgets, methods=methods,
+                          log=lambda s: None)
+    finish_pending(paper, landscape, limit=400)
+    tuned = tuned_study(tmp_path / "tuned", tmp_path / "paper", work=tmp_path / "work", budgets=budgets,
+                        methods=methods, log=lambda s: None)
+    for _ in range(400):  # 2e12 done, 8e12 not begun for PEER
+        pending = [s for s in tuned.pending() if s.budget == B0 or s.method == "dense"]
+        if not pending:
+            break
+        write(tuned, pending[0], landscape(pending[0]))
+    assert (B0, "peer") in tuned.plan.optima(tuned.records())
+    peer_now = [s for s in tuned.pending() if s.method == "peer"]
+    assert peer_now and all(s.budget == 8e12 for s in peer_now)  # nothing at 3.2e13 with 2e12's knobs
+    finish_pending(tuned, landscape, limit=600)
+    opt = tuned.plan.optima(tuned.records())
+    assert opt[8e12, "peer"]["spec"].model().ffn.heads == 4
+    assert opt[b2, "peer"]["spec"].model().ffn.heads == 4  # carried from 8e12
+    mine = {p.stem for p in tuned.runs_dir.glob("*.json")}  # (records() reads the first table's too)
+    own = [r for k, r in tuned.records().items() if k in mine and r["spec"]["budget"] == b2
+           and r["spec"]["method"] == "peer"]
+    assert own and all(r["model"]["ffn"]["heads"] == 4 for r in own)
