@@ -18,8 +18,12 @@ the paper's (h, k), routing LR, query norm and block. Here every (budget, method
      one of ``QUERY_NORMS``) and, where the trunk has more than one block, the block holding the
      memory (every block).
    ``dense`` and ``moe`` have the LR only: the report counts every method's tuning runs.
-3. Size: the neighbours of c with the tuned knobs, the LR swept again at each (the knob that moves
-   most with size); a best size at an end grows the ladder the same way until it is bracketed.
+3. Size: c and its neighbours with the tuned knobs, the LR swept again at each (the knob that moves
+   most with size, and the one the table and routing LR ratios multiply: at c too, since the knobs
+   after it may have moved its best); a best size at an end grows the ladder the same way until it is
+   bracketed. A trunk whose LR sweep diverged at every LR counts as worse than any other. The knobs
+   are carried to another trunk as they are defined: moe-fine's expert size as a multiple of the
+   width, the memory's block by its index.
 4. Seeds: ``SEEDS`` at the tuned optimum (size and LR of step 3, knobs of step 2).
 
 At a budget after the last of ``TUNED_BUDGETS`` the knobs but the LR are carried from that budget's
@@ -52,7 +56,7 @@ from peerlm.study.design import (
     size,
 )
 from peerlm.study.isoflop import IsoflopPlan, sweep
-from peerlm.study.records import Records, RecordStore
+from peerlm.study.records import Records, RecordStore, diverged
 from peerlm.study.report import compute_optimal
 from peerlm.study.runner import Runner
 
@@ -176,6 +180,7 @@ class TunedPlan:
     tuned_budgets: tuple[float, ...] = TUNED_BUDGETS
     seeds: int = SEEDS
     name: str = "isoflop-tuned"
+    run_budgets: tuple[float, ...] | None = None  # train only these budgets' runs (None: every budget)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -184,6 +189,11 @@ class TunedPlan:
         if not self.tuned_budgets or any(b not in self.budgets for b in self.tuned_budgets):
             raise ValueError(f"tuned budgets {self.tuned_budgets} must be some of the budgets {self.budgets}")
         object.__setattr__(self, "budgets", tuple(sorted(self.budgets)))
+
+    @property
+    def report_budgets(self) -> tuple[float, ...]:
+        """The budgets the report covers: those whose runs this plan trains."""
+        return self.budgets if self.run_budgets is None else self.run_budgets
 
     def records(self, own: Records) -> Records:
         """This table's records, plus the first table's (a tuning point at paper settings is its run)."""
@@ -213,32 +223,37 @@ class TunedPlan:
         return runs, spec, counts
 
     def sizes(self, tuned: RunSpec, recs: Records) -> tuple[list[RunSpec], RunSpec | None]:
-        """Step 3: the ladder around ``tuned``'s size with its knobs, the LR swept at every size; the
-        runs so far and the best run (None until its size is bracketed)."""
+        """Step 3: the ladder around ``tuned``'s size with its knobs, the LR swept at every size (``tuned``'s
+        own included); the runs so far and the best run (None until its size is bracketed)."""
         names = tuple(s.name for s in SIZES)
         i = names.index(tuned.size)
 
         def at(name: str) -> tuple[list[RunSpec], RunSpec | None]:
-            if name == tuned.size:
-                return [], tuned
-            knobbed = self.carry(tuned, name)
-            return self._lr_sweep(knobbed, recs, "tune-size")
+            knobbed = tuned if name == tuned.size else self.carry(tuned, name)
+            runs, best = self._lr_sweep(knobbed, recs, "tune-size")
+            if best is None and runs and all(r.run_id in recs and diverged(recs[r.run_id]) for r in runs):
+                best = runs[0]  # every LR diverged here (the sweep is stuck): a point worse than any other
+            return runs, best
 
         runs, _, best = sweep(names, names[max(0, i - 1): i + 2], at, recs)
         return runs, best
 
     def carry(self, tuned: RunSpec, name: str) -> RunSpec:
         """``tuned``'s knobs on trunk ``name``; the memory's block by its index, where that trunk has
-        it (else the trunk's own middle block)."""
+        it (else the trunk's own middle block); moe-fine's granularity as its (experts, expert size as a
+        multiple of the width, top-k), so that it keeps the paper settings' FLOPs and parameters there."""
         spec = tuned.with_(size=name)
         blocks = size(name).n_layers
         kept = tuple(o for o in spec.overrides
                      if not o.startswith("placement=") or all(b < blocks for b in _block_of(o)))
-        return _overrides(spec.with_(overrides=kept))
+        spec = _overrides(spec.with_(overrides=kept))
+        if tuned.method == "moe-fine":
+            spec = _granularity_put(spec, _granularity_get(tuned))
+        return spec
 
     def runs(self, recs: Records) -> Iterator[RunSpec]:
-        """Every run the table needs as far as the records decide, budget by budget."""
-        return (spec for spec, _ in self._walk(recs))
+        """Every run the table needs as far as the records decide, budget by budget (of ``run_budgets``)."""
+        return (spec for spec, _ in self._walk(recs) if self.run_budgets is None or spec.budget in self.run_budgets)
 
     def _walk(self, recs: Records) -> Iterator[tuple[RunSpec, RunSpec | None]]:
         """``runs``, each with the spec its size ladder is centred on (the tuned run the ladder carries to
@@ -277,9 +292,10 @@ class TunedPlan:
 
     def optima(self, recs: Records) -> dict[tuple[float, str], dict[str, Any]]:
         """(budget, method) -> the tuned optimum's seed-0 run (``spec``), the records of its seeds in
-        seed order (``runs``), the number of distinct tuning runs (``tuning_runs``) and the spec its size
-        ladder was centred on (``center``: ``carry`` of it gives the ladder's knobs on each trunk), for
-        every (budget, method) whose optimum is decided."""
+        seed order (``runs``), the number of distinct tuning runs (``tuning_runs``), the spec its size
+        ladder was centred on (``center``: ``carry`` of it gives the ladder's knobs on each trunk) and
+        the run ids of that ladder (``ladder``: every LR at every size it tried), for every (budget,
+        method) whose optimum is decided."""
         planned = list(self._walk(recs))
         out = {}
         for budget in self.budgets:
@@ -291,7 +307,8 @@ class TunedPlan:
                 specs = [seeds[0][0].with_(phase="tune", seed=0), *(s for s, _ in seeds)]
                 out[budget, method] = {"spec": specs[0], "runs": [recs[s.run_id] for s in specs if s.run_id in recs],
                                        "tuning_runs": len({s.run_id for s, _ in runs if s.phase != "seed"}),
-                                       "center": seeds[0][1]}
+                                       "center": seeds[0][1],
+                                       "ladder": {s.run_id for s, c in runs if c is not None and s.phase != "seed"}}
         return out
 
 
@@ -306,10 +323,12 @@ def tuned_study(results: str | os.PathLike[str], paper_results: str | os.PathLik
                 device: str = "cpu") -> Runner:
     """The runner of the tuned table: records in ``results``, the first table's in ``paper_results``;
     checkpoints in ``work`` (default ``$PEERLM_CACHE/study/isoflop``, the first table's, so that a
-    run both tables need trains once)."""
+    run both tables need trains once). ``budgets`` picks which budgets' runs are trained; the plan
+    always reads every budget, since a later budget's knobs come from the tuned budgets before it."""
     work = work if work is not None else cache_dir() / "study" / "isoflop"
-    paper = IsoflopPlan(tuple(budgets), METHODS)
+    every = tuple(sorted(set(BUDGETS) | set(budgets)))
+    paper = IsoflopPlan(every, METHODS)
     paper_store = RecordStore(paper_results)
-    plan = TunedPlan(paper, paper_store.records, tuple(budgets), tuple(methods),
-                     tuple(b for b in TUNED_BUDGETS if b in budgets) or (min(budgets),))
+    plan = TunedPlan(paper, paper_store.records, every, tuple(methods), TUNED_BUDGETS,
+                     run_budgets=None if set(budgets) == set(every) else tuple(sorted(budgets)))
     return Runner(plan, RecordStore(results), work, threads=threads, log=log, device=device)

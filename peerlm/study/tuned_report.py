@@ -89,7 +89,8 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tupl
              "Every method tuned by one protocol (`peerlm/study/tuned.py`): the knobs swept one after the other "
              "at its paper-settings optimum, then the size re-laddered with the LR swept at each size; ± is the "
              "standard deviation over seeds. `vs paper` is the paper-settings optimum's val perplexity over this "
-             "one's (> 1: tuning helped).", "",
+             "one's (> 1: tuning helped). `tuning runs` counts every distinct run the protocol used before the "
+             "seeds, the first table's runs it read included.", "",
              "| model (budget) | size | settings | tuning runs | seeds | val ppl | held-out ppl | vs paper |",
              "|" + "---|" * 8]
     for r in rows:
@@ -97,12 +98,18 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tupl
                 if r["paper_val_perplexity"] and r["val"] else "")
         lines.append(f"| {r['method']} ({budget_name(r['budget'])}) | {r['size']} | {r['settings']} | "
                      f"{r['tuning_runs']} | {len(r['seeds'])} | {_fmt(r['val'])} | {_fmt(r[HELDOUT_MEAN])} | {gain} |")
-    missing = [f"{m} ({budget_name(b)})" for b in study.plan.budgets for m in study.plan.methods
+    tuned = study.plan.tuned_budgets
+    carried = [b for b in study.plan.report_budgets if b > max(tuned) and any(r["budget"] == b for r in rows)]
+    if carried:
+        lines += ["", f"At {', '.join(budget_name(b) for b in carried)} the knobs but the LR are carried from "
+                      f"the {budget_name(max(tuned))} tuned optimum, not swept there (see the protocol); the LR and "
+                      "the size are tuned there as everywhere."]
+    missing = [f"{m} ({budget_name(b)})" for b in study.plan.report_budgets for m in study.plan.methods
                if not any((r["budget"], r["method"]) == (b, m) for r in rows)]
     if missing:
         lines += ["", f"Still being tuned, no row yet: {', '.join(missing)} (`peerlm study isoflop-tuned --plan`)."]
-    seeds = {(b, m): o["runs"] for (b, m), o in optima.items()}
-    comparisons = comparison_lines(seeds, study.plan.budgets, study.plan.methods)
+    seeds = {(b, m): [r for r in o["runs"] if not diverged(r)] for (b, m), o in optima.items()}
+    comparisons = comparison_lines(seeds, study.plan.report_budgets, study.plan.methods)
     lines += ["", "PEER against each baseline, seed by seed (ratio > 1: PEER's perplexity is lower; paired 95% "
               "interval, Student's t; a verdict only where the interval excludes 1):", "",
               *(comparisons if len(comparisons) > 2 else ["None yet: no budget has PEER's tuned optimum and its "
@@ -111,20 +118,15 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tupl
 
 
 def tuned_ladder(study, recs: dict[str, dict[str, Any]], optimum: dict[str, Any]) -> list[dict[str, Any]]:
-    """The records of a tuned optimum's size ladder, smallest trunk first: at each size, the best-LR seed-0
-    run with the tuned knobs as the re-ladder carried them from its centre to that trunk (the memory's
-    block by index; from the centre, not the optimum, whose trunk may have dropped the block as its
-    default)."""
-    center = optimum["center"]
+    """The records of a tuned optimum's size ladder, smallest trunk first: at each size, the best-LR run
+    among those the re-ladder planned (``optimum["ladder"]``), so that every method's curve shows the
+    trunks its own protocol tried and no first-table run it did not."""
     best: dict[str, dict[str, Any]] = {}
-    for r in recs.values():
+    for run_id in optimum["ladder"]:
+        r = recs.get(run_id)
+        if r is None or diverged(r):
+            continue
         s = r["spec"]
-        if (s["budget"], s["method"], s["seed"]) != (center.budget, center.method, 0) or diverged(r):
-            continue
-        own = study.plan.carry(center, s["size"])
-        if (set(s.get("overrides", ())), s["expert_ratio"], s.get("routing_ratio")) != (
-                set(own.overrides), own.expert_ratio, own.routing_ratio):
-            continue
         if s["size"] not in best or r["eval"]["val"]["loss"] < best[s["size"]]["eval"]["val"]["loss"]:
             best[s["size"]] = r
     names = [s.name for s in SIZES]
@@ -134,7 +136,7 @@ def tuned_ladder(study, recs: dict[str, dict[str, Any]], optimum: dict[str, Any]
 def _plot(study, recs: dict[str, dict[str, Any]], optima: dict[tuple[float, str], dict[str, Any]],
           out: Path) -> list[Path]:
     plt = pyplot()
-    budgets = study.plan.budgets
+    budgets = study.plan.report_budgets
     fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.0), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for method in study.plan.methods:
@@ -160,7 +162,8 @@ def _plot(study, recs: dict[str, dict[str, Any]], optima: dict[tuple[float, str]
 def write_tuned_report(study, command: str | None = None) -> list[Path]:
     """Write summary.json, table.md and the plot of the tuned table under its results directory."""
     recs = study.records()
-    optima = study.plan.optima(recs)  # plans the whole table once: every part below reads it
+    optima = {k: o for k, o in study.plan.optima(recs).items()  # plans the whole table once: all below reads it
+              if k[0] in study.plan.report_budgets}
     rows = tuned_rows(study, optima)
     if not rows:
         raise ValueError("no tuned optimum has its seeds yet; run `peerlm study isoflop-tuned` first")

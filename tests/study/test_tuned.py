@@ -10,7 +10,7 @@ import pytest
 from test_isoflop import B0, finish_pending, write
 
 from peerlm.study import isoflop_study
-from peerlm.study.design import SEEDS, SIZES, RunSpec
+from peerlm.study.design import SEEDS, SIZES, RunSpec, size
 from peerlm.study.tuned import SPLITS, TunedPlan, _overrides, knobs, tuned_study
 
 NAMES = [s.name for s in SIZES]
@@ -176,3 +176,75 @@ def test_a_later_budget_waits_for_the_last_tuned_budgets_knobs(tmp_path):
     own = [r for k, r in tuned.records().items() if k in mine and r["spec"]["budget"] == b2
            and r["spec"]["method"] == "peer"]
     assert own and all(r["model"]["ffn"]["heads"] == 4 for r in own)
+
+
+def test_moe_fine_granularity_is_carried_relative_to_the_width():
+    """Carried to another trunk, a tuned granularity keeps its experts, top-k and expert size as a
+    multiple of the width (so the paper settings' FLOPs and parameters), not its hidden units."""
+    from peerlm.flops import model_cost
+
+    plan = isoflop_study("unused", budgets=(B0,)).plan
+    tuned = TunedPlan(plan, dict, budgets=(B0,), tuned_budgets=(B0,))
+    knob = knobs("moe-fine", 2)[1]
+    at_c = knob.put(RunSpec("tune", B0, "moe-fine", "L2d64", 2.0), (64, 0.5, 8))
+    for name in ("L1d48", "L3d80", "L4d96"):
+        moved = tuned.carry(at_c, name)
+        ffn, dim = moved.model().ffn, size(name).dim
+        assert (ffn.num_experts, ffn.expert_hidden, ffn.topk) == (64, dim // 2, 8)
+        paper = model_cost(RunSpec("tune", B0, "moe-fine", name, 2.0).model())
+        assert model_cost(moved.model())["params"] == pytest.approx(paper["params"], rel=0.02)
+    default = tuned.carry(RunSpec("tune", B0, "moe-fine", "L2d64", 2.0), "L3d80")
+    assert default.overrides == ()  # the paper granularity stays the paper run
+
+
+def test_the_lr_is_swept_again_at_the_centre_with_the_tuned_knobs(tmp_path):
+    """The LR is the first knob; when a later one moves its best (here PEER's best LR is x4 with the
+    paper's split and x1 with h = 2), the size step sweeps it again at the centre too."""
+    def landscape(spec: RunSpec) -> float:
+        out = 3.0 + 0.05 * (NAMES.index(spec.size) - 4) ** 2 + 0.001 * spec.seed
+        if spec.method == "peer":
+            h = spec.model().ffn.heads
+            out += 0.3 * abs(math.log2(h / 2)) + 0.02 * abs(math.log2(spec.lr_mult) - (0 if h == 2 else 2))
+        return out + (0.01 * abs(math.log2(spec.lr_mult) - 2) if spec.method == "dense" else 0.0)
+
+    paper = isoflop_study(tmp_path / "paper", work=tmp_path / "work", budgets=(B0,), methods=("dense", "peer"),
+                          log=lambda s: None)
+    finish_pending(paper, landscape)
+    tuned = tuned_study(tmp_path / "tuned", tmp_path / "paper", work=tmp_path / "work", budgets=(B0,),
+                        methods=("dense", "peer"), log=lambda s: None)
+    finish_pending(tuned, landscape, limit=400)
+    peer = tuned.plan.optima(tuned.records())[B0, "peer"]["spec"]
+    assert peer.model().ffn.heads == 2 and peer.lr_mult == 1.0 and peer.size == NAMES[4]
+
+
+def test_a_trunk_where_every_lr_diverged_is_worse_than_any_other(tmp_path):
+    """The size ladder goes on when a neighbour's LR sweep diverged everywhere (else it would wait
+    for that trunk forever)."""
+    def landscape(spec: RunSpec) -> float:
+        return math.nan if spec.size == NAMES[5] else loss(spec)
+
+    paper = isoflop_study(tmp_path / "paper", work=tmp_path / "work", budgets=(B0,), methods=("dense",),
+                          log=lambda s: None)
+    finish_pending(paper, landscape)
+    tuned = tuned_study(tmp_path / "tuned", tmp_path / "paper", work=tmp_path / "work", budgets=(B0,),
+                        methods=("dense",), log=lambda s: None)
+    finish_pending(tuned, landscape, limit=400)
+    opt = tuned.plan.optima(tuned.records())[B0, "dense"]
+    assert opt["spec"].size == NAMES[4] and len(opt["runs"]) == SEEDS
+
+
+def test_a_subset_of_budgets_reads_every_budget(tmp_path):
+    """`--budget 2e12 --budget 3.2e13`: 3.2e13 still waits for 8e12's knobs (not run here), rather than
+    carrying 2e12's; the plan reads the first table at every budget."""
+    b2 = 3.2e13
+    paper = isoflop_study(tmp_path / "paper", work=tmp_path / "work", budgets=(B0, 8e12, b2),
+                          methods=("dense", "peer"), log=lambda s: None)
+    finish_pending(paper, loss, limit=400)
+    tuned = tuned_study(tmp_path / "tuned", tmp_path / "paper", work=tmp_path / "work", budgets=(B0, b2),
+                        methods=("dense", "peer"), log=lambda s: None)
+    finish_pending(tuned, loss, limit=400)
+    opt = tuned.plan.optima(tuned.records())
+    assert (B0, "peer") in opt and (B0, "dense") in opt
+    assert tuned.pending() == []  # nothing at 8e12 (not asked for), so nothing yet at 3.2e13
+    assert not any(b == b2 for b, _ in opt)
+    assert tuned.plan.report_budgets == (B0, b2)
