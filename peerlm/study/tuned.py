@@ -63,7 +63,7 @@ from peerlm.study.runner import Runner
 __all__ = ["TunedPlan", "tuned_study", "knobs", "TUNED_BUDGETS", "SPLITS", "GRANULARITY", "ROUTING_GRID"]
 
 TUNED_BUDGETS = BUDGETS[:2]
-ROUTING_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+ROUTING_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # 3.0: PEER's 2e12 best was at 1.0, the old end
 # (heads, topk) at the paper settings' h * k: PEER 8 x 16, PKM 8 x 32
 SPLITS = {
     "peer": ((1, 128), (2, 64), (4, 32), (8, 16), (16, 8), (32, 4)),
