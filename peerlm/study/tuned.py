@@ -60,7 +60,7 @@ from peerlm.study.records import Records, RecordStore, diverged
 from peerlm.study.report import compute_optimal
 from peerlm.study.runner import Runner
 
-__all__ = ["TunedPlan", "tuned_study", "knobs", "TUNED_BUDGETS", "SPLITS", "GRANULARITY", "ROUTING_GRID"]
+__all__ = ["TunedPlan", "tuned_study", "knobs", "grid_ends", "TUNED_BUDGETS", "SPLITS", "GRANULARITY", "ROUTING_GRID"]
 
 TUNED_BUDGETS = BUDGETS[:2]
 ROUTING_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # 3.0: PEER's 2e12 best was at 1.0, the old end
@@ -153,6 +153,17 @@ def knobs(method: str, n_layers: int) -> list[Knob]:
         if n_layers > 1:
             out.append(Knob("block", tuple(range(n_layers)), True, _block_get,
                             lambda s, v: _overrides(s, placement=[v])))
+    return out
+
+
+def grid_ends(spec: RunSpec) -> list[str]:
+    """The ordered knobs whose value in ``spec`` is an end of its grid: a sweep that chose it could not
+    bracket it (the best may lie beyond)."""
+    out = []
+    for knob in knobs(spec.method, size(spec.size).n_layers):
+        value = knob.get(spec)
+        if not knob.categorical and value in (knob.grid[0], knob.grid[-1]):
+            out.append(f"{knob.name} {value}")
     return out
 
 

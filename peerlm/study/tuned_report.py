@@ -28,6 +28,7 @@ from peerlm.study.report import (
     save_png,
 )
 from peerlm.study.runner import machine
+from peerlm.study.tuned import grid_ends
 
 __all__ = ["settings", "tuned_ladder", "tuned_rows", "write_tuned_report"]
 
@@ -98,6 +99,11 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tupl
                 if r["paper_val_perplexity"] and r["val"] else "")
         lines.append(f"| {r['method']} ({budget_name(r['budget'])}) | {r['size']} | {r['settings']} | "
                      f"{r['tuning_runs']} | {len(r['seeds'])} | {_fmt(r['val'])} | {_fmt(r[HELDOUT_MEAN])} | {gain} |")
+    at_ends = {(r["budget"], r["method"]): grid_ends(optima[r["budget"], r["method"]]["spec"]) for r in rows}
+    ends = [f"{m} ({budget_name(b)}): {', '.join(e)}" for (b, m), e in at_ends.items() if e]
+    if ends:
+        lines += ["", "Chosen at an end of its sweep's grid, so not bracketed (the best may lie beyond): "
+                      + "; ".join(ends) + "."]
     tuned = study.plan.tuned_budgets
     carried = [b for b in study.plan.report_budgets if b > max(tuned) and any(r["budget"] == b for r in rows)]
     if carried:

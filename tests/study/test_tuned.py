@@ -248,3 +248,13 @@ def test_a_subset_of_budgets_reads_every_budget(tmp_path):
     assert tuned.pending() == []  # nothing at 8e12 (not asked for), so nothing yet at 3.2e13
     assert not any(b == b2 for b, _ in opt)
     assert tuned.plan.report_budgets == (B0, b2)
+
+
+def test_choices_at_an_end_of_their_grid_are_named():
+    from peerlm.study.tuned import ROUTING_GRID, grid_ends
+
+    spec = RunSpec("tune", B0, "peer", "L3d80", 2.0, 3.0)
+    assert grid_ends(spec) == []  # the paper settings sit inside every grid
+    edge = _overrides(spec.with_(routing_ratio=ROUTING_GRID[-1]), **{"ffn.heads": 1, "ffn.topk": 128})
+    assert grid_ends(edge) == [f"split {(1, 128)}", f"routing-lr {ROUTING_GRID[-1]}"]
+    assert grid_ends(_overrides(spec, placement=[0])) == []  # a categorical knob has no ends
