@@ -123,22 +123,25 @@ class IsoflopPlan:
 
     def choices(self, recs: Records) -> dict[str, Any]:
         """The sweeps' runs and their choices: the LR multiplier and each memory method's expert-table
-        LR ratio (1.0 while a sweep is unfinished), and ``stuck``: the sweeps ("lr", "peer", "pkm") whose
-        runs all diverged, so that they have no choice."""
+        LR ratio (1.0 while a sweep is unfinished), ``stuck``: the sweeps ("lr", "peer", "pkm") whose
+        runs all diverged, so that they have no choice, and ``open``: those still undecided."""
         b0 = self.budgets[0]
         mid = initial_window(b0)[1]
         lr_specs, best_lr = bracket(LR_GRID, LR_MULTIPLIERS, lambda m: RunSpec("lr", b0, "dense", mid, lr_mult=m), recs)
         lr_mult = 1.0 if best_lr is None else best_lr
         ratios, ratio_specs = {}, {}
         stalled = {"lr"} if stuck(lr_specs, best_lr, recs) else set()
+        undecided = {"lr"} if best_lr is None and not stalled else set()
         for method in ("peer", "pkm"):
             ratio_specs[method], best = bracket(
                 RATIO_GRID, EXPERT_LR_RATIOS, lambda r, m=method: RunSpec("expert-lr", b0, m, mid, lr_mult, r), recs)
             ratios[method] = 1.0 if best is None else best
             if stuck(ratio_specs[method], best, recs):
                 stalled.add(method)
+            elif best is None:
+                undecided.add(method)
         return {"lr_mult": lr_mult, "expert_ratio": ratios, "lr_specs": lr_specs, "ratio_specs": ratio_specs,
-                "stuck": stalled}
+                "stuck": stalled, "open": undecided}
 
     def ladder_spec(self, budget: float, method: str, size: str, ch: dict[str, Any], seed: int = 0) -> RunSpec:
         """The ladder run (seed 0) or another seed of (budget, method, size) under the choices ``ch``."""
@@ -152,22 +155,23 @@ class IsoflopPlan:
         return bracket(names, tuple(initial_window(budget)), lambda sz: self.ladder_spec(budget, method, sz, ch), recs)
 
     def runs(self, recs: Records) -> Iterator[RunSpec]:
-        """Every run the study needs as far as the records decide, in the order they will run. A sweep
-        whose runs all diverged decides nothing: with the LR sweep's, nothing after it is planned; with
-        a memory method's ratio sweep, none of that method's ladder runs."""
+        """Every run the study needs as far as the records decide, in the order they will run. Nothing
+        is planned on a choice not yet made: until the LR sweep has its best (whatever the methods: every
+        run uses it) only its runs; until a memory method's ratio sweep has its best, none of that
+        method's ladder runs. A sweep whose runs all diverged decides nothing, so the same holds for
+        good."""
         b0 = self.budgets[0]
         ch = self.choices(recs)
-        if "dense" in self.methods:
-            yield from ch["lr_specs"]
-            if "lr" in ch["stuck"]:
-                return
+        yield from ch["lr_specs"]
+        if {"lr"} & (ch["stuck"] | ch["open"]):
+            return
         for method in ("peer", "pkm"):
             if method in self.methods:
                 yield from ch["ratio_specs"][method]
         best: dict[tuple[float, str], str | None] = {}
         for budget in self.budgets:
             for method in self.methods:
-                if method in ch["stuck"]:
+                if method in ch["stuck"] | ch["open"]:
                     continue
                 specs, best[budget, method] = self.ladder(budget, method, recs, ch)
                 yield from specs

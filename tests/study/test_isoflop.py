@@ -102,8 +102,11 @@ def test_initial_window_is_four_consecutive_sizes_around_the_rule_of_thumb():
 def test_sweeps_choose_the_best_and_later_runs_use_it(tmp_path):
     study = isoflop_study(tmp_path / "res", work=tmp_path / "work", budgets=(B0, B1))
     first = study.pending()
-    assert [s.phase for s in first[:3]] == ["lr"] * 3 and [s.lr_mult for s in first[:3]] == list(LR_MULTIPLIERS)
+    # nothing is planned on a choice not yet made: first the LR sweep alone
+    assert [s.phase for s in first] == ["lr"] * 3 and [s.lr_mult for s in first] == list(LR_MULTIPLIERS)
     finish_pending(study, lambda s: 3.0 + 0.1 * abs(math.log2(s.lr_mult) - 1), phase="lr")
+    # then the memory methods' ratio sweeps, and the ladders of the methods that need no ratio
+    assert {s.method for s in study.pending() if s.phase == "ladder"} == {"dense", "moe", "moe-fine"}
     lr_runs = sorted(r["spec"]["lr_mult"] for r in study.records().values())
     assert lr_runs == [0.5, 1.0, 2.0, 4.0]  # 2 was best at the end of the first sweep: 4 was added
     assert study.plan.choices(study.records())["lr_mult"] == 2.0
