@@ -9,13 +9,14 @@
 #                                          # so a mistake in the script cannot cost the device's minutes
 #
 # On the GPU machine (a python3 with torch and triton, no network) it runs these steps, each bounded in
-# time, each writing its own file under $OUT (results/gpu/ where $OUT is unset):
+# time, each writing its own file under $OUT (results/gpu/ where $OUT is unset; /tmp/gpu_check_smoke with
+# --smoke):
 #   device.txt          nvidia-smi, torch / triton versions, the device
 #   gpu_tests.txt       pytest -m gpu: the Triton kernels against the reference on CUDA
 #   triton.json, .txt   benchmarks/peer_triton_benchmark.py: triton (deterministic reduction) vs
 #                       triton-atomic vs fused vs reference (vs peer-pytorch when its wheel is carried),
 #                       time and achieved bandwidth, experts alone and the whole layer
-#   decode.txt          benchmarks/decode_benchmark.py on CUDA, where the script exists
+#   decode.txt          benchmarks/decode_benchmark.py on CUDA
 #   isoflop.json, .txt  a small isoFLOP comparison: the study's 2e12 optima of dense and PEER (and PKM)
 #                       re-trained on CUDA from their committed records: val loss against the CPU
 #                       record, and wall time
@@ -48,7 +49,7 @@ py="${PYTHON:-python3}"
 device=cuda
 [ $smoke -eq 1 ] && device=cpu
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
+if [ $smoke -eq 0 ] && ls .gpu/wheels/*.whl >/dev/null 2>&1; then  # (the smoke's venv has them)
     "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-site .gpu/wheels/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/gpu-site"
 fi
@@ -89,7 +90,7 @@ else
 step "isoflop" 200 isoflop.txt env GPU_CHECK_DEVICE=$device GPU_CHECK_SMOKE=$smoke "$py" - "$out/isoflop.json" <<'EOF'
 """Re-train the study's 2e12 optima on CUDA from their records; val loss and wall time per run (with
 --smoke: on the CPU, 3 steps a run, to check the code path)."""
-import json, os, sys, tempfile, time
+import json, os, shutil, sys, tempfile, time
 from pathlib import Path
 
 from peerlm.study.isoflop import isoflop_study
@@ -100,10 +101,12 @@ rows = []
 for run_id in RUNS:
     rec = json.loads(Path(f"results/isoflop/runs/{run_id}.json").read_text())
     smoke = os.environ["GPU_CHECK_SMOKE"] == "1"
-    work = Path(tempfile.mkdtemp()) / "isoflop" if smoke else Path(".gpu/study/isoflop")  # smoke: out of .gpu
+    scratch = Path(tempfile.mkdtemp())  # the records this writes; with --smoke its work directory too
+    work = scratch / "isoflop" if smoke else Path(".gpu/study/isoflop")  # smoke: nothing under .gpu
     if smoke:  # the prepared data beside the throwaway work directory, as the study expects it
-        (work.parent / "data-v1024").symlink_to(Path(".gpu/study/data-v1024").resolve())
-    study = isoflop_study(Path(tempfile.mkdtemp()), work=work, device=os.environ["GPU_CHECK_DEVICE"],
+        work.mkdir()
+        (scratch / "data-v1024").symlink_to(Path(".gpu/study/data-v1024").resolve())
+    study = isoflop_study(scratch / "records", work=work, device=os.environ["GPU_CHECK_DEVICE"],
                           log=lambda s: print(s, flush=True))
     spec = spec_of(rec)
     t0 = time.time()
@@ -114,6 +117,8 @@ for run_id in RUNS:
                  "machine": new["machine"]})
     print(json.dumps(rows[-1]), flush=True)
     Path(sys.argv[1]).write_text(json.dumps(rows, indent=1) + "\n")
+    if smoke:
+        shutil.rmtree(scratch)
 EOF
 fi
 

@@ -328,8 +328,8 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
                      if (budget, method, n) in by and (budget, "dense", n) in by else "" for n in TABLE_SETS]
             lines.append(f"| {method} ({budget_name(budget)}) | " + " | ".join(cells) + " |")
     lines += ["", "PEER against each baseline, seed by seed (the same seed is the same data order; ratio > 1: PEER's "
-              "perplexity is lower; 95% interval of the paired mean difference in loss, Student's t; a verdict "
-              "only where the interval excludes 1):", "",
+              "perplexity is lower; 95% interval of the paired mean difference in loss, Student's t; ahead or "
+              "behind only where the interval excludes 1, tie where it holds 1, no word from one seed):", "",
               *comparison_lines({k: o["runs"] for k, o in opt.items()}, study.plan.budgets, study.plan.methods)]
     trend = trend_lines(opt, study.plan.budgets, study.plan.methods)
     if trend:

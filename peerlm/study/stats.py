@@ -1,5 +1,6 @@
 """Seed statistics of the study's comparisons: mean and standard deviation over seeds, and a paired
-95% interval of a difference in loss with a verdict word only where that interval excludes zero.
+95% interval of a difference in loss with a verdict word: ahead or behind only where that interval
+excludes zero, tie where it holds zero, none from one seed (no interval).
 
 Two methods' runs with the same seed share the order of the training data, so their losses are
 compared seed by seed: for the common seeds s, d_s = loss_b(s) - loss_a(s) (nats; positive: a is

@@ -52,6 +52,7 @@ from peerlm.study.design import (
     SEEDS,
     SIZES,
     RunSpec,
+    budget_name,
     model_config,
     size,
 )
@@ -338,8 +339,15 @@ def tuned_study(results: str | os.PathLike[str], paper_results: str | os.PathLik
     always reads every budget, since a later budget's knobs come from the tuned budgets before it."""
     work = work if work is not None else cache_dir() / "study" / "isoflop"
     every = tuple(sorted(set(BUDGETS) | set(budgets)))
+    # a budget off the standard grid gets the full pass below the last tuned budget, as those do
+    tuned = tuple(b for b in every if b in TUNED_BUDGETS or b < max(TUNED_BUDGETS))
     paper = IsoflopPlan(every, METHODS)
     paper_store = RecordStore(paper_results)
-    plan = TunedPlan(paper, paper_store.records, every, tuple(methods), TUNED_BUDGETS,
+    plan = TunedPlan(paper, paper_store.records, every, tuple(methods), tuned,
                      run_budgets=None if set(budgets) == set(every) else tuple(sorted(budgets)))
+    for b in sorted(budgets):
+        source = max((t for t in tuned if t < b), default=None)
+        if b not in tuned and source is not None and source not in budgets:
+            log(f"study: {budget_name(b)} carries the knobs of the {budget_name(source)} tuned optimum, so it waits "
+                f"for that budget's tuning: add --budget {budget_name(source)}, or run it in another lane")
     return Runner(plan, RecordStore(results), work, threads=threads, log=log, device=device)

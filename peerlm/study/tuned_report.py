@@ -99,7 +99,10 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tupl
                 if r["paper_val_perplexity"] and r["val"] else "")
         lines.append(f"| {r['method']} ({budget_name(r['budget'])}) | {r['size']} | {r['settings']} | "
                      f"{r['tuning_runs']} | {len(r['seeds'])} | {_fmt(r['val'])} | {_fmt(r[HELDOUT_MEAN])} | {gain} |")
-    at_ends = {(r["budget"], r["method"]): grid_ends(optima[r["budget"], r["method"]]["spec"]) for r in rows}
+    at_ends = {(r["budget"], r["method"]): [e for e in grid_ends(optima[r["budget"], r["method"]]["spec"])
+                                            # at a carried budget only the LR was swept
+                                            if r["budget"] in study.plan.tuned_budgets or e.startswith("lr ")]
+               for r in rows}
     ends = [f"{m} ({budget_name(b)}): {', '.join(e)}" for (b, m), e in at_ends.items() if e]
     if ends:
         lines += ["", "Chosen at an end of its sweep's grid, so not bracketed (the best may lie beyond): "
@@ -117,7 +120,8 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tupl
     seeds = {(b, m): [r for r in o["runs"] if not diverged(r)] for (b, m), o in optima.items()}
     comparisons = comparison_lines(seeds, study.plan.report_budgets, study.plan.methods)
     lines += ["", "PEER against each baseline, seed by seed (ratio > 1: PEER's perplexity is lower; paired 95% "
-              "interval, Student's t; a verdict only where the interval excludes 1):", "",
+              "interval, Student's t; ahead or behind only where the interval excludes 1, tie where it holds 1, no "
+              "word from one seed):", "",
               *(comparisons if len(comparisons) > 2 else ["None yet: no budget has PEER's tuned optimum and its "
                                                           "seeds."])]
     return "\n".join(lines) + "\n"

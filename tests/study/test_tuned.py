@@ -240,14 +240,19 @@ def test_a_subset_of_budgets_reads_every_budget(tmp_path):
     paper = isoflop_study(tmp_path / "paper", work=tmp_path / "work", budgets=(B0, 8e12, b2),
                           methods=("dense", "peer"), log=lambda s: None)
     finish_pending(paper, loss, limit=400)
+    said = []
     tuned = tuned_study(tmp_path / "tuned", tmp_path / "paper", work=tmp_path / "work", budgets=(B0, b2),
-                        methods=("dense", "peer"), log=lambda s: None)
+                        methods=("dense", "peer"), log=said.append)
+    assert any("add --budget 8e12" in line for line in said)  # why 3.2e13 will wait, said up front
     finish_pending(tuned, loss, limit=400)
     opt = tuned.plan.optima(tuned.records())
     assert (B0, "peer") in opt and (B0, "dense") in opt
     assert tuned.pending() == []  # nothing at 8e12 (not asked for), so nothing yet at 3.2e13
     assert not any(b == b2 for b, _ in opt)
     assert tuned.plan.report_budgets == (B0, b2)
+    off_grid = tuned_study(tmp_path / "t2", tmp_path / "paper", work=tmp_path / "work", budgets=(4e12,),
+                           methods=("dense",), log=lambda s: None)
+    assert 4e12 in off_grid.plan.tuned_budgets  # below 8e12: a full pass, not 2e12's knobs carried
 
 
 def test_choices_at_an_end_of_their_grid_are_named():
