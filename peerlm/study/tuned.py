@@ -56,8 +56,8 @@ from peerlm.study.design import (
     model_config,
     size,
 )
-from peerlm.study.isoflop import IsoflopPlan, sweep
-from peerlm.study.records import Records, RecordStore, diverged
+from peerlm.study.isoflop import IsoflopPlan, stuck, sweep
+from peerlm.study.records import Records, RecordStore
 from peerlm.study.report import compute_optimal
 from peerlm.study.runner import Runner
 
@@ -243,7 +243,7 @@ class TunedPlan:
         def at(name: str) -> tuple[list[RunSpec], RunSpec | None]:
             knobbed = tuned if name == tuned.size else self.carry(tuned, name)
             runs, best = self._lr_sweep(knobbed, recs, "tune-size")
-            if best is None and runs and all(r.run_id in recs and diverged(recs[r.run_id]) for r in runs):
+            if stuck(runs, best, recs):
                 best = runs[0]  # every LR diverged here (the sweep is stuck): a point worse than any other
             return runs, best
 
