@@ -24,14 +24,14 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["advise_huge_pages", "cpu_kernels", "usable"]
+__all__ = ["advise_huge_pages", "cpu_kernels", "cpu_model", "machine_tag", "usable"]
 
 # and cpu_rows.h, which both include: ninja tracks it (the build runs in every new process)
 _SOURCES = [Path(__file__).with_name(name) for name in ("cpu.cpp", "cpu_optim.cpp")]
 _lock = threading.Lock()
 
 
-def _machine_tag() -> str:
+def machine_tag() -> str:
     """A short hash of the CPU's model and instruction-set flags: the build uses ``-march=native``, so a
     cached build is only loaded by a machine that can run it (a shared cache serves each kind apart)."""
     import hashlib
@@ -49,6 +49,19 @@ def _machine_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it ("AMD EPYC", say), or the architecture where it does not."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @functools.cache
 def _build() -> ModuleType | None:
     if os.environ.get("PEERLM_CPU_KERNELS", "1") == "0":
@@ -56,7 +69,7 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name=f"peerlm_cpu_kernels_{_machine_tag()}", sources=[str(p) for p in _SOURCES],
+        return load(name=f"peerlm_cpu_kernels_{machine_tag()}", sources=[str(p) for p in _SOURCES],
                     # -fno-math-errno: std::sqrt need not set errno, so the AdamW row loop vectorizes
                     # (the same IEEE square roots and quotients, twice as fast); nothing else changes
                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],

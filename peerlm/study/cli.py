@@ -5,6 +5,7 @@
     peerlm study isoflop --max-runs 1           # one run, e.g. to commit its record before the next
     peerlm study isoflop --report               # summary.json, table.md and plots from the records
     peerlm study isoflop --time-steps           # time every recorded model under one load, then --report
+    peerlm study isoflop --reproduce RUN_ID     # train a recorded run again; how close (reproduced.json)
     peerlm study isoflop-tuned --plan           # the second table: every method tuned by one protocol,
                                                 # from the first table's optima; results/isoflop-tuned/
     peerlm study experts --plan                 # an ablation (experts, active, querynorm, expert-lr, placement),
@@ -43,6 +44,12 @@ def _drive(study, write: Callable, args: argparse.Namespace) -> int:
     ``Runner`` of the study's plan."""
     if args.plan:
         print(study.format_plan(calibrate=not args.no_calibrate))
+        return 0
+    if args.reproduce:
+        from peerlm.study.reproduce import reproduce
+
+        rows = reproduce(study, args.reproduce)
+        print(f"wrote {study.results / 'reproduced.json'} ({len(rows)} rows)")
         return 0
     if args.time_steps:
         print(f"wrote {study.time_steps()}")
@@ -124,6 +131,9 @@ def _common(q: argparse.ArgumentParser) -> None:
                    help="time every recorded model's training step back to back (timing.json: the wall "
                         "times the reports compare), then write the reports; run on an idle machine")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--reproduce", action="append", metavar="RUN_ID",
+                   help="train this recorded run again from its record and compare (repeatable; rows in "
+                        "<results>/reproduced.json; the records are left as they are)")
 
 
 def _isoflop_args(q: argparse.ArgumentParser, results: str) -> None:

@@ -35,6 +35,7 @@ from peerlm.config import ModelConfig, to_dict
 from peerlm.data import EVAL_CORPORA, TRAIN_CORPORA, Corpus, TokenDataset, prepare
 from peerlm.evaluate import evaluate_run
 from peerlm.flops import model_cost
+from peerlm.kernels.cpu import cpu_model, machine_tag
 from peerlm.runconfig import RunConfig, TrainConfig, TrainDiverged, data_info, plan_steps, resolve_device
 from peerlm.rundir import RunDir
 from peerlm.study.claims import RunClaimed, claim
@@ -70,9 +71,12 @@ def _git_revision() -> str:
 
 
 def machine(device: torch.device | None = None) -> str:
-    """The machine a run used, in words (with the GPU's name for a CUDA device)."""
+    """The machine a run used, in words (with the GPU's name for a CUDA device): the CPU's model and a
+    tag of its model and instruction-set flags (``machine_tag``), which tells two machines of one kind
+    apart where their CPUs differ; records written before the tag say "x86_64 2 cores, Linux, ..."."""
     gpu = f", {torch.cuda.get_device_name(device)}" if device is not None and device.type == "cuda" else ""
-    return f"{platform.machine()} {os.cpu_count()} cores{gpu}, {platform.system()}, torch {torch.__version__}"
+    return (f"{platform.machine()} {os.cpu_count()} cores ({cpu_model()}, cpu tag {machine_tag()}){gpu}, "
+            f"{platform.system()}, torch {torch.__version__}")
 
 
 def timing_key(spec: RunSpec) -> str:

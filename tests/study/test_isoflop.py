@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from peerlm.cli import main
 from peerlm.config import to_dict
-from peerlm.data import prepare
 from peerlm.flops import model_cost
 from peerlm.runconfig import RunConfig, data_info, plan_steps
 from peerlm.study import Runner, isoflop_study
@@ -212,16 +210,6 @@ def test_equal_wall_time_uses_the_timing_pass(tmp_path):
     table = format_table(study, recs, "cmd")
     assert "| dense | moe |" in table and "no run that short |" in table
     assert "`peerlm study isoflop --time-steps` (1 steps per model" in table
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("study")
-    text = root / "t.txt"
-    words = "the cat sat on a mat and then it ran to the dog who was big or small".split()
-    text.write_text("\n\n".join(" ".join(words[(i + j) % len(words)] for j in range(50)) for i in range(300)))
-    prepare([text], root / "d", vocab_size=300, val_fraction=0.05, eval_sets={"wiki": text}, progress=False)
-    return root / "d"
 
 
 def test_a_run_trains_resumes_and_is_recorded_once(tmp_path, tiny_data):
