@@ -88,37 +88,21 @@ if [ ! -f .gpu/study/data-v1024/meta.json ]; then  # the device has no network t
     [ $smoke -eq 1 ] || failed=$((failed + 1))
 else
 step "isoflop" 200 isoflop.txt env GPU_CHECK_DEVICE=$device GPU_CHECK_SMOKE=$smoke "$py" - "$out/isoflop.json" <<'EOF'
-"""Re-train the study's 2e12 optima on CUDA from their records; val loss and wall time per run (with
---smoke: on the CPU, 3 steps a run, to check the code path)."""
-import json, os, shutil, sys, tempfile, time
+"""Re-train the study's 2e12 optima on CUDA from their records (peerlm.study.reproduce): val loss and
+training seconds against the CPU record (with --smoke: on the CPU, 3 steps a run, to check the code path)."""
+import os, sys, tempfile
 from pathlib import Path
 
 from peerlm.study.isoflop import isoflop_study
-from peerlm.study.records import spec_of
+from peerlm.study.reproduce import reproduce
 
-RUNS = ("2e12_dense_L2d64_lr2_s0", "2e12_peer_L1d48_lr2_x3_s0", "2e12_pkm_L2d64_lr2_x10_s0")
-rows = []
-for run_id in RUNS:
-    rec = json.loads(Path(f"results/isoflop/runs/{run_id}.json").read_text())
-    smoke = os.environ["GPU_CHECK_SMOKE"] == "1"
-    scratch = Path(tempfile.mkdtemp())  # the records this writes; with --smoke its work directory too
-    work = scratch / "isoflop" if smoke else Path(".gpu/study/isoflop")  # smoke: nothing under .gpu
-    if smoke:  # the prepared data beside the throwaway work directory, as the study expects it
-        work.mkdir()
-        (scratch / "data-v1024").symlink_to(Path(".gpu/study/data-v1024").resolve())
-    study = isoflop_study(scratch / "records", work=work, device=os.environ["GPU_CHECK_DEVICE"],
+RUNS = ["2e12_dense_L2d64_lr2_s0", "2e12_peer_L1d48_lr2_x3_s0", "2e12_pkm_L2d64_lr2_x10_s0"]
+smoke = os.environ["GPU_CHECK_SMOKE"] == "1"
+with tempfile.TemporaryDirectory() as scratch:  # smoke: nothing written under .gpu
+    work = Path(scratch) / "reproduce" if smoke else Path(".gpu/study/reproduce")
+    study = isoflop_study("results/isoflop", work=".gpu/study/isoflop", device=os.environ["GPU_CHECK_DEVICE"],
                           log=lambda s: print(s, flush=True))
-    spec = spec_of(rec)
-    t0 = time.time()
-    new = study.run_one(spec.with_(tokens=3 * 16 * 128) if smoke else spec)
-    rows.append({"run_id": run_id, "cpu_val_loss": rec["eval"]["val"]["loss"],
-                 "cuda_val_loss": new["eval"]["val"]["loss"], "cuda_seconds": time.time() - t0,
-                 "cuda_train_seconds": new["train_seconds"], "cpu_train_seconds": rec["train_seconds"],
-                 "machine": new["machine"]})
-    print(json.dumps(rows[-1]), flush=True)
-    Path(sys.argv[1]).write_text(json.dumps(rows, indent=1) + "\n")
-    if smoke:
-        shutil.rmtree(scratch)
+    reproduce(study, RUNS, out=Path(sys.argv[1]), work=work, tokens=3 * 16 * 128 if smoke else None)
 EOF
 fi
 

@@ -32,6 +32,8 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     prepared = (ROOT / ".gpu" / "study" / "data-v1024" / "meta.json").is_file()
     if prepared:  # the isoflop step re-trains three records, 3 steps each
         assert "isoflop: exit 0" in log
-        assert len(json.loads((tmp_path / "isoflop.json").read_text())) == 3
+        rows = json.loads((tmp_path / "isoflop.json").read_text())
+        assert [r["tokens"] for r in rows] == [3 * 16 * 128] * 3
+        assert all("cpu tag" in r["again"]["machine"] for r in rows)
     else:
         assert "isoflop: skipped" in log
