@@ -18,8 +18,8 @@
 #                       time and achieved bandwidth, experts alone and the whole layer
 #   decode.txt          benchmarks/decode_benchmark.py on CUDA
 #   isoflop.json, .txt  a small isoFLOP comparison: the study's 2e12 optima of dense and PEER (and PKM)
-#                       re-trained on CUDA from their committed records: val loss against the CPU
-#                       record, and wall time
+#                       re-trained on CUDA from their committed records (`peerlm study isoflop
+#                       --reproduce`'s rows): val loss and training seconds against the CPU record
 # A failing step is written down and the next one runs; the exit status counts the failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,6 +87,7 @@ if [ ! -f .gpu/study/data-v1024/meta.json ]; then  # the device has no network t
         | tee -a "$out/device.txt"
     [ $smoke -eq 1 ] || failed=$((failed + 1))
 else
+rm -f "$out/isoflop.json"  # reproduce() adds to it: this call's rows only
 step "isoflop" 200 isoflop.txt env GPU_CHECK_DEVICE=$device GPU_CHECK_SMOKE=$smoke "$py" - "$out/isoflop.json" <<'EOF'
 """Re-train the study's 2e12 optima on CUDA from their records (peerlm.study.reproduce): val loss and
 training seconds against the CPU record (with --smoke: on the CPU, 3 steps a run, to check the code path)."""

@@ -44,10 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from peerlm.config import to_dict
-from peerlm.runconfig import TrainConfig
 from peerlm.study.design import SIZES, RunSpec, budget_name, model_config, size
 from peerlm.study.isoflop import IsoflopPlan, stuck
-from peerlm.study.records import Records, RecordStore, diverged, read_record, spec_of
+from peerlm.study.records import Records, RecordStore, diverged, read_record, same_train, spec_of
 from peerlm.study.runner import Runner, tokens_of
 
 __all__ = ["ABLATIONS", "AblationSpec", "AblationPlan", "Start", "StudyNotReady", "ablation_study", "register",
@@ -62,14 +61,6 @@ QUERY_NORMS = ("batchnorm", "running", "none")
 QUERY_NORM_EXPERTS = (128**2, 256**2)
 EXPERT_RATIOS = (1.0, 3.0, 10.0)
 PLACEMENTS = ("[1]", "all")  # besides the study's own placement ("middle": block 0 of two)
-
-
-def _same_train(recorded: dict[str, Any], derived: dict[str, Any]) -> bool:
-    """Whether a record's train config is the one derived now: the same fields but the device (a run on
-    another device is the same run), where a field newer than the record counts at its default."""
-    defaults = to_dict(TrainConfig())
-    return set(recorded) <= set(derived) and all(
-        recorded.get(k, defaults[k]) == v for k, v in derived.items() if k != "device")
 
 
 class StudyNotReady(ValueError):
@@ -308,7 +299,7 @@ class AblationPlan:
                 if f.is_file():
                     rec = read_record(f)
                     spec = spec_of(rec)
-                    if rec["model"] == to_dict(spec.model()) and _same_train(rec["train"], to_dict(spec.train())):
+                    if rec["model"] == to_dict(spec.model()) and same_train(rec["train"], to_dict(spec.train())):
                         out[run_id] = rec
         return out
 

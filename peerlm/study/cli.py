@@ -42,6 +42,11 @@ def budget(text: str) -> float:
 def _drive(study, write: Callable, args: argparse.Namespace) -> int:
     """--plan, --report, or run what is pending (then report once nothing is); ``study`` is the
     ``Runner`` of the study's plan."""
+    alone = [o for o, v in (("--plan", args.plan), ("--report", args.report), ("--time-steps", args.time_steps),
+                            ("--max-runs", args.max_runs is not None)) if v]
+    if args.reproduce and alone:
+        raise ValueError(f"--reproduce trains recorded runs again and does nothing else: drop {', '.join(alone)}, "
+                         "or run that in a separate command")
     if args.plan:
         print(study.format_plan(calibrate=not args.no_calibrate))
         return 0
@@ -49,7 +54,7 @@ def _drive(study, write: Callable, args: argparse.Namespace) -> int:
         from peerlm.study.reproduce import reproduce
 
         rows = reproduce(study, args.reproduce)
-        print(f"wrote {study.results / 'reproduced.json'} ({len(rows)} rows)")
+        print(f"added {len(rows)} row(s) to {study.results / 'reproduced.json'}")
         return 0
     if args.time_steps:
         print(f"wrote {study.time_steps()}")

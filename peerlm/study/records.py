@@ -23,12 +23,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from peerlm.config import ModelConfig, from_dict
+from peerlm.config import ModelConfig, from_dict, to_dict
 from peerlm.fileio import atomic_write_text
+from peerlm.runconfig import TrainConfig
 from peerlm.study.design import METHODS, SIZES, RunSpec
 
 __all__ = ["RecordStore", "Records", "RecordError", "read_record", "check_record", "spec_of", "val_loss",
-           "diverged", "choice_loss", "finite_json"]
+           "diverged", "choice_loss", "finite_json", "same_train"]
 
 Records = dict[str, dict[str, Any]]  # run id -> record
 
@@ -217,3 +218,11 @@ def spec_of(rec: dict[str, Any]) -> RunSpec:
     s = rec["spec"]
     return RunSpec(rec["phase"], s["budget"], s["method"], s["size"], s["lr_mult"], s["expert_ratio"], s["seed"],
                    s["sparse_optimizer"], tuple(s.get("overrides", ())), s.get("tokens"), s.get("routing_ratio"))
+
+
+def same_train(recorded: dict[str, Any], derived: dict[str, Any]) -> bool:
+    """Whether a record's train config is the one derived now: the same fields but the device (a run on
+    another device is the same run), where a field newer than the record counts at its default."""
+    defaults = to_dict(TrainConfig())
+    return set(recorded) <= set(derived) and all(
+        recorded.get(k, defaults[k]) == v for k, v in derived.items() if k != "device")

@@ -3,31 +3,39 @@
     peerlm study isoflop --reproduce 2e12_dense_L2d64_lr2_s2 --reproduce 2e12_pkm_L2d64_lr2_x10_s1
     peerlm study isoflop-tuned --reproduce RUN_ID            # a tuned record (or a first-table one it reuses)
 
-Each run is trained and evaluated as the study would (its ``RunSpec`` from the record, the study's
-prepared data, whose fingerprint must match the record's), in a work directory of its own beside the
-study's (``<work>/../reproduce/<run_id>``: an interrupted call resumes there; removed once the run is
-compared, so a later call trains it again). Nothing is written to the study's records: each comparison is a row of
-``<results>/reproduced.json`` (written after every run, atomically), recorded against again: val loss
-and perplexity, last training loss, revision, machine, date, training seconds, and whether the val loss
-and the last training loss came out bit for bit the same.
+Each run is trained and evaluated as the study would (its ``RunSpec`` from the record, whose model and
+train configs must be the ones the code derives from it now; the study's prepared data, whose
+fingerprint must match the record's where the record has one), in a work directory of its own beside
+the study's (``<work>/../reproduce/<run_id>``). An interrupted call resumes there on the same
+machine, code revision, device and threads (a note in that directory says which); anything else
+starts the run afresh. The directory is removed once the run is compared, so a later call trains it
+again. Nothing is written to the study's records: each comparison is a row of
+``<results>/reproduced.json`` (added under a lock, atomically, after every run), recorded against
+again: val loss and perplexity, last training loss, revision, machine, date, device, threads,
+training seconds, whether the data's fingerprint was checked, and whether the val loss and the last
+training loss came out bit for bit the same. A run that diverges again gets a row that says so.
 
-On the machine and revision that wrote a record, a run comes out bit for bit the same. On another
-machine, even with the same code revision and data, a memory-layer run need not: retrieval's discrete
-top-k turns last-bit differences in the scores into different experts, and the run becomes a different
-sample, about a seed's worth apart. The rows measure how far.
+On one machine a run comes out bit for bit the same (the project's runs are deterministic: a record
+re-trained twice here gives one result twice). On a machine with another CPU it need not, even with
+the same code revision and data: the rows measure how far.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from peerlm.config import to_dict
 from peerlm.fileio import atomic_write_text
-from peerlm.study.records import Records, RecordStore, diverged, spec_of
-from peerlm.study.runner import Runner
+from peerlm.study.claims import RunClaimed, claim
+from peerlm.study.records import Records, RecordStore, diverged, finite_json, same_train, spec_of
+from peerlm.study.runner import Runner, _git_revision, machine
 
 __all__ = ["reproduce", "format_rows"]
 
@@ -44,55 +52,104 @@ class _Records:
 
 
 def _summary(rec: dict[str, Any]) -> dict[str, Any]:
-    val = rec["eval"]["val"]
-    return {"val_loss": val["loss"], "val_perplexity": val["perplexity"], "last_train_loss": rec.get("last_train_loss"),
-            "train_seconds": rec["train_seconds"], "git_revision": rec["git_revision"], "date": rec.get("date"),
-            "machine": rec["machine"]}
+    val = rec["eval"].get("val", {})
+    return {"val_loss": val.get("loss"), "val_perplexity": val.get("perplexity"),
+            "last_train_loss": rec.get("last_train_loss"), "train_seconds": rec["train_seconds"],
+            "git_revision": rec["git_revision"], "date": rec.get("date"), "machine": rec["machine"],
+            "device": rec["train"].get("device", "cpu"), "threads": rec.get("threads")}
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (waiting for it) while the block runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _refusals(study: Runner, recs: Records, run_ids: list[str]) -> str | None:
+    """Why these runs cannot be reproduced, before any work; None if they can."""
+    missing = [r for r in run_ids if r not in recs]
+    if missing:
+        return (f"no record named {', '.join(missing)} in {study.runs_dir} (nor among the records its plan reuses); "
+                f"name a file of {study.runs_dir} without .json")
+    broken = [r for r in run_ids if diverged(recs[r])]
+    if broken:
+        return f"{', '.join(broken)} diverged: a diverged record has no val loss to reproduce"
+    moved = [r for r in run_ids if recs[r]["model"] != to_dict(spec_of(recs[r]).model())
+             or not same_train(recs[r]["train"], to_dict(spec_of(recs[r]).train()))]
+    if moved:
+        return (f"the code derives other configs from {', '.join(moved)} than the record holds (the recipe has "
+                "changed since): reproduce it at the revision that wrote it (the record's git_revision)")
+    return None
 
 
 def reproduce(study: Runner, run_ids: list[str], out: Path | None = None, work: Path | None = None,
               tokens: int | None = None) -> list[dict[str, Any]]:
-    """Train the recorded runs ``run_ids`` of ``study`` again and compare; returns the rows, also
-    appended to ``out`` (default ``<results>/reproduced.json``) after each run. ``work`` holds the
-    checkpoints (default ``reproduce/`` beside the study's work directory, which shares its data);
-    ``tokens`` shortens every run (a smoke test of the path; its rows compare nothing)."""
+    """Train the recorded runs ``run_ids`` of ``study`` again and compare; returns the rows this call
+    added, each also added to ``out`` (default ``<results>/reproduced.json``) as its run ends. ``work``
+    holds the checkpoints (default ``reproduce/`` beside the study's work directory); ``tokens``
+    shortens every run (a smoke test of the path; its rows compare nothing). A run that another process
+    is reproducing is skipped with a note."""
     recs = study.records()
-    missing = [r for r in run_ids if r not in recs]
-    if missing:
-        raise ValueError(f"no record named {', '.join(missing)} in {study.runs_dir} (nor among the records its plan "
-                         f"reuses); name a file of {study.runs_dir} without .json")
-    broken = [r for r in run_ids if diverged(recs[r])]
-    if broken:
-        raise ValueError(f"{', '.join(broken)} diverged: a diverged record has no val loss to reproduce")
-    fingerprint = study.data_fingerprint(study.data_dir())
+    why = _refusals(study, recs, run_ids)
+    if why:
+        raise ValueError(why)
+    data = study.data_dir()
+    fingerprint = study.data_fingerprint(data)
     other = [r for r in run_ids if recs[r].get("data") not in (None, fingerprint)]
     if other:
-        raise ValueError(f"{', '.join(other)} trained on other data than {study.data_dir()} holds (its tokenizer "
-                         "or split sizes differ): prepare the data with the study's settings into a new work "
-                         "directory (--work) and reproduce there")
+        raise ValueError(f"{', '.join(other)} trained on other data than {data} holds (its tokenizer or split "
+                         "sizes differ): prepare the data with the study's settings into a new work directory "
+                         "(--work) and reproduce there")
     work = Path(work) if work is not None else study.work.parent / "reproduce"
     out = Path(out) if out is not None else study.results / "reproduced.json"
-    rows = json.loads(out.read_text()) if out.is_file() else []
+    who = {"machine": machine(study.device), "git_revision": _git_revision(), "device": str(study.device),
+           "threads": study.threads}
+    added = []
     for run_id in run_ids:
         spec = spec_of(recs[run_id])
         if tokens is not None:
             spec = spec.with_(tokens=tokens)
-        scratch = work / "records"
-        shutil.rmtree(scratch, ignore_errors=True)  # a record left by an interrupted call would be returned
+        try:
+            with claim(work.parent / "claims" / f"{spec.run_id}.claim", spec.run_id):  # the runner's own claim
+                row = _one(study, recs[run_id], spec, work, who, fingerprint)
+        except RunClaimed as e:
+            study.log(f"reproduce: {run_id} skipped: {e}")
+            continue
+        with _locked(work / "rows.lock"):
+            rows = json.loads(out.read_text()) if out.is_file() else []
+            atomic_write_text(out, json.dumps(finite_json(rows + [row]), indent=1, allow_nan=False) + "\n")
+        shutil.rmtree(work / spec.run_id, ignore_errors=True)
+        (work / f"{spec.run_id}.who.json").unlink(missing_ok=True)
+        added.append(row)
+        study.log(format_rows([row]))
+    return added
+
+
+def _one(study: Runner, rec: dict[str, Any], spec, work: Path, who: dict[str, Any],
+         fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Train ``spec`` (``rec``'s run) in ``work`` and return its row; the caller holds its claim."""
+    note = work / f"{spec.run_id}.who.json"
+    ckpt = work / spec.run_id
+    resumed = ckpt.is_dir() and note.is_file() and json.loads(note.read_text()) == who
+    if not resumed:  # a directory left by another machine, revision, device or thread count: start afresh
+        shutil.rmtree(ckpt, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(note, json.dumps(who) + "\n")
+    with tempfile.TemporaryDirectory(dir=work) as scratch:  # this call's record, apart from other calls'
         runner = Runner(_Records(), RecordStore(scratch), work, threads=study.threads, log=study.log,
                         device=str(study.device))
         runner.data_dir = study.data_dir  # the study's data, wherever its work directory is
         again = runner.run_one(spec)
-        old, new = _summary(recs[run_id]), _summary(again)
-        same = all(new[k] == old[k] for k in ("val_loss", "last_train_loss"))
-        rows.append({"run_id": run_id, "method": spec.method, "tokens": again["train_tokens"],
-                     "recorded": old, "again": new,
-                     "val_perplexity_ratio": new["val_perplexity"] / old["val_perplexity"], "same_bits": same})
-        atomic_write_text(out, json.dumps(rows, indent=1) + "\n")
-        shutil.rmtree(work / spec.run_id, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
-        study.log(format_rows(rows[-1:]))
-    return rows
+    old, new = _summary(rec), _summary(again)
+    row = {"run_id": rec["run_id"], "method": spec.method, "tokens": again["train_tokens"], "recorded": old,
+           "again": new, "resumed": resumed, "data_checked": rec.get("data") == fingerprint}
+    if diverged(again):
+        return row | {"diverged": again["diverged"], "val_perplexity_ratio": None, "same_bits": False}
+    same = all(new[k] == old[k] for k in ("val_loss", "last_train_loss"))
+    return row | {"val_perplexity_ratio": new["val_perplexity"] / old["val_perplexity"], "same_bits": same}
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
@@ -100,7 +157,11 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
         a, b = r["recorded"], r["again"]
-        lines.append(f"{r['run_id']}: val loss {a['val_loss']!r} at {a['git_revision']} ({a['date']}), again "
-                     f"{b['val_loss']!r} at {b['git_revision']} on {b['machine']}: val perplexity x"
-                     f"{r['val_perplexity_ratio']:.4f}, {'the same bits' if r['same_bits'] else 'not the same bits'}")
+        head = (f"{r['run_id']}: val loss {a['val_loss']!r} at {a['git_revision']} ({a['date']}), again "
+                f"{b['val_loss']!r} at {b['git_revision']} on {b['machine']}")
+        if r.get("diverged"):
+            lines.append(f"{head}: diverged ({r['diverged']})")
+        else:
+            lines.append(f"{head}: val perplexity x{r['val_perplexity_ratio']:.4f}, "
+                         f"{'the same bits' if r['same_bits'] else 'not the same bits'}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_check_smoke_runs_every_step(tmp_path):
     pytest.importorskip("triton")
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    before = sorted((ROOT / ".gpu").rglob("*"))
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     log = (tmp_path / "device.txt").read_text()
@@ -35,5 +36,6 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
         rows = json.loads((tmp_path / "isoflop.json").read_text())
         assert [r["tokens"] for r in rows] == [3 * 16 * 128] * 3
         assert all("cpu tag" in r["again"]["machine"] for r in rows)
+        assert sorted((ROOT / ".gpu").rglob("*")) == before  # the smoke run wrote nothing under .gpu
     else:
         assert "isoflop: skipped" in log

@@ -200,11 +200,11 @@ def test_active_report_keeps_the_token_softmax_runs_apart(iso, tmp_path):
 def test_a_record_older_than_a_train_field_is_the_same_run_while_it_holds_the_default():
     from peerlm.config import to_dict
     from peerlm.runconfig import TrainConfig
-    from peerlm.study.ablations import _same_train
+    from peerlm.study.records import same_train
 
     derived = to_dict(TrainConfig(max_steps=10))
     older = {k: v for k, v in derived.items() if k != "expert_update"}  # written before the field existed
-    assert _same_train(older, derived) and _same_train({**derived, "device": "cuda"}, derived)
-    assert not _same_train({**older, "lr": 2e-3}, derived)
-    assert not _same_train(older, {**derived, "expert_update": "backward"})
-    assert not _same_train({**derived, "unknown": 1}, derived)
+    assert same_train(older, derived) and same_train({**derived, "device": "cuda"}, derived)
+    assert not same_train({**older, "lr": 2e-3}, derived)
+    assert not same_train(older, {**derived, "expert_update": "backward"})
+    assert not same_train({**derived, "unknown": 1}, derived)
