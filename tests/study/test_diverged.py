@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_isoflop import B0, fake_record, finish_pending, tiny_data, write  # noqa: F401 (tiny_data: a fixture)
+from test_isoflop import B0, fake_record, finish_pending
 
 from peerlm.runconfig import plan_steps
 from peerlm.study import isoflop_study

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_isoflop import tiny_data  # noqa: F401 (a fixture)
 
 from peerlm.rundir import RunDir
 from peerlm.study import isoflop_study
