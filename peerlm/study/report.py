@@ -33,6 +33,7 @@ from typing import Any
 from peerlm.fileio import atomic_write_bytes, atomic_write_text
 from peerlm.study.design import METHODS, budget_name
 from peerlm.study.records import diverged, spec_of, val_loss
+from peerlm.study.reproduce import reproduced_lines
 from peerlm.study.runner import machine, timing_key
 from peerlm.study.stats import compare, mean_sd
 from peerlm.study.trend import paired_means, ratio_at, trend_fits
@@ -357,7 +358,7 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
                      f"{r['flops_train_per_token'] / 1e6:.2f}M | {r['train_tokens'] / 1e6:.2f}M | {r['epochs']:.2f} | "
                      f"{'diverged' if bad else format(r['eval']['val']['perplexity'], '.2f')} | {usage} | "
                      f"{r['train_seconds'] / 60:.1f} | {r['tokens_per_second']:,.0f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + reproduced_lines(study.results)) + "\n"
 
 
 def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:

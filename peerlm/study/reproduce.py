@@ -37,7 +37,7 @@ from peerlm.study.claims import RunClaimed, claim
 from peerlm.study.records import Records, RecordStore, diverged, finite_json, same_train, spec_of
 from peerlm.study.runner import Runner, _git_revision, machine
 
-__all__ = ["reproduce", "format_rows"]
+__all__ = ["reproduce", "format_rows", "reproduced_lines"]
 
 
 class _Records:
@@ -165,3 +165,24 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             lines.append(f"{head}: val perplexity x{r['val_perplexity_ratio']:.4f}, "
                          f"{'the same bits' if r['same_bits'] else 'not the same bits'}")
     return "\n".join(lines)
+
+
+def reproduced_lines(results: Path) -> list[str]:
+    """The reports' section on ``<results>/reproduced.json``: a table of its rows (no lines without it)."""
+    path = Path(results) / "reproduced.json"
+    if not path.is_file():
+        return []
+    lines = ["", "Recorded runs trained again from their records (`--reproduce`; rows in reproduced.json): val "
+             "perplexity recorded and again, their ratio, and whether the val loss and the last training loss "
+             "came out bit for bit the same. On one machine they do; on another CPU a memory-layer run becomes "
+             "a different run.", "",
+             "| run | recorded: revision, date, machine | again: revision, date, machine | val recorded | "
+             "val again | again / recorded | same bits |", "|---|---|---|---|---|---|---|"]
+    for r in json.loads(path.read_text()):
+        a, b = r["recorded"], r["again"]
+        ratio = "diverged" if r.get("diverged") else f"{r['val_perplexity_ratio']:.4f}"
+        again = "" if b["val_perplexity"] is None else f"{b['val_perplexity']:.2f}"
+        lines.append(f"| {r['run_id']} | {a['git_revision']}, {(a['date'] or '')[:10]}, {a['machine']} | "
+                     f"{b['git_revision']}, {(b['date'] or '')[:10]}, {b['machine']} | {a['val_perplexity']:.2f} | "
+                     f"{again} | {ratio} | {'yes' if r['same_bits'] else 'no'} |")
+    return lines

@@ -27,6 +27,7 @@ from peerlm.study.report import (
     pyplot,
     save_png,
 )
+from peerlm.study.reproduce import reproduced_lines
 from peerlm.study.runner import machine
 from peerlm.study.tuned import grid_ends
 
@@ -123,7 +124,7 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tupl
               "interval, Student's t; ahead or behind only where the interval excludes 1, tie where it holds 1, no "
               "word from one seed):", "",
               *(comparisons if len(comparisons) > 2 else ["None yet: no budget has PEER's tuned optimum and its "
-                                                          "seeds."])]
+                                                          "seeds."]), *reproduced_lines(study.results)]
     return "\n".join(lines) + "\n"
 
 

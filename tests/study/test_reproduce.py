@@ -10,7 +10,7 @@ import pytest
 from peerlm.cli import main
 from peerlm.study import isoflop_study
 from peerlm.study.design import RunSpec
-from peerlm.study.reproduce import format_rows, reproduce
+from peerlm.study.reproduce import format_rows, reproduce, reproduced_lines
 from peerlm.study.runner import _git_revision, machine
 from peerlm.train import train
 
@@ -47,6 +47,9 @@ def test_a_recorded_run_comes_out_bit_for_bit_the_same_on_its_machine(tmp_path, 
     assert not (tmp_path / "reproduce" / spec.run_id).exists()  # its checkpoints are removed
     assert json.loads((study.results / "reproduced.json").read_text()) == rows
     assert "the same bits" in format_rows(rows) and "x1.0000" in format_rows(rows)
+    section = "\n".join(reproduced_lines(study.results))  # the reports' section
+    assert f"| {spec.run_id} |" in section and "| 1.0000 | yes |" in section
+    assert reproduced_lines(tmp_path / "elsewhere") == []
     # a shortened run (the smoke path) is a different run: its row says so, and rows accumulate
     (short,) = reproduce(study, [spec.run_id], tokens=2 * 16 * 128)
     assert not short["same_bits"] and short["tokens"] == 2 * 16 * 128
