@@ -71,8 +71,10 @@ SPLITS = {
     "pkm": ((1, 256), (2, 128), (4, 64), (8, 32), (16, 16), (32, 8)),
 }
 # moe-fine: (experts, expert hidden as a multiple of the width, top-k), all with the active and total
-# parameters of the paper settings' 32 x D, top-4 (which is 4 D active: the dense MLP's)
-GRANULARITY = ((16, 2.0, 2), (32, 1.0, 4), (64, 0.5, 8), (128, 0.25, 16))
+# parameters of the paper settings' 32 x D, top-4 (which is 4 D active: the dense MLP's). (8, 4.0, 1):
+# fine-grained MoE's 8e12 best was at 16 experts, the old end; 8 experts of 4 D is the coarsest point
+# (granularity 1: the plain MoE's shape, with moe-fine's token-choice routing)
+GRANULARITY = ((8, 4.0, 1), (16, 2.0, 2), (32, 1.0, 4), (64, 0.5, 8), (128, 0.25, 16))
 
 
 def _text(value: Any) -> str:

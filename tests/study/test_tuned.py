@@ -85,6 +85,20 @@ def test_a_knob_at_the_trunks_own_value_is_no_override():
     assert all(h * k == 128 for h, k in SPLITS["peer"]) and all(h * k == 256 for h, k in SPLITS["pkm"])
 
 
+def test_moe_fine_granularity_reaches_the_coarsest_split():
+    """The grid runs from granularity 1 (8 experts of 4 D, top 1: the plain MoE's shape) to 128 experts
+    of D / 4, so a choice of 16 experts of 2 D is bracketed and only the grid's ends are named."""
+    from peerlm.study.tuned import GRANULARITY, grid_ends
+
+    assert GRANULARITY[0] == (8, 4.0, 1) and GRANULARITY[-1] == (128, 0.25, 16)
+    knob = knobs("moe-fine", 2)[1]
+    spec = RunSpec("tune", B0, "moe-fine", "L2d64", 2.0)
+    assert grid_ends(knob.put(spec, (16, 2.0, 2))) == []
+    assert grid_ends(knob.put(spec, (8, 4.0, 1))) == [f"granularity {(8, 4.0, 1)}"]
+    ffn = knob.put(spec, (8, 4.0, 1)).model().ffn
+    assert (ffn.num_experts, ffn.expert_hidden, ffn.topk, ffn.routing) == (8, 4 * 64, 1, "token")
+
+
 def test_moe_fine_granularity_keeps_flops_and_parameters():
     from peerlm.flops import model_cost
 
