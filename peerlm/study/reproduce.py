@@ -11,7 +11,7 @@ machine, code revision, device and threads (a note in that directory says which)
 starts the run afresh. The directory is removed once the run is compared, so a later call trains it
 again. Nothing is written to the study's records: each comparison is a row of
 ``<results>/reproduced.json`` (added under a lock, atomically, after every run), recorded against
-again: val loss and perplexity, last training loss, revision, machine, date, device, threads,
+again: val loss and perplexity, last training loss, revision, machine, date, device, precision, threads,
 training seconds, whether the data's fingerprint was checked, and whether the val loss and the last
 training loss came out bit for bit the same. A run that diverges again gets a row that says so.
 
@@ -52,11 +52,14 @@ class _Records:
 
 
 def _summary(rec: dict[str, Any]) -> dict[str, Any]:
-    val = rec["eval"].get("val", {})
+    val, train = rec["eval"].get("val", {}), rec["train"]
+    device = train.get("device", "cpu")
+    # as runconfig.resolve_device decides it: bf16 autocast on CUDA unless the run asked for float32
+    bf16 = device.startswith("cuda") and train.get("dtype", "auto") in ("auto", "bfloat16")
     return {"val_loss": val.get("loss"), "val_perplexity": val.get("perplexity"),
             "last_train_loss": rec.get("last_train_loss"), "train_seconds": rec["train_seconds"],
             "git_revision": rec["git_revision"], "date": rec.get("date"), "machine": rec["machine"],
-            "device": rec["train"].get("device", "cpu"), "threads": rec.get("threads")}
+            "device": device, "precision": "bf16 autocast" if bf16 else "fp32", "threads": rec.get("threads")}
 
 
 @contextmanager

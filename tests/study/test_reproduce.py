@@ -42,6 +42,7 @@ def test_a_recorded_run_comes_out_bit_for_bit_the_same_on_its_machine(tmp_path, 
     assert row["recorded"]["val_loss"] == row["again"]["val_loss"] == rec["eval"]["val"]["loss"]
     assert row["again"]["last_train_loss"] == rec["last_train_loss"] is not None
     assert "cpu tag" in row["again"]["machine"] and row["data_checked"] and not row["resumed"]
+    assert row["again"]["device"] == "cpu" and row["again"]["precision"] == row["recorded"]["precision"] == "fp32"
     assert (study.runs_dir / f"{spec.run_id}.json").read_text() == on_disk  # the record is left as it was
     assert list(study.runs_dir.iterdir()) == [study.runs_dir / f"{spec.run_id}.json"]
     assert not (tmp_path / "reproduce" / spec.run_id).exists()  # its checkpoints are removed
