@@ -30,6 +30,7 @@ from peerlm.configio import from_dict
 from peerlm.fileio import atomic_write_text
 from peerlm.study.records import diverged
 from peerlm.study.report import EVAL_ORDER, plots_or_note, pyplot, save_png, timing_note, train_seconds
+from peerlm.study.reproduce import reproduced_lines
 from peerlm.study.runner import machine
 
 __all__ = ["ablation_rows", "write_ablation_report"]
@@ -120,7 +121,7 @@ def format_ablation_table(ablation, rows: list[dict[str, Any]], command: str) ->
                      + f" | {usage}{'%' if usage else ''} | {_cell(val, 'unevenness', '.2f')} | "
                      f"{distinct}{'%' if distinct else ''} | {_cell(val, 'effective', '.1f')} | "
                      f"{_cell(val, 'train_seconds', '.0f')} s |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + reproduced_lines(ablation.results)) + "\n"
 
 
 def _plot(ablation, rows: list[dict[str, Any]], path: Path) -> Path:

@@ -40,8 +40,8 @@ def budget(text: str) -> float:
 
 
 def _drive(study, write: Callable, args: argparse.Namespace) -> int:
-    """--plan, --report, or run what is pending (then report once nothing is); ``study`` is the
-    ``Runner`` of the study's plan."""
+    """--plan, --reproduce, --report, or run what is pending (then report once nothing is); ``study`` is
+    the ``Runner`` of the study's plan."""
     alone = [o for o, v in (("--plan", args.plan), ("--report", args.report), ("--time-steps", args.time_steps),
                             ("--max-runs", args.max_runs is not None)) if v]
     if args.reproduce and alone:

@@ -10,10 +10,10 @@ the study's (``<work>/../reproduce/<run_id>``). An interrupted call resumes ther
 machine, code revision, device and threads (a note in that directory says which); anything else
 starts the run afresh. The directory is removed once the run is compared, so a later call trains it
 again. Nothing is written to the study's records: each comparison is a row of
-``<results>/reproduced.json`` (added under a lock, atomically, after every run), recorded against
+``<results>/reproduced.json`` (added under a lock on its folder, atomically, after every run), recorded against
 again: val loss and perplexity, last training loss, revision, machine, date, device, precision, threads,
 training seconds, whether the data's fingerprint was checked, and whether the val loss and the last
-training loss came out bit for bit the same. A run that diverges again gets a row that says so.
+training loss came out bit for bit the same. A re-trained run that diverges gets a row that says so.
 
 On one machine a run comes out bit for bit the same (the project's runs are deterministic: a record
 re-trained twice here gives one result twice). On a machine with another CPU it need not, even with
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -33,6 +34,7 @@ from typing import Any
 
 from peerlm.config import to_dict
 from peerlm.fileio import atomic_write_text
+from peerlm.rundir import RunDir
 from peerlm.study.claims import RunClaimed, claim
 from peerlm.study.records import Records, RecordStore, diverged, finite_json, same_train, spec_of
 from peerlm.study.runner import Runner, _git_revision, machine
@@ -63,12 +65,16 @@ def _summary(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (waiting for it) while the block runs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder ``folder`` (waiting for it) while the block runs: every call
+    that writes a file there takes it, whatever its work directory, and no lock file is left behind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
 
 
 def _refusals(study: Runner, recs: Records, run_ids: list[str]) -> str | None:
@@ -93,8 +99,11 @@ def reproduce(study: Runner, run_ids: list[str], out: Path | None = None, work: 
     """Train the recorded runs ``run_ids`` of ``study`` again and compare; returns the rows this call
     added, each also added to ``out`` (default ``<results>/reproduced.json``) as its run ends. ``work``
     holds the checkpoints (default ``reproduce/`` beside the study's work directory); ``tokens``
-    shortens every run (a smoke test of the path; its rows compare nothing). A run that another process
-    is reproducing is skipped with a note."""
+    shortens every run (a smoke test of the path; its rows compare nothing, so they need an ``out`` of
+    their own). A run that another process is reproducing is skipped with a note."""
+    if tokens is not None and out is None:
+        raise ValueError("a shortened run (tokens=...) compares nothing: give it an out file of its own, not the "
+                         "study's reproduced.json, which the reports show")
     recs = study.records()
     why = _refusals(study, recs, run_ids)
     if why:
@@ -118,14 +127,14 @@ def reproduce(study: Runner, run_ids: list[str], out: Path | None = None, work: 
         try:
             with claim(work.parent / "claims" / f"{spec.run_id}.claim", spec.run_id):  # the runner's own claim
                 row = _one(study, recs[run_id], spec, work, who, fingerprint)
+                with _locked(out.parent):
+                    rows = json.loads(out.read_text()) if out.is_file() else []
+                    atomic_write_text(out, json.dumps(finite_json(rows + [row]), indent=1, allow_nan=False) + "\n")
+                (work / f"{spec.run_id}.who.json").unlink(missing_ok=True)  # first: a checkpoint without it is
+                shutil.rmtree(work / spec.run_id, ignore_errors=True)       # never resumed
         except RunClaimed as e:
             study.log(f"reproduce: {run_id} skipped: {e}")
             continue
-        with _locked(work / "rows.lock"):
-            rows = json.loads(out.read_text()) if out.is_file() else []
-            atomic_write_text(out, json.dumps(finite_json(rows + [row]), indent=1, allow_nan=False) + "\n")
-        shutil.rmtree(work / spec.run_id, ignore_errors=True)
-        (work / f"{spec.run_id}.who.json").unlink(missing_ok=True)
         added.append(row)
         study.log(format_rows([row]))
     return added
@@ -136,7 +145,7 @@ def _one(study: Runner, rec: dict[str, Any], spec, work: Path, who: dict[str, An
     """Train ``spec`` (``rec``'s run) in ``work`` and return its row; the caller holds its claim."""
     note = work / f"{spec.run_id}.who.json"
     ckpt = work / spec.run_id
-    resumed = ckpt.is_dir() and note.is_file() and json.loads(note.read_text()) == who
+    resumed = RunDir(ckpt).checkpoints.is_dir() and note.is_file() and json.loads(note.read_text()) == who
     if not resumed:  # a directory left by another machine, revision, device or thread count: start afresh
         shutil.rmtree(ckpt, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
@@ -179,13 +188,16 @@ def reproduced_lines(results: Path) -> list[str]:
              "perplexity recorded and again, their ratio, and whether the val loss and the last training loss "
              "came out bit for bit the same. On one machine they do; on another CPU a memory-layer run becomes "
              "a different run.", "",
-             "| run | recorded: revision, date, machine | again: revision, date, machine | val recorded | "
+             "| run | recorded: revision, date, machine, precision | again: revision, date, machine, precision | "
+             "val recorded | "
              "val again | again / recorded | same bits |", "|---|---|---|---|---|---|---|"]
     for r in json.loads(path.read_text()):
         a, b = r["recorded"], r["again"]
         ratio = "diverged" if r.get("diverged") else f"{r['val_perplexity_ratio']:.4f}"
         again = "" if b["val_perplexity"] is None else f"{b['val_perplexity']:.2f}"
-        lines.append(f"| {r['run_id']} | {a['git_revision']}, {(a['date'] or '')[:10]}, {a['machine']} | "
-                     f"{b['git_revision']}, {(b['date'] or '')[:10]}, {b['machine']} | {a['val_perplexity']:.2f} | "
+        # rows from before the precision field were all fp32 on the CPU
+        lines.append(f"| {r['run_id']} | {a['git_revision']}, {(a['date'] or '')[:10]}, {a['machine']}, "
+                     f"{a.get('precision', 'fp32')} | {b['git_revision']}, {(b['date'] or '')[:10]}, {b['machine']}, "
+                     f"{b.get('precision', 'fp32')} | {a['val_perplexity']:.2f} | "
                      f"{again} | {ratio} | {'yes' if r['same_bits'] else 'no'} |")
     return lines

@@ -49,13 +49,16 @@ def test_a_recorded_run_comes_out_bit_for_bit_the_same_on_its_machine(tmp_path, 
     assert json.loads((study.results / "reproduced.json").read_text()) == rows
     assert "the same bits" in format_rows(rows) and "x1.0000" in format_rows(rows)
     section = "\n".join(reproduced_lines(study.results))  # the reports' section
-    assert f"| {spec.run_id} |" in section and "| 1.0000 | yes |" in section
+    assert f"| {spec.run_id} |" in section and "| 1.0000 | yes |" in section and ", fp32 |" in section
     assert reproduced_lines(tmp_path / "elsewhere") == []
     # a shortened run (the smoke path) is a different run: its row says so, and rows accumulate
-    (short,) = reproduce(study, [spec.run_id], tokens=2 * 16 * 128)
+    with pytest.raises(ValueError, match="needs|compares nothing"):  # not into the file the reports show
+        reproduce(study, [spec.run_id], tokens=2 * 16 * 128)
+    (short,) = reproduce(study, [spec.run_id], tokens=2 * 16 * 128, out=tmp_path / "smoke.json")
     assert not short["same_bits"] and short["tokens"] == 2 * 16 * 128
     assert "not the same bits" in format_rows([short])
-    assert len(json.loads((study.results / "reproduced.json").read_text())) == 2
+    assert json.loads((tmp_path / "smoke.json").read_text()) == [short]
+    assert len(json.loads((study.results / "reproduced.json").read_text())) == 1
 
 
 def test_an_interrupted_call_resumes_only_what_this_machine_left(tmp_path, tiny_data):
