@@ -10,10 +10,11 @@ the study's (``<work>/../reproduce/<run_id>``). An interrupted call resumes ther
 machine, code revision, device and threads (a note in that directory says which); anything else
 starts the run afresh. The directory is removed once the run is compared, so a later call trains it
 again. Nothing is written to the study's records: each comparison is a row of
-``<results>/reproduced.json`` (added under a lock on its folder, atomically, after every run), recorded against
-again: val loss and perplexity, last training loss, revision, machine, date, device, precision, threads,
-training seconds, whether the data's fingerprint was checked, and whether the val loss and the last
-training loss came out bit for bit the same. A re-trained run that diverges gets a row that says so.
+``<results>/reproduced.json`` (added under a lock on its folder, atomically, after every run),
+recorded against again: val loss and perplexity, last training loss, revision, machine, date,
+device, precision, threads, training seconds, whether the data's fingerprint was checked, and whether
+the val loss and the last training loss came out bit for bit the same. A re-trained run that
+diverges gets a row that says so.
 
 On one machine a run comes out bit for bit the same (the project's runs are deterministic: a record
 re-trained twice here gives one result twice). On a machine with another CPU it need not, even with
@@ -189,8 +190,7 @@ def reproduced_lines(results: Path) -> list[str]:
              "came out bit for bit the same. On one machine they do; on another CPU a memory-layer run becomes "
              "a different run.", "",
              "| run | recorded: revision, date, machine, precision | again: revision, date, machine, precision | "
-             "val recorded | "
-             "val again | again / recorded | same bits |", "|---|---|---|---|---|---|---|"]
+             "val recorded | val again | again / recorded | same bits |", "|---|---|---|---|---|---|---|"]
     for r in json.loads(path.read_text()):
         a, b = r["recorded"], r["again"]
         ratio = "diverged" if r.get("diverged") else f"{r['val_perplexity_ratio']:.4f}"
