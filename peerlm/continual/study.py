@@ -54,7 +54,7 @@ from peerlm.fileio import atomic_write_text
 from peerlm.rundir import RunDir, load_run, run_tokenizer
 from peerlm.study.claims import RunClaimed, claim
 from peerlm.study.records import RecordStore, finite_json
-from peerlm.study.runner import _git_revision, machine
+from peerlm.study.runner import git_revision, machine
 
 __all__ = ["Base", "Task", "FactsTask", "DocsTask", "TASKS", "SWEEPS", "STEPS", "BATCH", "EVAL_TOKENS",
            "SEEDS", "ContinualSpec", "ContinualPlan", "ContinualRunner", "learning_score", "isoflop_bases",
@@ -365,7 +365,7 @@ class ContinualRunner:
         rec = {"run_id": base.run_id, "kind": base.kind, "task_settings": settings,
                "forgetting": _eval_forgetting(run, self.base_data(base), self.device, ()),
                "learning": {t.name: t.learning(run, self.task_data(t, base), self.device) for t in self.plan.tasks},
-               "git_revision": _git_revision(), "machine": machine(self.device),
+               "git_revision": git_revision(), "machine": machine(self.device),
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(finite_json(rec), indent=1) + "\n")
@@ -380,7 +380,7 @@ class ContinualRunner:
 
     def _run_one(self, spec: ContinualSpec, progress: bool) -> dict[str, Any]:
         torch.set_num_threads(self.threads)
-        revision = _git_revision()
+        revision = git_revision()
         base, task = self.plan.base(spec.base), self.plan.task(spec.task)
         before = self.base_eval(base)
         data = self.task_data(task, base)

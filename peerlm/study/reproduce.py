@@ -38,7 +38,7 @@ from peerlm.fileio import atomic_write_text
 from peerlm.rundir import RunDir
 from peerlm.study.claims import RunClaimed, claim
 from peerlm.study.records import Records, RecordStore, diverged, finite_json, same_train, spec_of
-from peerlm.study.runner import Runner, _git_revision, machine
+from peerlm.study.runner import Runner, git_revision, machine
 
 __all__ = ["reproduce", "format_rows", "reproduced_lines"]
 
@@ -118,7 +118,7 @@ def reproduce(study: Runner, run_ids: list[str], out: Path | None = None, work: 
                          "(--work) and reproduce there")
     work = Path(work) if work is not None else study.work.parent / "reproduce"
     out = Path(out) if out is not None else study.results / "reproduced.json"
-    who = {"machine": machine(study.device), "git_revision": _git_revision(), "device": str(study.device),
+    who = {"machine": machine(study.device), "git_revision": git_revision(), "device": str(study.device),
            "threads": study.threads}
     added = []
     for run_id in run_ids:

@@ -61,7 +61,8 @@ class Plan(Protocol):
         """Every run the study needs as far as ``recs`` decide, in the order they will run."""
 
 
-def _git_revision() -> str:
+def git_revision() -> str:
+    """The short git revision of the code that runs (``"unknown"`` outside a git checkout)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
@@ -216,7 +217,7 @@ class Runner:
 
     def _run_one(self, spec: RunSpec, progress: bool) -> dict[str, Any]:
         torch.set_num_threads(self.threads)
-        revision = _git_revision()  # of the code that runs, read before a long run lets the tree move on
+        revision = git_revision()  # of the code that runs, read before a long run lets the tree move on
         data = self.data_dir()
         fingerprint = self.check_data(data)
         run = self.run_config(spec, data)
@@ -342,7 +343,7 @@ class Runner:
         t0 = time.time()
         seconds = self.time_specs(specs, steps)
         meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(self.device),
-                "threads": self.threads, "steps": steps, "git_revision": _git_revision(),
+                "threads": self.threads, "steps": steps, "git_revision": git_revision(),
                 "seconds": round(time.time() - t0, 1), "batch": [BATCH, CONTEXT]}
         return self.store.write_timing(meta, seconds)
 

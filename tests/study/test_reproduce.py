@@ -11,7 +11,7 @@ from peerlm.cli import main
 from peerlm.study import isoflop_study
 from peerlm.study.design import RunSpec
 from peerlm.study.reproduce import format_rows, reproduce, reproduced_lines
-from peerlm.study.runner import _git_revision, machine
+from peerlm.study.runner import git_revision, machine
 from peerlm.train import train
 
 
@@ -68,7 +68,7 @@ def test_an_interrupted_call_resumes_only_what_this_machine_left(tmp_path, tiny_
     study.run_one(spec)
     work = tmp_path / "reproduce"
     run = study.run_config(spec, tiny_data)
-    who = {"machine": machine(study.device), "git_revision": _git_revision(), "device": str(study.device),
+    who = {"machine": machine(study.device), "git_revision": git_revision(), "device": str(study.device),
            "threads": study.threads}
     for note, resumed in ((who, True), ({**who, "machine": "another CPU"}, False)):
         train(run, work / spec.run_id, stop_at=3, progress=False, log=lambda s: None)  # an interrupted call
