@@ -254,13 +254,17 @@ class TunedPlan:
 
     def carry(self, tuned: RunSpec, name: str) -> RunSpec:
         """``tuned``'s knobs on trunk ``name``; the memory's block by its index, where that trunk has
-        it (else the trunk's own middle block); moe-fine's granularity as its (experts, expert size as a
-        multiple of the width, top-k), so that it keeps the paper settings' FLOPs and parameters there."""
+        it (else the trunk's own middle block), also where the index was ``tuned``'s own middle block and
+        so no override; moe-fine's granularity as its (experts, expert size as a multiple of the width,
+        top-k), so that it keeps the paper settings' FLOPs and parameters there."""
         spec = tuned.with_(size=name)
         blocks = size(name).n_layers
-        kept = tuple(o for o in spec.overrides
-                     if not o.startswith("placement=") or all(b < blocks for b in _block_of(o)))
+        kept = tuple(o for o in spec.overrides if not o.startswith("placement="))
         spec = _overrides(spec.with_(overrides=kept))
+        if tuned.method in ("peer", "pkm"):
+            block = _block_get(tuned)
+            if block < blocks:
+                spec = _overrides(spec, placement=[block])  # dropped again where it is this trunk's middle
         if tuned.method == "moe-fine":
             spec = _granularity_put(spec, _granularity_get(tuned))
         return spec
@@ -324,11 +328,6 @@ class TunedPlan:
                                        "center": seeds[0][1],
                                        "ladder": {s.run_id for s, c in runs if c is not None and s.phase != "seed"}}
         return out
-
-
-def _block_of(override: str) -> list[int]:
-    value = override.split("=", 1)[1].strip("[]")
-    return [int(v) for v in value.split(",") if v]
 
 
 def tuned_study(results: str | os.PathLike[str], paper_results: str | os.PathLike[str],

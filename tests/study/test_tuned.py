@@ -211,6 +211,25 @@ def test_moe_fine_granularity_is_carried_relative_to_the_width():
     assert default.overrides == ()  # the paper granularity stays the paper run
 
 
+@pytest.mark.parametrize("method", ["pkm", "peer"])
+def test_the_memory_block_is_carried_by_its_index_also_where_it_was_the_middle_one(method):
+    """A tuned block that is its trunk's own middle block (so no override) is carried by its index all
+    the same: block 1 of L3d80 stays block 1 on L2d64 (whose middle is block 0) and on L5d112 (middle 2);
+    a trunk without that block gets its own middle block."""
+    plan = isoflop_study("unused", budgets=(B0,)).plan
+    tuned = TunedPlan(plan, dict, budgets=(B0,), tuned_budgets=(B0,))
+    at_c = RunSpec("tune", B0, method, "L3d80", 2.0)
+    assert at_c.overrides == () and at_c.model().sparse_blocks() == [1]
+    want = {"L1d48": [0], "L2d64": [1], "L4d96": [1], "L5d112": [1], "L6d128": [1]}
+    for name, blocks in want.items():
+        moved = tuned.carry(at_c, name)
+        assert moved.model().sparse_blocks() == blocks, name
+        # an override only where the block is not that trunk's middle one: the paper run keeps its id
+        assert any(o.startswith("placement=") for o in moved.overrides) == (blocks != [(size(name).n_layers - 1) // 2])
+    at_2 = knobs(method, 3)[-1].put(at_c, 2)  # the block knob: a block that is not the middle one
+    assert [tuned.carry(at_2, n).model().sparse_blocks() for n in ("L2d64", "L4d96", "L5d112")] == [[0], [2], [2]]
+
+
 def test_the_lr_is_swept_again_at_the_centre_with_the_tuned_knobs(tmp_path):
     """The LR is the first knob; when a later one moves its best (here PEER's best LR is x4 with the
     paper's split and x1 with h = 2), the size step sweeps it again at the centre too."""
