@@ -18,7 +18,7 @@ from peerlm.flops import model_cost
 from peerlm.parallel import runtime
 
 __all__ = ["TrainConfig", "RunConfig", "TrainError", "TrainInterrupted", "DTYPES", "data_info", "model_section",
-           "resolve_device", "plan_steps"]
+           "resolve_device", "autocast_dtype", "plan_steps"]
 
 DTYPES = ("auto", "float32", "bfloat16")
 EXPERT_UPDATES = ("step", "backward")
@@ -241,6 +241,12 @@ def data_info(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
                            "eval": bool(ds.meta["splits"][n].get("eval", False))} for n in ds.splits}}
 
 
+def autocast_dtype(device_type: str, dtype: str) -> torch.dtype | None:
+    """The autocast dtype a run of ``dtype`` uses on a device of ``device_type``: bf16 on CUDA unless the
+    run asked for float32; none elsewhere. ``resolve_device`` and the study's records both read it."""
+    return torch.bfloat16 if device_type == "cuda" and dtype in ("auto", "bfloat16") else None
+
+
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None, str]:
     """(device, autocast dtype or None, the reason), decided in this one place."""
     if device == "auto":
@@ -268,7 +274,7 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype |
             raise TrainError(f"device {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     if dtype == "bfloat16" and dev.type != "cuda":
         raise TrainError("dtype=bfloat16 autocast is for CUDA only; use dtype=float32 or auto on CPU")
-    amp = torch.bfloat16 if dev.type == "cuda" and dtype in ("auto", "bfloat16") else None
+    amp = autocast_dtype(dev.type, dtype)
     prec = "bf16 autocast (fp32 weights, fp32 routing)" if amp else "fp32"
     return dev, amp, f"{dev} ({why}), {prec}"
 

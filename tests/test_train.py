@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from peerlm.config import apply_overrides, get_preset
 from peerlm.data import prepare
 from peerlm.flops import model_cost
-from peerlm.runconfig import RunConfig, TrainConfig, TrainError, data_info, plan_steps, resolve_device
+from peerlm.runconfig import RunConfig, TrainConfig, TrainError, autocast_dtype, data_info, plan_steps, resolve_device
 from peerlm.train import train
 
 WORDS = ("the cat sat on a mat and then it ran to the dog who was big or small but never late for "
@@ -179,6 +179,9 @@ def test_device_decided_in_one_place():
     assert dev.type == "cpu" and amp is None and "fp32" in why
     with pytest.raises(TrainError, match="CUDA only"):
         resolve_device("cpu", "bfloat16")
+    # the autocast rule alone, also for a CUDA run's record read on a machine without CUDA
+    assert autocast_dtype("cuda", "auto") is autocast_dtype("cuda", "bfloat16") is torch.bfloat16
+    assert autocast_dtype("cuda", "float32") is None and autocast_dtype("cpu", "auto") is None
 
 
 def _cli_train(data_dir: Path, out: Path, steps: int, resume: bool = False) -> list[str]:

@@ -35,6 +35,7 @@ from typing import Any
 
 from peerlm.config import to_dict
 from peerlm.fileio import atomic_write_text
+from peerlm.runconfig import autocast_dtype
 from peerlm.rundir import RunDir
 from peerlm.study.claims import RunClaimed, claim
 from peerlm.study.records import Records, RecordStore, diverged, finite_json, same_train, spec_of
@@ -57,8 +58,7 @@ class _Records:
 def _summary(rec: dict[str, Any]) -> dict[str, Any]:
     val, train = rec["eval"].get("val", {}), rec["train"]
     device = train.get("device", "cpu")
-    # as runconfig.resolve_device decides it: bf16 autocast on CUDA unless the run asked for float32
-    bf16 = device.startswith("cuda") and train.get("dtype", "auto") in ("auto", "bfloat16")
+    bf16 = autocast_dtype(device.split(":")[0], train.get("dtype", "auto")) is not None
     return {"val_loss": val.get("loss"), "val_perplexity": val.get("perplexity"),
             "last_train_loss": rec.get("last_train_loss"), "train_seconds": rec["train_seconds"],
             "git_revision": rec["git_revision"], "date": rec.get("date"), "machine": rec["machine"],
