@@ -39,7 +39,7 @@ from peerlm.study.stats import compare, mean_sd
 from peerlm.study.trend import paired_means, ratio_at, trend_fits
 
 __all__ = ["compute_optimal", "summary_records", "format_table", "write_report", "train_seconds", "timing_note",
-           "save_png", "pyplot", "plots_or_note", "PlotsUnavailable", "PLOTS_NEED"]
+           "save_png", "pyplot", "plots_or_note", "trend_lines", "trend_plot", "PlotsUnavailable", "PLOTS_NEED"]
 
 EVAL_ORDER = ("val", "wiki", "news", "fiction", "web")
 HELDOUT = EVAL_ORDER[1:]
@@ -405,7 +405,7 @@ def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
         ax.legend()
     fig.tight_layout()
     written.append(save_png(fig, out / "walltime.png"))
-    trend = _trend_plot(compute_optimal(study.plan, recs), study.plan.budgets, study.plan.methods, out)
+    trend = trend_plot(compute_optimal(study.plan, recs), study.plan.budgets, study.plan.methods, out)
     if trend is not None:
         written.append(trend)
     plt.close("all")
@@ -416,7 +416,7 @@ def _plots(study, recs: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 PAPER_PEER_DENSE = ((6e18, 0.87), (2e19, 0.90))
 
 
-def _trend_plot(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[float, ...], methods: tuple[str, ...],
+def trend_plot(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[float, ...], methods: tuple[str, ...],
                 out: Path, target: float = 2e19) -> Path | None:
     """``trend.png`` (None below two budgets): left, each method's compute-optimal val perplexity
     against budget (seed mean, error bar one standard deviation) with its power-law fit over the
@@ -427,6 +427,7 @@ def _trend_plot(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[flo
     if not fits:
         return None
     import numpy as np
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     from peerlm.study.trend import fit_power_law
 
@@ -446,6 +447,11 @@ def _trend_plot(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[flo
                   alpha=0.6)
     left.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="compute-optimal val perplexity",
              title="measured, with the power-law fits")
+    measured = sorted({b for f in fits.values() for b in f.budgets})
+    left.set_xticks(measured, [budget_name(b) for b in measured])  # the budgets, not crowded log-minor labels
+    left.xaxis.set_minor_formatter(NullFormatter())
+    for fmt in (left.yaxis.set_major_formatter, left.yaxis.set_minor_formatter):
+        fmt(FuncFormatter(lambda v, _: f"{v:g}"))  # perplexities as numbers, not powers of ten
     left.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=8)
     for other in ("dense", "pkm"):

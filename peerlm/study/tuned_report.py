@@ -1,8 +1,11 @@
-"""The tuned table's report: ``results/isoflop-tuned/{summary.json, table.md, isoflop-tuned.png}``.
+"""The tuned table's report: ``results/isoflop-tuned/{summary.json, table.md, isoflop-tuned.png,
+trend.png}``.
 
 Per (budget, method): the tuned optimum's settings, how many tuning runs it took, val and held-out
 perplexity over its seeds (mean and standard deviation), the ratio to the paper-settings optimum of the
-same method, and PEER against each baseline with paired 95% intervals (``report.comparison_lines``).
+same method, and PEER against each baseline with paired 95% intervals (``report.comparison_lines``);
+from two budgets on, the trend of the tuned optima as the first table's report gives it for its own
+(``report.trend_lines``, ``report.trend_plot``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from peerlm.study.report import (
     plots_or_note,
     pyplot,
     save_png,
+    trend_lines,
+    trend_plot,
 )
 from peerlm.study.reproduce import reproduced_lines
 from peerlm.study.runner import machine
@@ -82,6 +87,11 @@ def _fmt(st: dict[str, float] | None) -> str:
     return f"{st['perplexity']:.2f}" + ("" if math.isnan(st["sd"]) else f" ± {st['sd']:.2f}")
 
 
+def _seeded(optima: dict[tuple[float, str], dict[str, Any]]) -> dict[tuple[float, str], dict[str, Any]]:
+    """The optima with their seeds' records that did not diverge, in the form the trend reads."""
+    return {k: {"runs": [r for r in o["runs"] if not diverged(r)]} for k, o in optima.items()}
+
+
 def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tuple[float, str], dict[str, Any]],
                        rows: list[dict[str, Any]], command: str) -> str:
     revs = sorted({r["git_revision"] for r in recs.values()})
@@ -124,7 +134,11 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tupl
               "interval, Student's t; ahead or behind only where the interval excludes 1, tie where it holds 1, no "
               "word from one seed):", "",
               *(comparisons if len(comparisons) > 2 else ["None yet: no budget has PEER's tuned optimum and its "
-                                                          "seeds."]), *reproduced_lines(study.results)]
+                                                          "seeds."])]
+    trend = trend_lines(_seeded(optima), study.plan.report_budgets, study.plan.methods)
+    if trend:  # each method over the budgets where it has a row (the table's `budgets` column)
+        lines += ["", *trend]
+    lines += reproduced_lines(study.results)
     return "\n".join(lines) + "\n"
 
 
@@ -167,7 +181,10 @@ def _plot(study, recs: dict[str, dict[str, Any]], optima: dict[tuple[float, str]
         ax.set_title(f"tuned per method, {budget_name(budget)} FLOPs")
         if ax.lines:
             ax.legend()
-    return [save_png(fig, out / "isoflop-tuned.png")]
+    written = [save_png(fig, out / "isoflop-tuned.png")]
+    trend = trend_plot(_seeded(optima), budgets, study.plan.methods, out)
+    plt.close("all")
+    return written + ([] if trend is None else [trend])
 
 
 def write_tuned_report(study, command: str | None = None) -> list[Path]:

@@ -71,7 +71,7 @@ def test_the_ratio_is_paired_by_seed():
 def test_the_trend_plot_needs_two_budgets(tmp_path):
     """trend.png from the compute-optimal models' seeds: written from two budgets on, none below."""
     pytest.importorskip("matplotlib")
-    from peerlm.study.report import _trend_plot
+    from peerlm.study.report import trend_plot
 
     def opt(budgets):
         return {(c, m): {"runs": [{"spec": {"seed": s}, "eval": {"val": {"loss": law(20.0, b, c) + 0.01 * s}}}
@@ -79,6 +79,6 @@ def test_the_trend_plot_needs_two_budgets(tmp_path):
                 for c in budgets for m, b in (("dense", 0.07), ("pkm", 0.085), ("peer", 0.09))}
 
     methods = ("dense", "pkm", "peer")
-    assert _trend_plot(opt(BUDGETS[:1]), BUDGETS[:1], methods, tmp_path) is None
-    path = _trend_plot(opt(BUDGETS), BUDGETS, methods, tmp_path)
+    assert trend_plot(opt(BUDGETS[:1]), BUDGETS[:1], methods, tmp_path) is None
+    path = trend_plot(opt(BUDGETS), BUDGETS, methods, tmp_path)
     assert path == tmp_path / "trend.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_isoflop import B0, finish_pending, write
+from test_isoflop import B0, B1, finish_pending, write
 
 from peerlm.study import isoflop_study
-from peerlm.study.design import SEEDS, SIZES, RunSpec, size
+from peerlm.study.design import SEEDS, SIZES, RunSpec, budget_name, size
 from peerlm.study.tuned import SPLITS, TunedPlan, _overrides, knobs, tuned_study
 
 NAMES = [s.name for s in SIZES]
@@ -130,8 +130,9 @@ def test_report_of_the_tuned_table(studies):
         write_tuned_report(tuned)
     finish_pending(tuned, loss, limit=400)
     paths = write_tuned_report(tuned, command="peerlm study isoflop-tuned --report")
-    assert {p.name for p in paths} == {"summary.json", "table.md", "isoflop-tuned.png"}
+    assert {p.name for p in paths} == {"summary.json", "table.md", "isoflop-tuned.png"}  # no trend from one budget
     table = (tuned.results / "table.md").read_text()
+    assert "Trend" not in table
     assert "| peer (2e12) | L5d112 | LR x4, tables x3, h 2 k 64, routing x0.3, running, block 2 |" in table
     assert "| 2e12 | dense | 4 |" in table  # PEER against dense over four common seeds
     import json
@@ -154,6 +155,37 @@ def test_report_of_the_tuned_table(studies):
         same = [q for q in tuned.records().values() if q["spec"]["size"] == r["spec"]["size"]
                 and q["spec"]["method"] == "peer" and q["model"] == r["model"] and q["spec"]["seed"] == 0]
         assert r["eval"]["val"]["loss"] == min(q["eval"]["val"]["loss"] for q in same)
+
+
+def test_the_tuned_report_gives_the_trend_of_the_tuned_optima(tmp_path):
+    """From two budgets on, the tuned table's report fits its own optima against budget (table.md's
+    trend section, trend.png), from the seeds of the tuned rows, not the first table's."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    from peerlm.study.tuned_report import write_tuned_report
+
+    def landscape(spec: RunSpec) -> float:  # lower at the larger budget; PEER gains more from it
+        return loss(spec) - (0.2 if spec.method == "dense" else 0.3) * (spec.budget > B0)
+
+    budgets, methods = (B0, B1), ("dense", "peer")
+    paper = isoflop_study(tmp_path / "paper", work=tmp_path / "work", budgets=budgets, methods=methods,
+                          log=lambda s: None)
+    finish_pending(paper, landscape, limit=400)
+    tuned = tuned_study(tmp_path / "tuned", tmp_path / "paper", work=tmp_path / "work", budgets=budgets,
+                        methods=methods, log=lambda s: None)
+    finish_pending(tuned, landscape, limit=800)
+    paths = write_tuned_report(tuned, command="peerlm study isoflop-tuned --report")
+    assert {p.name for p in paths} == {"summary.json", "table.md", "isoflop-tuned.png", "trend.png"}
+    table = (tuned.results / "table.md").read_text()
+    assert "| dense | 2e12, 8e12 |" in table and "| peer | 2e12, 8e12 |" in table
+    rows = {(r["budget"], r["method"]): r for r in json.loads((tuned.results / "summary.json").read_text())["records"]}
+    opt = tuned.plan.optima(tuned.records())
+    for b in budgets:  # the measured ratio is the tuned rows' (their seeds' mean val loss), not the paper rows'
+        mean = {m: sum(r["eval"]["val"]["loss"] for r in opt[b, m]["runs"]) / SEEDS for m in methods}
+        assert rows[b, "peer"]["seeds"] == list(range(SEEDS))
+        assert f"{budget_name(b)}: {math.exp(mean['peer'] - mean['dense']):.3f} ({SEEDS} seeds)" in table
+    assert "PEER/pkm" not in table  # no PKM rows: no ratio to it
 
 
 def test_a_later_budget_waits_for_the_last_tuned_budgets_knobs(tmp_path):
