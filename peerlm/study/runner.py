@@ -130,7 +130,7 @@ class Runner:
                  log: Callable[[str], None] = print, device: str = "cpu"):
         self.plan, self.store, self.work = plan, store, Path(work)
         self.threads, self.log = threads, log
-        self.device = resolve_device(device, "fp32")[0]  # an unusable device fails here, before any work
+        self.device = resolve_device(device, "float32")[0]  # an unusable device fails here, before any work
 
     @property
     def results(self) -> Path:
