@@ -81,8 +81,9 @@ def _ladder_runs(recs: dict[str, dict[str, Any]], budget: float, method: str) ->
 def compute_optimal(plan, recs: dict[str, dict[str, Any]]) -> dict[tuple[float, str], dict[str, Any]]:
     """Of the isoFLOP ``plan``: (budget, method) -> the records of its best ladder size, seed 0 first
     then other seeds, with ``bracketed``: whether that best size has a smaller and a larger run beside it,
-    and ``ladder``: its runs that did not diverge. Diverged runs are in no list; a ladder whose runs all
-    diverged has no entry."""
+    ``decided``: whether the ladder is finished (bracketed, or its best at an end of the size grid, where
+    it cannot grow), and ``ladder``: its runs that did not diverge. Diverged runs are in no list; a ladder
+    whose runs all diverged has no entry."""
     ch = plan.choices(recs)
     out = {}
     for budget in plan.budgets:
@@ -91,7 +92,8 @@ def compute_optimal(plan, recs: dict[str, dict[str, Any]]) -> dict[tuple[float, 
             done = [recs[s.run_id] for s in specs if s.run_id in recs and not diverged(recs[s.run_id])]
             if not done:
                 continue
-            if best is None:  # ladder unfinished: report the best so far, marked as such
+            decided = best is not None
+            if not decided:  # ladder unfinished: report the best so far, marked as such
                 best = min(done, key=val_loss)["spec"]["size"]
             names = [s.size for s in specs]
             seeds = [r for r in recs.values() if r["spec"]["budget"] == budget and r["spec"]["method"] == method
@@ -103,7 +105,7 @@ def compute_optimal(plan, recs: dict[str, dict[str, Any]]) -> dict[tuple[float, 
             seeds.sort(key=lambda r: r["spec"]["seed"])
             i = names.index(best)
             out[budget, method] = {"size": best, "runs": seeds, "bracketed": 0 < i < len(names) - 1
-                                   and all(s.run_id in recs for s in specs), "ladder": done}
+                                   and all(s.run_id in recs for s in specs), "decided": decided, "ladder": done}
     return out
 
 
@@ -295,7 +297,8 @@ def format_table(study, recs: dict[str, dict[str, Any]], command: str) -> str:
              "Perplexity (per token of the study's 1024-token BPE) of each method's compute-optimal model on the "
              "whole validation split and on the first 65,536 tokens of each held-out set; `heldout` is their "
              "geometric mean. ± is the standard deviation over seeds (where a second seed has finished). A size marked "
-             "* is not yet bracketed by smaller and larger runs. Sizes, the LR multiplier and the table LR "
+             "* has no smaller or no larger run beside it (its ladder is unfinished, or reached an end of the size "
+             "grid). Sizes, the LR multiplier and the table LR "
              "ratios are chosen on val, which is in-distribution (part of it is the last pages of the training "
              "books); the held-out sets are other corpora. " + _selection_check(opt), "",
              "Conventions: FLOPs from `peerlm.flops` (a multiply-add is 2 FLOPs; attention is charged the full "

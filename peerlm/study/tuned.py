@@ -6,7 +6,8 @@ the paper's (h, k), routing LR, query norm and block. Here every (budget, method
 (``TunedPlan``):
 
 1. Start: the method's compute-optimal size under paper settings (its candidate optimum c) with its
-   paper-settings choices. Until the first table has bracketed that size, nothing is planned for it.
+   paper-settings choices. Until the first table's ladder has decided that size (bracketed, or at an
+   end of the size grid), nothing is planned for it.
 2. Knobs at c, one coordinate pass in this order, each a 1-D sweep (``sweep``: it starts at the
    current value and its neighbours on the knob's grid and grows at the end where its best lies,
    until the best is bracketed or the grid ends; a categorical knob runs every value), each sweep
@@ -160,13 +161,15 @@ def knobs(method: str, n_layers: int) -> list[Knob]:
 
 
 def grid_ends(spec: RunSpec) -> list[str]:
-    """The ordered knobs whose value in ``spec`` is an end of its grid: a sweep that chose it could not
-    bracket it (the best may lie beyond)."""
+    """The ordered knobs whose value in ``spec`` is an end of its grid, then the size where it is the
+    first or last trunk: a sweep that chose it could not bracket it (the best may lie beyond)."""
     out = []
     for knob in knobs(spec.method, size(spec.size).n_layers):
         value = knob.get(spec)
         if not knob.categorical and value in (knob.grid[0], knob.grid[-1]):
             out.append(f"{knob.name} {value}")
+    if spec.size in (SIZES[0].name, SIZES[-1].name):
+        out.append(f"size {spec.size}")
     return out
 
 
@@ -285,7 +288,7 @@ class TunedPlan:
                 if budget in self.tuned_budgets:  # later budgets carry this one's knobs: none until it has them
                     carried.pop(method, None)
                 o = optima.get((budget, method))
-                if not o or not o["bracketed"]:
+                if not o or not o["decided"]:  # at an end of the size grid the ladder is finished too
                     continue
                 start = self.paper.ladder_spec(budget, method, o["size"], paper_ch)
                 if budget in self.tuned_budgets:

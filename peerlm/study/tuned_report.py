@@ -111,8 +111,9 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tupl
         lines.append(f"| {r['method']} ({budget_name(r['budget'])}) | {r['size']} | {r['settings']} | "
                      f"{r['tuning_runs']} | {len(r['seeds'])} | {_fmt(r['val'])} | {_fmt(r[HELDOUT_MEAN])} | {gain} |")
     at_ends = {(r["budget"], r["method"]): [e for e in grid_ends(optima[r["budget"], r["method"]]["spec"])
-                                            # at a carried budget only the LR was swept
-                                            if r["budget"] in study.plan.tuned_budgets or e.startswith("lr ")]
+                                            # at a carried budget only the LR and the size were swept
+                                            if r["budget"] in study.plan.tuned_budgets
+                                            or e.startswith(("lr ", "size "))]
                for r in rows}
     ends = [f"{m} ({budget_name(b)}): {', '.join(e)}" for (b, m), e in at_ends.items() if e]
     if ends:

@@ -188,6 +188,31 @@ def test_the_tuned_report_gives_the_trend_of_the_tuned_optima(tmp_path):
     assert "PEER/pkm" not in table  # no PKM rows: no ratio to it
 
 
+def test_a_paper_optimum_at_an_end_of_the_size_grid_is_tuned_too(tmp_path):
+    """The first table's ladder cannot grow past the smallest trunk, so its best there is decided though
+    not bracketed (marked * in its report); the tuned table starts from it rather than waiting for ever."""
+    from peerlm.study.report import compute_optimal
+
+    def landscape(spec: RunSpec) -> float:  # the smaller the better, down to the grid's first trunk
+        return 3.0 + 0.01 * abs(math.log2(spec.lr_mult) - 1) + 0.05 * NAMES.index(spec.size) + 0.001 * spec.seed
+
+    paper = isoflop_study(tmp_path / "paper", work=tmp_path / "work", budgets=(B0,), methods=("dense",),
+                          log=lambda s: None)
+    finish_pending(paper, landscape)
+    o = compute_optimal(paper.plan, paper.records())[B0, "dense"]
+    assert o["size"] == NAMES[0] and o["decided"] and not o["bracketed"]
+    tuned = tuned_study(tmp_path / "tuned", tmp_path / "paper", work=tmp_path / "work", budgets=(B0,),
+                        methods=("dense",), log=lambda s: None)
+    assert tuned.pending()
+    finish_pending(tuned, landscape, limit=100)
+    opt = tuned.plan.optima(tuned.records())[B0, "dense"]
+    assert opt["spec"].size == NAMES[0] and opt["spec"].lr_mult == 2.0 and len(opt["runs"]) == SEEDS
+    from peerlm.study.tuned_report import write_tuned_report
+
+    write_tuned_report(tuned, command="peerlm study isoflop-tuned --report")
+    assert f"dense (2e12): size {NAMES[0]}." in (tuned.results / "table.md").read_text()  # named as not bracketed
+
+
 def test_a_later_budget_waits_for_the_last_tuned_budgets_knobs(tmp_path):
     """At 3.2e13 the knobs come from 8e12's tuned optimum: while 8e12 is still being tuned nothing is
     planned there (not 2e12's knobs, the last that were decided), and then 8e12's are carried."""
@@ -328,3 +353,4 @@ def test_choices_at_an_end_of_their_grid_are_named():
     edge = _overrides(spec.with_(routing_ratio=ROUTING_GRID[-1]), **{"ffn.heads": 1, "ffn.topk": 128})
     assert grid_ends(edge) == [f"split {(1, 128)}", f"routing-lr {ROUTING_GRID[-1]}"]
     assert grid_ends(_overrides(spec, placement=[0])) == []  # a categorical knob has no ends
+    assert grid_ends(spec.with_(size=NAMES[0])) == [f"size {NAMES[0]}"]  # the ladder cannot grow past it
