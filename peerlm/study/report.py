@@ -420,7 +420,7 @@ PAPER_PEER_DENSE = ((6e18, 0.87), (2e19, 0.90))
 
 
 def trend_plot(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[float, ...], methods: tuple[str, ...],
-                out: Path, target: float = 2e19) -> Path | None:
+               out: Path, target: float = 2e19) -> Path | None:
     """``trend.png`` (None below two budgets): left, each method's compute-optimal val perplexity
     against budget (seed mean, error bar one standard deviation) with its power-law fit over the
     measured range; right, PEER's perplexity ratio to dense and to PKM, measured at each budget and
