@@ -181,7 +181,8 @@ def trend_lines(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[flo
                     for b, (x, y) in pairs.items()]
         r = ratio_at(seeds, "peer", other, target)
         if measured:
-            extra = "" if r is None else f"; extrapolated to {target:.0e}: {r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"
+            extra = "" if r is None else (f"; extrapolated to {target:.0e} by both methods' fits over these "
+                                          f"budgets only: {r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]")
             lines.append(f"\nPEER/{other} perplexity ratio over their common seeds, measured at " + ", ".join(measured)
                          + extra + ".")
     return lines
@@ -471,7 +472,7 @@ def trend_plot(opt: dict[tuple[float, str], dict[str, Any]], budgets: tuple[floa
             grid = np.geomspace(common[0], target, 80)
             loss_a, loss_b = (np.exp(f[0] - f[1] * np.log(grid)) for f in (fa, fb))  # L = a C^-b
             right.plot(grid, np.exp(loss_a - loss_b), "--", color=line.get_color(), alpha=0.7,
-                       label=f"PEER/{other}, fits (extrapolated)")
+                       label=f"PEER/{other}, fits over {', '.join(budget_name(c) for c in common)} (extrapolated)")
             right.errorbar([target], [r[0]], yerr=[[r[0] - r[1]], [r[2] - r[0]]], fmt="s", color=line.get_color(),
                            capsize=4)
     right.plot(*zip(*PAPER_PEER_DENSE), "kx", label="PEER/dense, the paper (C4)")

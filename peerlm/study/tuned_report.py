@@ -87,9 +87,11 @@ def _fmt(st: dict[str, float] | None) -> str:
     return f"{st['perplexity']:.2f}" + ("" if math.isnan(st["sd"]) else f" ± {st['sd']:.2f}")
 
 
-def _seeded(optima: dict[tuple[float, str], dict[str, Any]]) -> dict[tuple[float, str], dict[str, Any]]:
-    """The optima with their seeds' records that did not diverge, in the form the trend reads."""
-    return {k: {"runs": [r for r in o["runs"] if not diverged(r)]} for k, o in optima.items()}
+def _seeded(optima: dict[tuple[float, str], dict[str, Any]], seeds: int) -> dict[tuple[float, str], dict[str, Any]]:
+    """The optima whose ``seeds`` seeds all have a record (a row still gathering its seeds would enter the
+    fit as a point without its noise), with those that did not diverge, in the form the trend reads."""
+    return {k: {"runs": [r for r in o["runs"] if not diverged(r)]} for k, o in optima.items()
+            if len(o["runs"]) >= seeds}
 
 
 def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tuple[float, str], dict[str, Any]],
@@ -136,9 +138,10 @@ def format_tuned_table(study, recs: dict[str, dict[str, Any]], optima: dict[tupl
               "word from one seed):", "",
               *(comparisons if len(comparisons) > 2 else ["None yet: no budget has PEER's tuned optimum and its "
                                                           "seeds."])]
-    trend = trend_lines(_seeded(optima), study.plan.report_budgets, study.plan.methods)
-    if trend:  # each method over the budgets where it has a row (the table's `budgets` column)
-        lines += ["", *trend]
+    trend = trend_lines(_seeded(optima, study.plan.seeds), study.plan.report_budgets, study.plan.methods)
+    if trend:  # each method over the budgets where its row has all its seeds (the `budgets` column)
+        lines += ["", f"The trend of the tuned rows that have all {study.plan.seeds} seeds; a method's fit uses the "
+                      "budgets it has such a row at.", "", *trend]
     lines += reproduced_lines(study.results)
     return "\n".join(lines) + "\n"
 
@@ -183,7 +186,7 @@ def _plot(study, recs: dict[str, dict[str, Any]], optima: dict[tuple[float, str]
         if ax.lines:
             ax.legend()
     written = [save_png(fig, out / "isoflop-tuned.png")]
-    trend = trend_plot(_seeded(optima), budgets, study.plan.methods, out)
+    trend = trend_plot(_seeded(optima, study.plan.seeds), budgets, study.plan.methods, out)
     plt.close("all")
     return written + ([] if trend is None else [trend])
 
